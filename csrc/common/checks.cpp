@@ -1,0 +1,92 @@
+// Implementations of the shared argument checks.
+#include "common/checks.h"
+
+#include <ATen/ATen.h>
+#include <fmt/format.h>
+
+#include <vector>
+
+namespace torch_moe {
+
+std::string shape_str(const at::Tensor& t) {
+  std::vector<std::string> parts;
+  for (const auto& s : t.sym_sizes()) {
+    parts.push_back(s.is_symbolic() ? std::string("s") : std::to_string(s.as_int_unchecked()));
+  }
+  return fmt::format("[{}]", fmt::join(parts, ", "));
+}
+
+void check_defined(const char* op, const char* name, const at::Tensor& t) {
+  TORCH_MOE_CHECK(t.defined(), "torch_moe.{}: argument '{}' must be a tensor, got an undefined tensor", op, name);
+}
+
+void check_floating(const char* op, const char* name, const at::Tensor& t) {
+  check_defined(op, name, t);
+  const auto dt = t.scalar_type();
+  TORCH_MOE_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
+                  "torch_moe.{}: argument '{}' must be float32, float64, bfloat16 or float16, got {}", op, name,
+                  c10::toString(dt));
+}
+
+void check_dtype(const char* op, const char* name, const at::Tensor& t, at::ScalarType expected) {
+  check_defined(op, name, t);
+  TORCH_MOE_CHECK(t.scalar_type() == expected, "torch_moe.{}: argument '{}' must be {}, got {}", op, name,
+                  c10::toString(expected), c10::toString(t.scalar_type()));
+}
+
+void check_dim(const char* op, const char* name, const at::Tensor& t, int64_t dim, const char* layout) {
+  check_defined(op, name, t);
+  TORCH_MOE_CHECK(t.dim() == dim, "torch_moe.{}: argument '{}' must be a {}-D tensor {}, got shape {}", op, name,
+                  dim, layout, shape_str(t));
+}
+
+void check_size(const char* op, const char* name, const at::Tensor& t, int64_t dim, int64_t expected,
+                const char* what) {
+  TORCH_MOE_CHECK(t.size(dim) == expected, "torch_moe.{}: argument '{}' must have size {} ({}) in dim {}, got shape {}",
+                  op, name, expected, what, dim, shape_str(t));
+}
+
+void check_same_shape(const char* op, const char* name, const at::Tensor& t, const char* other_name,
+                      const at::Tensor& other) {
+  TORCH_MOE_CHECK(t.sizes() == other.sizes(), "torch_moe.{}: argument '{}' must have the shape of '{}' {}, got {}",
+                  op, name, other_name, shape_str(other), shape_str(t));
+}
+
+void check_same_device(const char* op, std::initializer_list<std::pair<const char*, const at::Tensor*>> args) {
+  const std::pair<const char*, const at::Tensor*>* first = nullptr;
+  for (const auto& arg : args) {
+    if (!arg.second->defined()) continue;
+    if (first == nullptr) {
+      first = &arg;
+      continue;
+    }
+    TORCH_MOE_CHECK(arg.second->device() == first->second->device(),
+                    "torch_moe.{}: all tensors must be on one device: '{}' is on {} but '{}' is on {}", op, arg.first,
+                    arg.second->device().str(), first->first, first->second->device().str());
+  }
+}
+
+void check_index_range(const char* op, const char* name, const at::Tensor& t, int64_t low, int64_t high,
+                       const at::Tensor* rows_to_check) {
+  if (t.numel() == 0 || !t.device().is_cpu()) return;
+  const auto c = t.contiguous();
+  const int64_t* p = c.data_ptr<int64_t>();
+  const int64_t rows = c.dim() > 0 ? c.size(0) : 1;
+  const int64_t per_row = rows > 0 ? c.numel() / rows : 0;
+  const bool* keep = nullptr;
+  at::Tensor mask;
+  if (rows_to_check != nullptr && rows_to_check->defined()) {
+    mask = rows_to_check->contiguous();
+    keep = mask.data_ptr<bool>();
+  }
+  for (int64_t r = 0; r < rows; ++r) {
+    if (keep != nullptr && !keep[r]) continue;
+    for (int64_t i = 0; i < per_row; ++i) {
+      const int64_t v = p[r * per_row + i];
+      TORCH_MOE_CHECK(v >= low && v < high, "torch_moe.{}: argument '{}' must hold values in [{}, {}), got {} at flat index {}",
+                      op, name, low, high, v, r * per_row + i);
+    }
+  }
+}
+
+}  // namespace torch_moe

@@ -1,0 +1,141 @@
+// CPU row movement kernels (see row_ops.h), parallel over tokens with at::parallel_for.
+#include "common/row_ops.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+
+#include <vector>
+
+#include "common/checks.h"
+
+namespace torch_moe::cpu {
+namespace {
+
+int64_t grain_for(int64_t row_elems) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(row_elems, 1)); }
+
+at::Tensor weights_as(const std::optional<at::Tensor>& weights, at::ScalarType dtype) {
+  if (!weights.has_value() || !weights->defined()) return at::Tensor();
+  return weights->to(dtype).contiguous();
+}
+
+}  // namespace
+
+at::Tensor scatter_rows(const at::Tensor& src_in, const at::Tensor& index_in, const std::optional<at::Tensor>& weights,
+                        int64_t num_rows) {
+  const auto src = src_in.contiguous();
+  const auto index = index_in.contiguous();
+  const int64_t T = src.size(0), d = src.size(1), k = index.size(1);
+  auto out = at::zeros({num_rows, d}, src.options());
+  if (T == 0 || d == 0 || k == 0) return out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "torch_moe_scatter_rows", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const auto w = weights_as(weights, c10::CppTypeToScalarType<opmath_t>::value);
+    const opmath_t* wp = w.defined() ? w.data_ptr<opmath_t>() : nullptr;
+    const scalar_t* sp = src.data_ptr<scalar_t>();
+    const int64_t* ip = index.data_ptr<int64_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, T, grain_for(d * k), [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        const scalar_t* row = sp + t * d;
+        for (int64_t j = 0; j < k; ++j) {
+          const int64_t dest = ip[t * k + j];
+          if (dest < 0) continue;
+          scalar_t* o = op + dest * d;
+          if (wp == nullptr) {
+            std::copy(row, row + d, o);
+          } else {
+            const opmath_t scale = wp[t * k + j];
+            for (int64_t c = 0; c < d; ++c) o[c] = static_cast<scalar_t>(scale * static_cast<opmath_t>(row[c]));
+          }
+        }
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor gather_rows(const at::Tensor& src_in, const at::Tensor& index_in, const std::optional<at::Tensor>& weights) {
+  const auto src = src_in.contiguous();
+  const auto index = index_in.contiguous();
+  const int64_t T = index.size(0), k = index.size(1), d = src.size(1);
+  auto out = at::empty({T, d}, src.options());
+  if (T == 0 || d == 0) return out.zero_();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "torch_moe_gather_rows", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const auto w = weights_as(weights, c10::CppTypeToScalarType<opmath_t>::value);
+    const opmath_t* wp = w.defined() ? w.data_ptr<opmath_t>() : nullptr;
+    const scalar_t* sp = src.data_ptr<scalar_t>();
+    const int64_t* ip = index.data_ptr<int64_t>();
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, T, grain_for(d * k), [&](int64_t begin, int64_t end) {
+      std::vector<opmath_t> acc(d);
+      for (int64_t t = begin; t < end; ++t) {
+        std::fill(acc.begin(), acc.end(), opmath_t(0));
+        for (int64_t j = 0; j < k; ++j) {
+          const int64_t from = ip[t * k + j];
+          if (from < 0) continue;
+          const scalar_t* row = sp + from * d;
+          const opmath_t scale = wp == nullptr ? opmath_t(1) : wp[t * k + j];
+          for (int64_t c = 0; c < d; ++c) acc[c] += scale * static_cast<opmath_t>(row[c]);
+        }
+        scalar_t* o = op + t * d;
+        for (int64_t c = 0; c < d; ++c) o[c] = static_cast<scalar_t>(acc[c]);
+      }
+    });
+  });
+  return out;
+}
+
+at::Tensor row_dots(const at::Tensor& a_in, const at::Tensor& src_in, const at::Tensor& index_in,
+                    at::ScalarType out_dtype) {
+  const auto a = a_in.contiguous();
+  const auto src = src_in.contiguous().to(a.scalar_type());
+  const auto index = index_in.contiguous();
+  const int64_t T = index.size(0), k = index.size(1), d = a.size(1);
+  at::Tensor out;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, a.scalar_type(), "torch_moe_row_dots", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    auto acc = at::zeros({T, k}, a.options().dtype(c10::CppTypeToScalarType<opmath_t>::value));
+    if (T > 0 && k > 0 && d > 0) {
+      const scalar_t* ap = a.data_ptr<scalar_t>();
+      const scalar_t* sp = src.data_ptr<scalar_t>();
+      const int64_t* ip = index.data_ptr<int64_t>();
+      opmath_t* op = acc.data_ptr<opmath_t>();
+      at::parallel_for(0, T, grain_for(d * k), [&](int64_t begin, int64_t end) {
+        for (int64_t t = begin; t < end; ++t) {
+          const scalar_t* arow = ap + t * d;
+          for (int64_t j = 0; j < k; ++j) {
+            const int64_t from = ip[t * k + j];
+            if (from < 0) continue;
+            const scalar_t* row = sp + from * d;
+            opmath_t dot = 0;
+            for (int64_t c = 0; c < d; ++c) dot += static_cast<opmath_t>(arow[c]) * static_cast<opmath_t>(row[c]);
+            op[t * k + j] = dot;
+          }
+        }
+      });
+    }
+    out = acc.to(out_dtype);
+  });
+  return out;
+}
+
+void check_unique_destinations(const char* op, const char* name, const at::Tensor& index_in, int64_t num_rows) {
+  if (!index_in.device().is_cpu()) return;
+  const auto index = index_in.contiguous();
+  const int64_t* ip = index.data_ptr<int64_t>();
+  std::vector<int64_t> owner(static_cast<size_t>(num_rows), -1);
+  for (int64_t a = 0; a < index.numel(); ++a) {
+    const int64_t dest = ip[a];
+    if (dest < 0) continue;
+    TORCH_MOE_CHECK(owner[dest] < 0,
+                    "torch_moe.{}: argument '{}' sends assignments {} and {} (flat [T, k] positions) to the same "
+                    "buffer row {}; each slot may hold one assignment",
+                    op, name, owner[dest], a, dest);
+    owner[dest] = a;
+  }
+}
+
+}  // namespace torch_moe::cpu

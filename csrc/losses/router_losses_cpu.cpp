@@ -1,0 +1,171 @@
+// CPU kernels of router_losses and its backward. Reductions run over fixed blocks of tokens, summed in block
+// order, so results do not depend on the thread count.
+#include "losses/router_losses.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "common/checks.h"
+#include "dispatch/capacity_plan.h"
+#include "routing/router_topk.h"
+
+namespace torch_moe::cpu {
+namespace {
+
+constexpr int64_t kBlock = 256;
+
+void check_inputs(const char* op, const at::Tensor& logits, const at::Tensor& expert_ids,
+                  const std::optional<at::Tensor>& valid_mask) {
+  check_floating(op, "logits", logits);
+  check_dim(op, "logits", logits, 2, "[T, E]");
+  TORCH_MOE_CHECK(logits.size(1) > 0, "torch_moe.{}: argument 'logits' must have at least one expert, got shape {}",
+                  op, shape_str(logits));
+  check_expert_ids(op, expert_ids, logits.size(1), valid_mask);
+  check_size(op, "expert_ids", expert_ids, 0, logits.size(0), "tokens of logits");
+  check_same_device(op, {{"logits", &logits}, {"expert_ids", &expert_ids}});
+}
+
+// Per-token softmax and logsumexp in acc precision.
+template <typename acc_t>
+acc_t softmax_row(const acc_t* logits, int64_t E, acc_t* probs) {
+  acc_t max_logit = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t e = 0; e < E; ++e) max_logit = std::max(max_logit, logits[e]);
+  acc_t sum = 0;
+  for (int64_t e = 0; e < E; ++e) sum += (probs[e] = std::exp(logits[e] - max_logit));
+  for (int64_t e = 0; e < E; ++e) probs[e] /= sum;
+  return max_logit + std::log(sum);
+}
+
+// Number of valid tokens and each expert's valid assignment count.
+std::vector<int64_t> assignment_counts(const at::Tensor& ids, const std::vector<uint8_t>& valid, int64_t E,
+                                       int64_t* valid_tokens) {
+  const int64_t T = ids.size(0), k = ids.size(1);
+  const int64_t* ip = ids.data_ptr<int64_t>();
+  std::vector<int64_t> counts(E, 0);
+  *valid_tokens = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    if (!valid[t]) continue;
+    ++*valid_tokens;
+    for (int64_t j = 0; j < k; ++j) ++counts[ip[t * k + j]];
+  }
+  return counts;
+}
+
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> router_losses(const at::Tensor& logits_in, const at::Tensor& expert_ids,
+                                                             const std::optional<at::Tensor>& valid_mask) {
+  constexpr const char* op = "router_losses";
+  check_inputs(op, logits_in, expert_ids, valid_mask);
+  const auto acc_type = router_dtype(logits_in);
+  const auto logits = logits_in.to(acc_type).contiguous();
+  const auto ids = expert_ids.contiguous();
+  const int64_t T = logits.size(0), E = logits.size(1), k = ids.size(1);
+  const auto valid = valid_token_flags(valid_mask, T);
+  int64_t Tv = 0;
+  const auto counts = assignment_counts(ids, valid, E, &Tv);
+  auto lb = at::zeros({}, logits.options());
+  auto z = at::zeros({}, logits.options());
+  auto entropy = at::zeros({}, logits.options());
+  if (Tv == 0 || k == 0) return {lb, z, entropy};
+
+  AT_DISPATCH_FLOATING_TYPES(acc_type, "torch_moe_router_losses", [&] {
+    using acc_t = scalar_t;
+    const acc_t* lp = logits.data_ptr<acc_t>();
+    const int64_t n_blocks = (T + kBlock - 1) / kBlock;
+    // Per block: E prob sums, then z^2 sum, then entropy sum.
+    std::vector<acc_t> partial(n_blocks * (E + 2), acc_t(0));
+    at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> probs(E);
+      for (int64_t b = begin; b < end; ++b) {
+        acc_t* part = partial.data() + b * (E + 2);
+        for (int64_t t = b * kBlock; t < std::min(T, (b + 1) * kBlock); ++t) {
+          if (!valid[t]) continue;
+          const acc_t lse = softmax_row(lp + t * E, E, probs.data());
+          acc_t h = 0;
+          for (int64_t e = 0; e < E; ++e) {
+            part[e] += probs[e];
+            if (probs[e] > 0) h -= probs[e] * std::log(probs[e]);
+          }
+          part[E] += lse * lse;
+          part[E + 1] += h;
+        }
+      }
+    });
+    std::vector<acc_t> total(E + 2, acc_t(0));
+    for (int64_t b = 0; b < n_blocks; ++b) {
+      for (int64_t i = 0; i < E + 2; ++i) total[i] += partial[b * (E + 2) + i];
+    }
+    acc_t balance = 0;
+    for (int64_t e = 0; e < E; ++e) {
+      const acc_t f = static_cast<acc_t>(counts[e]) / static_cast<acc_t>(Tv * k);
+      balance += f * (total[e] / static_cast<acc_t>(Tv));
+    }
+    lb.fill_(static_cast<acc_t>(E) * balance);
+    z.fill_(total[E] / static_cast<acc_t>(Tv));
+    entropy.fill_(total[E + 1] / static_cast<acc_t>(Tv));
+  });
+  return {lb, z, entropy};
+}
+
+at::Tensor router_losses_backward(const at::Tensor& grad_load_balancing, const at::Tensor& grad_z,
+                                  const at::Tensor& logits_in, const at::Tensor& expert_ids,
+                                  const std::optional<at::Tensor>& valid_mask) {
+  constexpr const char* op = "_router_losses_backward";
+  check_inputs(op, logits_in, expert_ids, valid_mask);
+  check_floating(op, "grad_load_balancing", grad_load_balancing);
+  check_floating(op, "grad_z", grad_z);
+  TORCH_MOE_CHECK(grad_load_balancing.numel() == 1 && grad_z.numel() == 1,
+                  "torch_moe.{}: arguments 'grad_load_balancing' and 'grad_z' must be scalars, got shapes {} and {}",
+                  op, shape_str(grad_load_balancing), shape_str(grad_z));
+  const auto acc_type = router_dtype(logits_in);
+  const auto logits = logits_in.to(acc_type).contiguous();
+  const auto ids = expert_ids.contiguous();
+  const int64_t T = logits.size(0), E = logits.size(1), k = ids.size(1);
+  const auto valid = valid_token_flags(valid_mask, T);
+  int64_t Tv = 0;
+  const auto counts = assignment_counts(ids, valid, E, &Tv);
+  auto grad_logits = at::zeros({T, E}, logits.options());
+  if (Tv > 0 && k > 0) {
+    AT_DISPATCH_FLOATING_TYPES(acc_type, "torch_moe_router_losses_backward", [&] {
+      using acc_t = scalar_t;
+      const acc_t g_lb = grad_load_balancing.to(at::kDouble).item<double>();
+      const acc_t g_z = grad_z.to(at::kDouble).item<double>();
+      // d lb / d p[t, i] = E * f_i / Tv; d z / d logits[t] = 2 lse_t / Tv * p[t].
+      std::vector<acc_t> g_probs(E);
+      for (int64_t e = 0; e < E; ++e) {
+        g_probs[e] = g_lb * static_cast<acc_t>(E) * static_cast<acc_t>(counts[e]) /
+                     (static_cast<acc_t>(Tv * k) * static_cast<acc_t>(Tv));
+      }
+      const acc_t* lp = logits.data_ptr<acc_t>();
+      acc_t* gp = grad_logits.data_ptr<acc_t>();
+      at::parallel_for(0, T, std::max<int64_t>(1, 4096 / E), [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> probs(E);
+        for (int64_t t = begin; t < end; ++t) {
+          if (!valid[t]) continue;
+          const acc_t lse = softmax_row(lp + t * E, E, probs.data());
+          acc_t inner = 0;
+          for (int64_t e = 0; e < E; ++e) inner += g_probs[e] * probs[e];
+          const acc_t z_scale = g_z * acc_t(2) * lse / static_cast<acc_t>(Tv);
+          acc_t* out = gp + t * E;
+          for (int64_t e = 0; e < E; ++e) out[e] = probs[e] * (g_probs[e] - inner) + z_scale * probs[e];
+        }
+      });
+    });
+  }
+  return grad_logits.to(logits_in.scalar_type());
+}
+
+TORCH_LIBRARY_IMPL(torch_moe, CPU, m) {
+  m.impl("router_losses", &router_losses);
+  m.impl("_router_losses_backward", &router_losses_backward);
+}
+
+}  // namespace torch_moe::cpu

@@ -1,0 +1,28 @@
+// The pybind11 face of torch_moe._C: build information only (the ops register themselves on load).
+#include <pybind11/pybind11.h>
+
+#ifndef TORCH_MOE_WITH_CUDA
+#define TORCH_MOE_WITH_CUDA 0
+#endif
+
+namespace torch_moe {
+#if TORCH_MOE_WITH_CUDA
+int cuda_runtime_version();  // defined in cuda/build_info.cu
+#endif
+}  // namespace torch_moe
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "torch_moe C++/CUDA extension: registers torch.ops.torch_moe.* and reports how it was built";
+  m.def("torch_version", [] { return std::string(TORCH_MOE_TORCH_VERSION); },
+        "The torch version this extension was compiled against.");
+  m.def("with_cuda", [] { return static_cast<bool>(TORCH_MOE_WITH_CUDA); }, "Whether CUDA kernels were compiled in.");
+  m.def("cuda_arch_list", [] { return std::string(TORCH_MOE_CUDA_ARCHS); },
+        "The CUDA architectures compiled for (empty without CUDA).");
+  m.def("cuda_runtime_version", [] {
+#if TORCH_MOE_WITH_CUDA
+    return torch_moe::cuda_runtime_version();
+#else
+    return 0;
+#endif
+  }, "CUDART_VERSION the CUDA code was compiled with (0 without CUDA).");
+}

@@ -1,0 +1,49 @@
+// The table of contents of torch_moe: every op schema, one comment line each. Kernels live per op folder.
+#include <torch/library.h>
+
+TORCH_LIBRARY(torch_moe, m) {
+  // Fake (meta) kernels for every op are registered from Python in this module.
+  m.set_python_module("torch_moe._fake");
+
+  // Routing: scores logits [T, E] (softmax | sigmoid), picks top-k by score + selection_bias (ties to the lower
+  // expert id), renormalises the chosen unbiased scores if asked -> (weights [T, k], expert_ids [T, k], scores [T, E]).
+  m.def("router_topk(Tensor logits, int k, str score_func=\"softmax\", Tensor? selection_bias=None, "
+        "bool normalize=True) -> (Tensor weights, Tensor expert_ids, Tensor scores)");
+  // Backward of router_topk: grad_weights [T, k] -> grad_logits [T, E].
+  m.def("_router_topk_backward(Tensor grad_weights, Tensor logits, Tensor expert_ids, str score_func, "
+        "bool normalize) -> Tensor");
+
+  // Capacity plan: slot of every assignment in its expert's buffer (-1: dropped or padding),
+  // tokens_per_expert [E] before dropping and kept_per_expert [E]; policy "position" or "probability".
+  m.def("capacity_plan(Tensor expert_ids, int num_experts, SymInt capacity, str drop_policy=\"position\", "
+        "Tensor? priority=None, Tensor? valid_mask=None) -> (Tensor slots, Tensor tokens_per_expert, "
+        "Tensor kept_per_expert)");
+
+  // Dispatch: x [T, d] -> buffer [E, C, d], buffer[e, s] = x[t] for every kept assignment, empty slots zero.
+  m.def("dispatch(Tensor x, Tensor expert_ids, Tensor slots, int num_experts, SymInt capacity) -> Tensor");
+  // Backward of dispatch: grad_buffer [E, C, d] -> grad_x [T, d].
+  m.def("_dispatch_backward(Tensor grad_buffer, Tensor expert_ids, Tensor slots) -> Tensor");
+  // Combine: y[t] = sum over kept j of weights[t, j] * buffer[expert_ids[t, j], slots[t, j]], fp32 accumulation.
+  m.def("combine(Tensor buffer, Tensor weights, Tensor expert_ids, Tensor slots) -> Tensor");
+  // Backward of combine -> (grad_buffer [E, C, d], grad_weights [T, k]).
+  m.def("_combine_backward(Tensor grad_y, Tensor buffer, Tensor weights, Tensor expert_ids, Tensor slots) "
+        "-> (Tensor, Tensor)");
+
+  // Dropless permute: x [T, d] -> rows [T*k, d] grouped by expert (token order inside), row_index [T, k]
+  // (-1 for padding), offsets [E + 1]; rows past offsets[E] (padding) are zero.
+  m.def("permute(Tensor x, Tensor expert_ids, int num_experts, Tensor? valid_mask=None) "
+        "-> (Tensor rows, Tensor row_index, Tensor offsets)");
+  // Backward of permute: grad_rows [N, d] -> grad_x [T, d].
+  m.def("_permute_backward(Tensor grad_rows, Tensor row_index) -> Tensor");
+  // Dropless unpermute: y[t] = sum_j weights[t, j] * rows[row_index[t, j]], fp32 accumulation.
+  m.def("unpermute(Tensor rows, Tensor weights, Tensor row_index) -> Tensor");
+  // Backward of unpermute -> (grad_rows [N, d], grad_weights [T, k]).
+  m.def("_unpermute_backward(Tensor grad_y, Tensor rows, Tensor weights, Tensor row_index) -> (Tensor, Tensor)");
+
+  // Aux losses over valid tokens: (Switch load-balancing loss, router z-loss, router entropy (not differentiable)).
+  m.def("router_losses(Tensor logits, Tensor expert_ids, Tensor? valid_mask=None) "
+        "-> (Tensor load_balancing_loss, Tensor z_loss, Tensor router_entropy)");
+  // Backward of router_losses: (grad_load_balancing, grad_z) -> grad_logits [T, E].
+  m.def("_router_losses_backward(Tensor grad_load_balancing, Tensor grad_z, Tensor logits, Tensor expert_ids, "
+        "Tensor? valid_mask) -> Tensor");
+}

@@ -1,0 +1,28 @@
+// Fused router scoring + top-k selection: CPU kernels and the shared argument checks.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
+
+#include <optional>
+#include <tuple>
+
+namespace torch_moe {
+
+enum class ScoreFunc { kSoftmax, kSigmoid };
+
+// Parses "softmax" | "sigmoid", raising an error that names the argument otherwise.
+ScoreFunc parse_score_func(const char* op, c10::string_view name);
+
+// Router math dtype: float64 for float64 logits, float32 for every other float dtype.
+at::ScalarType router_dtype(const at::Tensor& logits);
+
+namespace cpu {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> router_topk(const at::Tensor& logits, int64_t k,
+                                                           c10::string_view score_func,
+                                                           const std::optional<at::Tensor>& selection_bias,
+                                                           bool normalize);
+at::Tensor router_topk_backward(const at::Tensor& grad_weights, const at::Tensor& logits,
+                                const at::Tensor& expert_ids, c10::string_view score_func, bool normalize);
+}  // namespace cpu
+}  // namespace torch_moe

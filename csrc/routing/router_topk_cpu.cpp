@@ -1,0 +1,206 @@
+// CPU kernels of router_topk and its backward: one pass per token row, parallel over tokens.
+#include "routing/router_topk.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <vector>
+
+#include "common/checks.h"
+
+namespace torch_moe {
+
+ScoreFunc parse_score_func(const char* op, c10::string_view name) {
+  if (name == "softmax") return ScoreFunc::kSoftmax;
+  if (name == "sigmoid") return ScoreFunc::kSigmoid;
+  TORCH_MOE_CHECK(false, "torch_moe.{}: argument 'score_func' must be \"softmax\" or \"sigmoid\", got \"{}\"", op,
+                  std::string(name));
+  return ScoreFunc::kSoftmax;
+}
+
+at::ScalarType router_dtype(const at::Tensor& logits) {
+  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+namespace cpu {
+namespace {
+
+// Scores of one row in acc precision: softmax over the row or elementwise sigmoid.
+template <typename acc_t>
+void score_row(const acc_t* logits, int64_t E, ScoreFunc func, acc_t* scores) {
+  if (func == ScoreFunc::kSigmoid) {
+    for (int64_t e = 0; e < E; ++e) scores[e] = acc_t(1) / (acc_t(1) + std::exp(-logits[e]));
+    return;
+  }
+  acc_t max_logit = -std::numeric_limits<acc_t>::infinity();
+  bool has_nan = false;
+  for (int64_t e = 0; e < E; ++e) {
+    if (std::isnan(logits[e])) has_nan = true;
+    max_logit = std::max(max_logit, logits[e]);
+  }
+  if (has_nan) {
+    // NaN poisons the softmax; keep it visible rather than guess (top-k still picks valid ids).
+    for (int64_t e = 0; e < E; ++e) scores[e] = std::numeric_limits<acc_t>::quiet_NaN();
+    return;
+  }
+  if (std::isinf(max_logit)) {
+    // All -inf: uniform. Some +inf: those share the mass, as the limit of the softmax does.
+    const bool pos = max_logit > 0;
+    int64_t n = 0;
+    for (int64_t e = 0; e < E; ++e) n += !pos || logits[e] == max_logit;
+    for (int64_t e = 0; e < E; ++e) scores[e] = (!pos || logits[e] == max_logit) ? acc_t(1) / acc_t(n) : acc_t(0);
+    return;
+  }
+  acc_t sum = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    scores[e] = std::exp(logits[e] - max_logit);
+    sum += scores[e];
+  }
+  for (int64_t e = 0; e < E; ++e) scores[e] /= sum;
+}
+
+// Descending by key with NaN below every number; equal keys go to the lower id. A strict total order.
+template <typename acc_t>
+struct RankBefore {
+  const acc_t* key;
+  bool operator()(int64_t a, int64_t b) const {
+    const acc_t ka = key[a], kb = key[b];
+    const bool na = std::isnan(ka), nb = std::isnan(kb);
+    if (na != nb) return nb;
+    if (!na && ka != kb) return ka > kb;
+    return a < b;
+  }
+};
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> router_topk(const at::Tensor& logits_in, int64_t k,
+                                                           c10::string_view score_func,
+                                                           const std::optional<at::Tensor>& selection_bias,
+                                                           bool normalize) {
+  constexpr const char* op = "router_topk";
+  check_floating(op, "logits", logits_in);
+  check_dim(op, "logits", logits_in, 2, "[T, E]");
+  const ScoreFunc func = parse_score_func(op, score_func);
+  const int64_t T = logits_in.size(0), E = logits_in.size(1);
+  TORCH_MOE_CHECK(E > 0, "torch_moe.{}: argument 'logits' must have at least one expert (E > 0), got shape {}", op,
+                  shape_str(logits_in));
+  TORCH_MOE_CHECK(k >= 1 && k <= E, "torch_moe.{}: argument 'k' must be in [1, E] = [1, {}], got {}", op, E, k);
+  const auto acc_type = router_dtype(logits_in);
+  at::Tensor bias;
+  if (selection_bias.has_value() && selection_bias->defined()) {
+    check_floating(op, "selection_bias", *selection_bias);
+    check_dim(op, "selection_bias", *selection_bias, 1, "[E]");
+    check_size(op, "selection_bias", *selection_bias, 0, E, "number of experts");
+    check_same_device(op, {{"logits", &logits_in}, {"selection_bias", &*selection_bias}});
+    bias = selection_bias->to(acc_type).contiguous();
+  }
+  const auto logits = logits_in.to(acc_type).contiguous();
+  auto weights = at::empty({T, k}, logits.options());
+  auto ids = at::empty({T, k}, logits.options().dtype(at::kLong));
+  auto scores = at::empty({T, E}, logits.options());
+  if (T == 0) return {weights, ids, scores};
+
+  AT_DISPATCH_FLOATING_TYPES(acc_type, "torch_moe_router_topk", [&] {
+    using acc_t = scalar_t;
+    const acc_t* lp = logits.data_ptr<acc_t>();
+    const acc_t* bp = bias.defined() ? bias.data_ptr<acc_t>() : nullptr;
+    acc_t* wp = weights.data_ptr<acc_t>();
+    int64_t* ip = ids.data_ptr<int64_t>();
+    acc_t* sp = scores.data_ptr<acc_t>();
+    at::parallel_for(0, T, std::max<int64_t>(1, 4096 / E), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> key(E);
+      std::vector<int64_t> order(E);
+      for (int64_t t = begin; t < end; ++t) {
+        acc_t* s = sp + t * E;
+        score_row(lp + t * E, E, func, s);
+        for (int64_t e = 0; e < E; ++e) key[e] = bp == nullptr ? s[e] : s[e] + bp[e];
+        std::iota(order.begin(), order.end(), 0);
+        std::partial_sort(order.begin(), order.begin() + k, order.end(), RankBefore<acc_t>{key.data()});
+        acc_t sum = 0;
+        for (int64_t j = 0; j < k; ++j) {
+          ip[t * k + j] = order[j];
+          wp[t * k + j] = s[order[j]];
+          sum += s[order[j]];
+        }
+        if (normalize && sum > 0) {
+          for (int64_t j = 0; j < k; ++j) wp[t * k + j] /= sum;
+        }
+      }
+    });
+  });
+  return {weights, ids, scores};
+}
+
+at::Tensor router_topk_backward(const at::Tensor& grad_weights_in, const at::Tensor& logits_in,
+                                const at::Tensor& expert_ids_in, c10::string_view score_func, bool normalize) {
+  constexpr const char* op = "_router_topk_backward";
+  check_floating(op, "grad_weights", grad_weights_in);
+  check_dim(op, "logits", logits_in, 2, "[T, E]");
+  check_dtype(op, "expert_ids", expert_ids_in, at::kLong);
+  check_dim(op, "expert_ids", expert_ids_in, 2, "[T, k]");
+  check_same_shape(op, "grad_weights", grad_weights_in, "expert_ids", expert_ids_in);
+  const ScoreFunc func = parse_score_func(op, score_func);
+  const int64_t T = logits_in.size(0), E = logits_in.size(1), k = expert_ids_in.size(1);
+  check_size(op, "expert_ids", expert_ids_in, 0, T, "tokens of logits");
+  check_index_range(op, "expert_ids", expert_ids_in, 0, E);
+  const auto acc_type = router_dtype(logits_in);
+  const auto logits = logits_in.to(acc_type).contiguous();
+  const auto grad_w = grad_weights_in.to(acc_type).contiguous();
+  const auto ids = expert_ids_in.contiguous();
+  auto grad_logits = at::zeros({T, E}, logits.options());
+  if (T > 0) {
+    AT_DISPATCH_FLOATING_TYPES(acc_type, "torch_moe_router_topk_backward", [&] {
+      using acc_t = scalar_t;
+      const acc_t* lp = logits.data_ptr<acc_t>();
+      const acc_t* gp = grad_w.data_ptr<acc_t>();
+      const int64_t* ip = ids.data_ptr<int64_t>();
+      acc_t* op_ = grad_logits.data_ptr<acc_t>();
+      at::parallel_for(0, T, std::max<int64_t>(1, 4096 / E), [&](int64_t begin, int64_t end) {
+        std::vector<acc_t> s(E), chosen(k), grad_chosen(k);
+        for (int64_t t = begin; t < end; ++t) {
+          score_row(lp + t * E, E, func, s.data());
+          const acc_t* g = gp + t * k;
+          const int64_t* id = ip + t * k;
+          acc_t* out = op_ + t * E;
+          acc_t sum = 0;
+          for (int64_t j = 0; j < k; ++j) sum += (chosen[j] = s[id[j]]);
+          // d loss / d chosen score: through the normalisation w_j = s_j / sum when it is applied.
+          if (normalize && sum > 0) {
+            acc_t gw = 0;
+            for (int64_t j = 0; j < k; ++j) gw += g[j] * chosen[j];
+            gw /= sum;
+            for (int64_t j = 0; j < k; ++j) grad_chosen[j] = (g[j] - gw) / sum;
+          } else {
+            for (int64_t j = 0; j < k; ++j) grad_chosen[j] = g[j];
+          }
+          if (func == ScoreFunc::kSigmoid) {
+            for (int64_t j = 0; j < k; ++j) out[id[j]] += grad_chosen[j] * chosen[j] * (acc_t(1) - chosen[j]);
+          } else {
+            // Softmax Jacobian: d s_i / d l_m = s_i (delta_im - s_m).
+            acc_t inner = 0;
+            for (int64_t j = 0; j < k; ++j) inner += grad_chosen[j] * chosen[j];
+            for (int64_t e = 0; e < E; ++e) out[e] = -s[e] * inner;
+            for (int64_t j = 0; j < k; ++j) out[id[j]] += grad_chosen[j] * chosen[j];
+          }
+        }
+      });
+    });
+  }
+  return grad_logits.to(logits_in.scalar_type());
+}
+
+}  // namespace cpu
+
+TORCH_LIBRARY_IMPL(torch_moe, CPU, m) {
+  m.impl("router_topk", &cpu::router_topk);
+  m.impl("_router_topk_backward", &cpu::router_topk_backward);
+}
+
+}  // namespace torch_moe

@@ -1,0 +1,44 @@
+"""torch_moe: Mixture-of-Experts layers for PyTorch on C++ custom ops (torch.ops.torch_moe.*)."""
+
+from __future__ import annotations
+
+import torch
+
+from . import _build_info
+
+
+def _load_extension():
+    if _build_info.TORCH_VERSION != torch.__version__:
+        raise ImportError(
+            f"torch_moe was built against torch {_build_info.TORCH_VERSION} but torch {torch.__version__} is "
+            "installed; rebuild it against the installed torch: pip install --no-build-isolation --force-reinstall ."
+        )
+    try:
+        from . import _C
+    except ImportError as err:
+        raise ImportError(
+            f"torch_moe._C failed to load ({err}); it was built against torch {_build_info.TORCH_VERSION} and "
+            f"torch {torch.__version__} is installed: rebuild with pip install --no-build-isolation ."
+        ) from err
+    return _C
+
+
+_C = _load_extension()
+
+from . import _fake  # noqa: E402  (fake kernels need the op schemas that _C registers)
+from . import ops  # noqa: E402
+
+__version__ = "0.1.0"
+
+
+def build_info() -> dict:
+    """How the loaded extension was built: torch version, CUDA kernels in or not, CUDA archs."""
+    return {
+        "torch_version": _C.torch_version(),
+        "with_cuda": _C.with_cuda(),
+        "cuda_arch_list": _C.cuda_arch_list(),
+        "cuda_runtime_version": _C.cuda_runtime_version(),
+    }
+
+
+__all__ = ["ops", "build_info"]

@@ -1,0 +1,107 @@
+"""Fake (meta) kernels of every torch_moe op, so torch.compile, FakeTensor and opcheck can trace them.
+
+All output shapes follow from input shapes (dropless rows are always [T*k, d]), so no dynamic sizes are needed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+_lib = "torch_moe::"
+
+
+def _router_dtype(logits: Tensor) -> torch.dtype:
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def _check(cond: bool, message: str) -> None:
+    torch._check(cond, lambda: message)
+
+
+@torch.library.register_fake(_lib + "router_topk")
+def _router_topk(logits, k, score_func="softmax", selection_bias=None, normalize=True):
+    _check(logits.dim() == 2, f"torch_moe.router_topk: argument 'logits' must be a 2-D tensor [T, E], got {tuple(logits.shape)}")
+    T, E = logits.shape
+    _check(1 <= k <= E, f"torch_moe.router_topk: argument 'k' must be in [1, E] = [1, {E}], got {k}")
+    dtype = _router_dtype(logits)
+    return (
+        logits.new_empty((T, k), dtype=dtype),
+        logits.new_empty((T, k), dtype=torch.int64),
+        logits.new_empty((T, E), dtype=dtype),
+    )
+
+
+@torch.library.register_fake(_lib + "_router_topk_backward")
+def _router_topk_backward(grad_weights, logits, expert_ids, score_func, normalize):
+    return torch.empty_like(logits)
+
+
+@torch.library.register_fake(_lib + "capacity_plan")
+def _capacity_plan(expert_ids, num_experts, capacity, drop_policy="position", priority=None, valid_mask=None):
+    _check(expert_ids.dim() == 2, "torch_moe.capacity_plan: argument 'expert_ids' must be a 2-D tensor [T, k]")
+    return (
+        torch.empty_like(expert_ids),
+        expert_ids.new_empty((num_experts,)),
+        expert_ids.new_empty((num_experts,)),
+    )
+
+
+@torch.library.register_fake(_lib + "dispatch")
+def _dispatch(x, expert_ids, slots, num_experts, capacity):
+    _check(x.dim() == 2, "torch_moe.dispatch: argument 'x' must be a 2-D tensor [T, d]")
+    return x.new_empty((num_experts, capacity, x.shape[1]))
+
+
+@torch.library.register_fake(_lib + "_dispatch_backward")
+def _dispatch_backward(grad_buffer, expert_ids, slots):
+    return grad_buffer.new_empty((expert_ids.shape[0], grad_buffer.shape[2]))
+
+
+@torch.library.register_fake(_lib + "combine")
+def _combine(buffer, weights, expert_ids, slots):
+    _check(buffer.dim() == 3, "torch_moe.combine: argument 'buffer' must be a 3-D tensor [E, C, d]")
+    return buffer.new_empty((expert_ids.shape[0], buffer.shape[2]))
+
+
+@torch.library.register_fake(_lib + "_combine_backward")
+def _combine_backward(grad_y, buffer, weights, expert_ids, slots):
+    return torch.empty_like(buffer), torch.empty_like(weights)
+
+
+@torch.library.register_fake(_lib + "permute")
+def _permute(x, expert_ids, num_experts, valid_mask=None):
+    _check(x.dim() == 2, "torch_moe.permute: argument 'x' must be a 2-D tensor [T, d]")
+    T, k = expert_ids.shape
+    return (
+        x.new_empty((T * k, x.shape[1])),
+        torch.empty_like(expert_ids),
+        expert_ids.new_empty((num_experts + 1,)),
+    )
+
+
+@torch.library.register_fake(_lib + "_permute_backward")
+def _permute_backward(grad_rows, row_index):
+    return grad_rows.new_empty((row_index.shape[0], grad_rows.shape[1]))
+
+
+@torch.library.register_fake(_lib + "unpermute")
+def _unpermute(rows, weights, row_index):
+    _check(rows.dim() == 2, "torch_moe.unpermute: argument 'rows' must be a 2-D tensor [N, d]")
+    return rows.new_empty((row_index.shape[0], rows.shape[1]))
+
+
+@torch.library.register_fake(_lib + "_unpermute_backward")
+def _unpermute_backward(grad_y, rows, weights, row_index):
+    return torch.empty_like(rows), torch.empty_like(weights)
+
+
+@torch.library.register_fake(_lib + "router_losses")
+def _router_losses(logits, expert_ids, valid_mask=None):
+    dtype = _router_dtype(logits)
+    return tuple(logits.new_empty((), dtype=dtype) for _ in range(3))
+
+
+@torch.library.register_fake(_lib + "_router_losses_backward")
+def _router_losses_backward(grad_load_balancing, grad_z, logits, expert_ids, valid_mask):
+    return torch.empty_like(logits)

@@ -1,0 +1,124 @@
+"""Typed Python faces of the ``torch.ops.torch_moe`` custom operators (the only module that touches them).
+
+Shapes: T tokens, E experts, k choices per token, C capacity (slots per expert), d model width.
+Every op checks its arguments in C++ and raises ``RuntimeError`` naming the argument on bad input.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "RouterOutput",
+    "CapacityPlan",
+    "Permuted",
+    "RouterLosses",
+    "router_topk",
+    "capacity_plan",
+    "dispatch",
+    "combine",
+    "permute",
+    "unpermute",
+    "router_losses",
+]
+
+
+class RouterOutput(NamedTuple):
+    weights: Tensor  # [T, k] float32 (float64 for float64 logits), differentiable w.r.t. logits
+    expert_ids: Tensor  # [T, k] int64, in decreasing order of (score + selection_bias)
+    scores: Tensor  # [T, E] softmax or sigmoid of the logits, router dtype, not differentiable
+
+
+class CapacityPlan(NamedTuple):
+    slots: Tensor  # [T, k] int64, slot in the expert's buffer, -1 when dropped or padding
+    tokens_per_expert: Tensor  # [E] int64, valid assignments before dropping
+    kept_per_expert: Tensor  # [E] int64, assignments that got a slot
+
+
+class Permuted(NamedTuple):
+    rows: Tensor  # [T*k, d] rows grouped by expert; rows past offsets[E] are zero (padding)
+    row_index: Tensor  # [T, k] int64, row of each assignment in `rows`, -1 for padding tokens
+    offsets: Tensor  # [E+1] int64, expert e owns rows[offsets[e]:offsets[e+1]]
+
+
+class RouterLosses(NamedTuple):
+    load_balancing_loss: Tensor  # 0-dim, E * sum_i f_i * P_i over valid tokens
+    z_loss: Tensor  # 0-dim, mean over valid tokens of logsumexp(logits)^2
+    router_entropy: Tensor  # 0-dim, mean over valid tokens of -sum p log p (not differentiable)
+
+
+def router_topk(
+    logits: Tensor,
+    k: int,
+    score_func: str = "softmax",
+    selection_bias: Optional[Tensor] = None,
+    normalize: bool = True,
+) -> RouterOutput:
+    """Fused router: scores, top-k choice and weights in one pass.
+
+    logits: [T, E] any float dtype; router math runs in float32 (float64 for float64 logits).
+    score_func: ``"softmax"`` over all experts or ``"sigmoid"`` per expert.
+    selection_bias: [E], added to the scores only to choose experts, never to the weights.
+    normalize: divide the chosen (unbiased) scores by their sum.
+    Ties go to the lower expert id; NaN scores rank below every number, so ids are always in [0, E).
+    """
+    return RouterOutput(*torch.ops.torch_moe.router_topk(logits, k, score_func, selection_bias, normalize))
+
+
+def capacity_plan(
+    expert_ids: Tensor,
+    num_experts: int,
+    capacity: int,
+    drop_policy: str = "position",
+    priority: Optional[Tensor] = None,
+    valid_mask: Optional[Tensor] = None,
+) -> CapacityPlan:
+    """Assign every (token, choice) a slot in its expert's buffer of ``capacity`` rows, or drop it.
+
+    expert_ids: [T, k] int64. valid_mask: [T] bool, False tokens take no slot and are not counted.
+    ``"position"``: all 1st choices in token order, then all 2nd choices, ... (GShard).
+    ``"probability"``: each expert keeps the ``capacity`` assignments of highest ``priority`` [T, k]
+    (required), ties to the lower token index; slots are given in that order.
+    """
+    return CapacityPlan(
+        *torch.ops.torch_moe.capacity_plan(expert_ids, num_experts, capacity, drop_policy, priority, valid_mask)
+    )
+
+
+def dispatch(x: Tensor, expert_ids: Tensor, slots: Tensor, num_experts: int, capacity: int) -> Tensor:
+    """x: [T, d] -> buffer [E, C, d] with buffer[expert_ids[t, j], slots[t, j]] = x[t]; empty slots are zero."""
+    return torch.ops.torch_moe.dispatch(x, expert_ids, slots, num_experts, capacity)
+
+
+def combine(buffer: Tensor, weights: Tensor, expert_ids: Tensor, slots: Tensor) -> Tensor:
+    """buffer: [E, C, d], weights: [T, k] -> y [T, d] in buffer's dtype.
+
+    y[t] = sum over kept j (slots[t, j] >= 0) of weights[t, j] * buffer[expert_ids[t, j], slots[t, j]],
+    accumulated in float32 (float64 for float64) in increasing j, so results are deterministic.
+    """
+    return torch.ops.torch_moe.combine(buffer, weights, expert_ids, slots)
+
+
+def permute(
+    x: Tensor, expert_ids: Tensor, num_experts: int, valid_mask: Optional[Tensor] = None
+) -> Permuted:
+    """Dropless: x [T, d] -> rows [T*k, d] grouped by expert (token order within an expert)."""
+    return Permuted(*torch.ops.torch_moe.permute(x, expert_ids, num_experts, valid_mask))
+
+
+def unpermute(rows: Tensor, weights: Tensor, row_index: Tensor) -> Tensor:
+    """rows: [N, d], weights: [T, k] -> y [T, d], y[t] = sum_j weights[t, j] * rows[row_index[t, j]]."""
+    return torch.ops.torch_moe.unpermute(rows, weights, row_index)
+
+
+def router_losses(logits: Tensor, expert_ids: Tensor, valid_mask: Optional[Tensor] = None) -> RouterLosses:
+    """Switch load-balancing loss, router z-loss and router entropy over the valid tokens.
+
+    With p = softmax(logits), Tv valid tokens and k = expert_ids.size(1):
+    f_i = #{assignments to i} / (Tv * k), P_i = mean_t p[t, i], load_balancing_loss = E * sum_i f_i * P_i;
+    z_loss = mean_t logsumexp(logits[t])^2. All three are 0 when Tv = 0.
+    """
+    return RouterLosses(*torch.ops.torch_moe.router_losses(logits, expert_ids, valid_mask))
