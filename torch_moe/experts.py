@@ -1,0 +1,112 @@
+"""Expert FFNs stored as stacked weights [E, ...], run batched over [E, C, d] or grouped over sorted rows."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["Experts", "EXPERT_TYPES", "ACTIVATIONS"]
+
+EXPERT_TYPES = ("swiglu", "geglu", "mlp")
+ACTIVATIONS = {
+    "gelu": lambda h: F.gelu(h),  # exact (erf) gelu
+    "relu": F.relu,
+    "silu": F.silu,
+}
+
+
+class Experts(nn.Module):
+    """E independent FFNs.
+
+    ``"swiglu"``: (silu(x·w1 [+ b1]) · (x·w3)) · w2 [+ b2]; ``"geglu"``: the same with exact gelu;
+    ``"mlp"``: act(x·w1 [+ b1]) · w2 [+ b2] with ``activation`` in gelu (exact) / relu / silu.
+    Parameters: w1 [E, d_model, d_ff], w2 [E, d_ff, d_model], w3 [E, d_model, d_ff] (gated types only),
+    b1 [E, d_ff] and b2 [E, d_model] when ``bias``.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        num_experts: int,
+        *,
+        expert: str = "swiglu",
+        activation: str = "gelu",
+        bias: bool = False,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        if expert not in EXPERT_TYPES:
+            raise ValueError(f"expert must be one of {EXPERT_TYPES}, got {expert!r}")
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
+        self.expert = expert
+        self.activation = activation
+        self.num_experts = num_experts
+        self.gated = expert != "mlp"
+        self._act = F.silu if expert == "swiglu" else (ACTIVATIONS["gelu"] if expert == "geglu" else ACTIVATIONS[activation])
+        factory = {"device": device, "dtype": dtype}
+        self.w1 = nn.Parameter(torch.empty(num_experts, d_model, d_ff, **factory))
+        self.w2 = nn.Parameter(torch.empty(num_experts, d_ff, d_model, **factory))
+        self.w3 = nn.Parameter(torch.empty(num_experts, d_model, d_ff, **factory)) if self.gated else None
+        self.b1 = nn.Parameter(torch.empty(num_experts, d_ff, **factory)) if bias else None
+        self.b2 = nn.Parameter(torch.empty(num_experts, d_model, **factory)) if bias else None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # nn.Linear's default range per expert: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+        d_model, d_ff = self.w1.shape[1], self.w1.shape[2]
+        for weight, fan_in in ((self.w1, d_model), (self.w3, d_model), (self.b1, d_model), (self.w2, d_ff), (self.b2, d_ff)):
+            if weight is not None:
+                bound = 1.0 / math.sqrt(fan_in)
+                nn.init.uniform_(weight, -bound, bound)
+
+    def forward(self, buffer: Tensor) -> Tensor:
+        """Capacity mode: buffer [E, C, d_model] -> [E, C, d_model], one batched GEMM per projection."""
+        h = torch.bmm(buffer, self.w1)
+        if self.b1 is not None:
+            h = h + self.b1.unsqueeze(1)
+        h = self._act(h)
+        if self.gated:
+            h = h * torch.bmm(buffer, self.w3)
+        out = torch.bmm(h, self.w2)
+        if self.b2 is not None:
+            out = out + self.b2.unsqueeze(1)
+        return out
+
+    def forward_expert(self, e: int, rows: Tensor) -> Tensor:
+        """One expert on its rows [n, d_model] -> [n, d_model]."""
+        h = rows @ self.w1[e]
+        if self.b1 is not None:
+            h = h + self.b1[e]
+        h = self._act(h)
+        if self.gated:
+            h = h * (rows @ self.w3[e])
+        out = h @ self.w2[e]
+        if self.b2 is not None:
+            out = out + self.b2[e]
+        return out
+
+    def forward_grouped(self, rows: Tensor, offsets: Tensor) -> Tensor:
+        """Dropless mode: rows [N, d_model] grouped by expert, offsets [E + 1] -> [N, d_model].
+
+        Rows past offsets[E] (padding) stay zero. The segment bounds are read on the host once per call.
+        """
+        bounds = offsets.tolist()
+        out = torch.zeros_like(rows)
+        for e in range(self.num_experts):
+            start, end = bounds[e], bounds[e + 1]
+            if end > start:
+                out[start:end] = self.forward_expert(e, rows[start:end])
+        return out
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_experts={self.num_experts}, d_model={self.w1.shape[1]}, d_ff={self.w1.shape[2]}, "
+            f"expert={self.expert!r}, activation={self.activation!r}, bias={self.b1 is not None}"
+        )
