@@ -1,0 +1,127 @@
+// The torch_moe ops called through the dispatcher from C++ (as a LibTorch program would), backward included.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/torch.h>
+
+#include <catch2/catch.hpp>
+
+#include <string>
+#include <tuple>
+
+namespace {
+
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+using Tensor = at::Tensor;
+using OptTensor = std::optional<at::Tensor>;
+using RouterTopk = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, int64_t, c10::string_view, const OptTensor&, bool);
+using CapacityPlan = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, int64_t, c10::SymInt, c10::string_view,
+                                                        const OptTensor&, const OptTensor&);
+using Dispatch = Tensor(const Tensor&, const Tensor&, const Tensor&, int64_t, c10::SymInt);
+using Combine = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor&);
+using Permute = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, int64_t, const OptTensor&);
+using Unpermute = Tensor(const Tensor&, const Tensor&, const Tensor&);
+using RouterLosses = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&);
+
+}  // namespace
+
+TEST_CASE("every op is registered in the torch_moe namespace", "[registration]") {
+  for (const char* name : {"torch_moe::router_topk", "torch_moe::_router_topk_backward", "torch_moe::capacity_plan",
+                           "torch_moe::dispatch", "torch_moe::_dispatch_backward", "torch_moe::combine",
+                           "torch_moe::_combine_backward", "torch_moe::permute", "torch_moe::_permute_backward",
+                           "torch_moe::unpermute", "torch_moe::_unpermute_backward", "torch_moe::router_losses",
+                           "torch_moe::_router_losses_backward"}) {
+    INFO(name);
+    CHECK(c10::Dispatcher::singleton().findSchema({name, ""}).has_value());
+  }
+}
+
+TEST_CASE("router_topk picks the largest probs, ties to the lower id, and backpropagates", "[router_topk]") {
+  const auto router = op<RouterTopk>("torch_moe::router_topk");
+  auto logits = torch::tensor({{1.0, 3.0, 3.0, 0.0}, {0.0, 0.0, 0.0, 0.0}}, torch::kDouble).requires_grad_();
+  auto [weights, ids, scores] = router.call(logits, 2, "softmax", std::nullopt, true);
+  CHECK(torch::equal(ids, torch::tensor({{1, 2}, {0, 1}}, torch::kLong)));
+  CHECK(torch::allclose(weights, torch::full({2, 2}, 0.5, torch::kDouble)));
+  CHECK(torch::allclose(scores.sum(1), torch::ones({2}, torch::kDouble)));
+
+  // Same gradient as the plain softmax -> gather -> renormalise composition.
+  auto g = torch::tensor({{1.0, -2.0}, {0.5, 3.0}}, torch::kDouble);
+  (weights * g).sum().backward();
+  auto ref_logits = logits.detach().clone().requires_grad_();
+  auto probs = torch::softmax(ref_logits, 1).gather(1, ids);
+  ((probs / probs.sum(1, true)) * g).sum().backward();
+  CHECK(torch::allclose(logits.grad(), ref_logits.grad()));
+}
+
+TEST_CASE("router_topk refuses k outside [1, E] with a message naming k", "[router_topk][errors]") {
+  const auto router = op<RouterTopk>("torch_moe::router_topk");
+  auto logits = torch::randn({3, 4});
+  CHECK_THROWS_WITH(router.call(logits, 5, "softmax", std::nullopt, true), Catch::Contains("'k'"));
+  CHECK_THROWS_WITH(router.call(logits, 2, "tanh", std::nullopt, true), Catch::Contains("score_func"));
+}
+
+TEST_CASE("capacity mode: plan, dispatch and combine round-trip with gradients from C++", "[dispatch]") {
+  const auto plan = op<CapacityPlan>("torch_moe::capacity_plan");
+  const auto dispatch = op<Dispatch>("torch_moe::dispatch");
+  const auto combine = op<Combine>("torch_moe::combine");
+  // 4 tokens, k = 2, E = 3, capacity 2: 1st choices fill first: token 2 finds expert 0 full, then token 3 finds expert 1 full.
+  auto ids = torch::tensor({{0, 1}, {0, 2}, {0, 1}, {2, 1}}, torch::kLong);
+  auto [slots, tokens_per_expert, kept] = plan.call(ids, 3, 2, "position", std::nullopt, std::nullopt);
+  CHECK(torch::equal(slots, torch::tensor({{0, 0}, {1, 1}, {-1, 1}, {0, -1}}, torch::kLong)));
+  CHECK(torch::equal(tokens_per_expert, torch::tensor({3, 3, 2}, torch::kLong)));
+  CHECK(torch::equal(kept, torch::tensor({2, 2, 2}, torch::kLong)));
+
+  auto x = torch::randn({4, 5}, torch::kDouble).requires_grad_();
+  auto weights = torch::rand({4, 2}, torch::kDouble).requires_grad_();
+  auto buffer = dispatch.call(x, ids, slots, 3, 2);
+  REQUIRE(buffer.sizes() == torch::IntArrayRef({3, 2, 5}));
+  CHECK(torch::equal(buffer[1][1], x[2]));
+  auto y = combine.call(buffer * 2.0, weights, ids, slots);
+  auto kept_weight = (weights * slots.ge(0)).sum(1, true);
+  CHECK(torch::allclose(y, 2.0 * kept_weight * x));
+
+  y.sum().backward();
+  CHECK(torch::allclose(x.grad(), 2.0 * kept_weight.expand({4, 5})));
+  CHECK(torch::allclose(weights.grad(), (2.0 * x.sum(1, true) * slots.ge(0)).detach()));
+}
+
+TEST_CASE("dropless permute and unpermute group rows by expert and backpropagate", "[permute]") {
+  const auto permute = op<Permute>("torch_moe::permute");
+  const auto unpermute = op<Unpermute>("torch_moe::unpermute");
+  auto ids = torch::tensor({{2, 0}, {0, 1}, {2, 1}}, torch::kLong);
+  auto x = torch::randn({3, 4}, torch::kDouble).requires_grad_();
+  auto [rows, row_index, offsets] = permute.call(x, ids, 3, std::nullopt);
+  CHECK(torch::equal(offsets, torch::tensor({0, 2, 4, 6}, torch::kLong)));
+  CHECK(torch::equal(rows[0], x[0]));  // expert 0 holds tokens 0 and 1, in token order
+  CHECK(torch::equal(rows[1], x[1]));
+  auto weights = torch::full({3, 2}, 0.5, torch::kDouble);
+  auto y = unpermute.call(rows, weights, row_index);
+  CHECK(torch::allclose(y, x));
+  y.pow(2).sum().backward();
+  CHECK(torch::allclose(x.grad(), 2.0 * x.detach()));
+}
+
+TEST_CASE("router_losses: uniform probs give a balance loss of exactly 1 and gradients flow", "[losses]") {
+  const auto losses = op<RouterLosses>("torch_moe::router_losses");
+  auto logits = torch::zeros({8, 4}, torch::kDouble).requires_grad_();
+  auto ids = torch::tensor({{0}, {1}, {2}, {3}, {0}, {1}, {2}, {3}}, torch::kLong);
+  auto [lb, z, entropy] = losses.call(logits, ids, std::nullopt);
+  CHECK(lb.item<double>() == Approx(1.0));
+  CHECK(z.item<double>() == Approx(std::log(4.0) * std::log(4.0)));
+  CHECK(entropy.item<double>() == Approx(std::log(4.0)));
+  (lb + z).backward();
+  REQUIRE(logits.grad().defined());
+  // z-loss gradient 2 lse / T * p, balance gradient vanishes for uniform p and balanced counts.
+  CHECK(torch::allclose(logits.grad(), torch::full({8, 4}, 2.0 * std::log(4.0) / 8.0 * 0.25, torch::kDouble)));
+}
+
+TEST_CASE("ops reject ids outside [0, E) with a message naming expert_ids", "[errors]") {
+  const auto plan = op<CapacityPlan>("torch_moe::capacity_plan");
+  auto ids = torch::tensor({{0, 7}}, torch::kLong);
+  CHECK_THROWS_WITH(plan.call(ids, 3, 2, "position", std::nullopt, std::nullopt),
+                    Catch::Contains("expert_ids") && Catch::Contains("[0, 3)"));
+  CHECK_THROWS_WITH(plan.call(ids.to(torch::kInt), 3, 2, "position", std::nullopt, std::nullopt),
+                    Catch::Contains("int64"));
+}
