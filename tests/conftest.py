@@ -1,0 +1,43 @@
+"""Shared fixtures of the op tests: devices (CUDA skipped without a GPU), float dtypes, a seeded generator."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import torch_moe  # noqa: F401  (loads the extension and registers torch.ops.torch_moe)
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
+
+DEVICES = [pytest.param("cpu", id="cpu"), pytest.param("cuda", id="cuda", marks=requires_cuda)]
+
+FLOAT_DTYPES = [
+    pytest.param(torch.float32, id="float32"),
+    pytest.param(torch.float64, id="float64"),
+    pytest.param(torch.bfloat16, id="bfloat16"),
+    pytest.param(torch.float16, id="float16"),
+]
+
+
+@pytest.fixture(params=DEVICES)
+def device(request) -> str:
+    return request.param
+
+
+@pytest.fixture(params=FLOAT_DTYPES)
+def dtype(request) -> torch.dtype:
+    return request.param
+
+
+@pytest.fixture
+def cuda_device() -> str:
+    """For tests that need a GPU on top of the CPU (mixed-device checks)."""
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA not available")
+    return "cuda"
+
+
+@pytest.fixture
+def gen() -> torch.Generator:
+    """A CPU generator with a fixed seed: inputs are built on the CPU and moved, so they match across devices."""
+    return torch.Generator().manual_seed(0x5EED)
