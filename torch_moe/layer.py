@@ -102,7 +102,10 @@ class MoE(nn.Module):
                 )
             valid = padding_mask.reshape(-1)
 
-        logits, routed = self.router(tokens)
+        # Padding rows may hold anything (NaN included); zero them for the router so that nothing of theirs
+        # reaches router.weight's gradient (0 * NaN would).
+        router_input = tokens if valid is None else torch.where(valid.unsqueeze(1), tokens, 0)
+        logits, routed = self.router(router_input)
         losses = ops.router_losses(logits, routed.expert_ids, valid)
         expert_input = tokens.to(self.experts.w1.dtype)
         if self.dropless:

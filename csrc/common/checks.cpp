@@ -8,6 +8,8 @@
 
 namespace torch_moe {
 
+std::string dtype_name(at::ScalarType dtype) { return std::string(c10::getDtypeNames(dtype).first); }
+
 std::string shape_str(const at::Tensor& t) {
   std::vector<std::string> parts;
   for (const auto& s : t.sym_sizes()) {
@@ -25,13 +27,13 @@ void check_floating(const char* op, const char* name, const at::Tensor& t) {
   const auto dt = t.scalar_type();
   TORCH_MOE_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
                   "torch_moe.{}: argument '{}' must be float32, float64, bfloat16 or float16, got {}", op, name,
-                  c10::toString(dt));
+                  dtype_name(dt));
 }
 
 void check_dtype(const char* op, const char* name, const at::Tensor& t, at::ScalarType expected) {
   check_defined(op, name, t);
   TORCH_MOE_CHECK(t.scalar_type() == expected, "torch_moe.{}: argument '{}' must be {}, got {}", op, name,
-                  c10::toString(expected), c10::toString(t.scalar_type()));
+                  dtype_name(expected), dtype_name(t.scalar_type()));
 }
 
 void check_dim(const char* op, const char* name, const at::Tensor& t, int64_t dim, const char* layout) {

@@ -16,6 +16,8 @@ namespace torch_moe {
 #define TORCH_MOE_CHECK(cond, ...) TORCH_CHECK((cond), ::fmt::format(__VA_ARGS__))
 
 std::string shape_str(const at::Tensor& t);
+// Python spelling of a dtype: "int64", "float32", ...
+std::string dtype_name(at::ScalarType dtype);
 
 void check_defined(const char* op, const char* name, const at::Tensor& t);
 // One of float32, float64, bfloat16, float16.

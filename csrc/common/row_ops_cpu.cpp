@@ -131,8 +131,8 @@ void check_unique_destinations(const char* op, const char* name, const at::Tenso
     const int64_t dest = ip[a];
     if (dest < 0) continue;
     TORCH_MOE_CHECK(owner[dest] < 0,
-                    "torch_moe.{}: argument '{}' sends assignments {} and {} (flat [T, k] positions) to the same "
-                    "buffer row {}; each slot may hold one assignment",
+                    "torch_moe.{}: argument '{}' gives assignments {} and {} (flat [T, k] positions) the same "
+                    "row {}; every row belongs to one assignment",
                     op, name, owner[dest], a, dest);
     owner[dest] = a;
   }
