@@ -626,3 +626,24 @@ def test_output_dtype_follows_input(dtype, mode):
     assert torch.isfinite(y).all() and y.abs().sum() > 0
     assert torch.isfinite(layer.aux_loss)
     check_stats_are_tensors(layer.stats)
+
+
+@pytest.mark.parametrize("mode", list(ROUTING_MODES))
+def test_nonfinite_padding_leaves_gradients_finite(mode):
+    # Padding rows may hold anything; their values must not reach any gradient (0 * NaN would be NaN).
+    config = make_config(**ROUTING_MODES[mode])
+    layer = make_layer(config)
+    mask = torch.tensor([[True, True, False], [True, False, True]])
+    x_clean = random_x((2, 3))
+    x_clean[~mask] = 0.0
+    x_nan = x_clean.clone()
+    x_nan[~mask] = float("nan")
+    y_clean, aux_clean, _, gx_clean, grads_clean = run_layer(layer, x_clean, mask)
+    y_nan, aux_nan, _, gx_nan, grads_nan = run_layer(layer, x_nan, mask)
+    assert_close(y_nan, y_clean, rtol=0, atol=0)
+    assert_close(aux_nan, aux_clean, rtol=0, atol=0)
+    assert torch.equal(gx_nan[~mask], torch.zeros_like(gx_nan[~mask]))
+    assert_close(gx_nan, gx_clean, rtol=0, atol=0)
+    for name in grads_clean:
+        assert torch.isfinite(grads_nan[name]).all(), name
+        assert_close(grads_nan[name], grads_clean[name], rtol=0, atol=0)
