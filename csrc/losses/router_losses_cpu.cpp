@@ -42,35 +42,47 @@ acc_t softmax_row(const acc_t* logits, int64_t E, acc_t* probs) {
   return max_logit + std::log(sum);
 }
 
-// Number of valid tokens and each expert's valid assignment count.
-std::vector<int64_t> assignment_counts(const at::Tensor& ids, const std::vector<uint8_t>& valid, int64_t E,
-                                       int64_t* valid_tokens) {
-  const int64_t T = ids.size(0), k = ids.size(1);
-  const int64_t* ip = ids.data_ptr<int64_t>();
-  std::vector<int64_t> counts(E, 0);
-  *valid_tokens = 0;
-  for (int64_t t = 0; t < T; ++t) {
-    if (!valid[t]) continue;
-    ++*valid_tokens;
-    for (int64_t j = 0; j < k; ++j) ++counts[ip[t * k + j]];
-  }
-  return counts;
-}
+// What both passes need: logits in router precision, which tokens count, and each expert's valid
+// assignment count (f_i * Tv * k).
+struct LossInputs {
+  at::Tensor logits;  // [T, E] contiguous, router dtype
+  int64_t T, E, k;
+  std::vector<uint8_t> valid;
+  int64_t valid_tokens = 0;
+  std::vector<int64_t> counts;
+};
 
+LossInputs prepare(const char* op, const at::Tensor& logits, const at::Tensor& expert_ids,
+                   const std::optional<at::Tensor>& valid_mask) {
+  check_inputs(op, logits, expert_ids, valid_mask);
+  LossInputs in;
+  in.logits = logits.to(router_dtype(logits)).contiguous();
+  in.T = logits.size(0);
+  in.E = logits.size(1);
+  in.k = expert_ids.size(1);
+  in.valid = valid_token_flags(valid_mask, in.T);
+  in.counts.assign(in.E, 0);
+  const auto ids = expert_ids.contiguous();
+  const int64_t* ip = ids.data_ptr<int64_t>();
+  for (int64_t t = 0; t < in.T; ++t) {
+    if (!in.valid[t]) continue;
+    ++in.valid_tokens;
+    for (int64_t j = 0; j < in.k; ++j) ++in.counts[ip[t * in.k + j]];
+  }
+  return in;
+}
 
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> router_losses(const at::Tensor& logits_in, const at::Tensor& expert_ids,
                                                              const std::optional<at::Tensor>& valid_mask) {
   constexpr const char* op = "router_losses";
-  check_inputs(op, logits_in, expert_ids, valid_mask);
-  const auto acc_type = router_dtype(logits_in);
-  const auto logits = logits_in.to(acc_type).contiguous();
-  const auto ids = expert_ids.contiguous();
-  const int64_t T = logits.size(0), E = logits.size(1), k = ids.size(1);
-  const auto valid = valid_token_flags(valid_mask, T);
-  int64_t Tv = 0;
-  const auto counts = assignment_counts(ids, valid, E, &Tv);
+  const auto in = prepare(op, logits_in, expert_ids, valid_mask);
+  const auto& logits = in.logits;
+  const auto& valid = in.valid;
+  const auto& counts = in.counts;
+  const auto acc_type = logits.scalar_type();
+  const int64_t T = in.T, E = in.E, k = in.k, Tv = in.valid_tokens;
   auto lb = at::zeros({}, logits.options());
   auto z = at::zeros({}, logits.options());
   auto entropy = at::zeros({}, logits.options());
@@ -119,19 +131,17 @@ at::Tensor router_losses_backward(const at::Tensor& grad_load_balancing, const a
                                   const at::Tensor& logits_in, const at::Tensor& expert_ids,
                                   const std::optional<at::Tensor>& valid_mask) {
   constexpr const char* op = "_router_losses_backward";
-  check_inputs(op, logits_in, expert_ids, valid_mask);
+  const auto in = prepare(op, logits_in, expert_ids, valid_mask);
   check_floating(op, "grad_load_balancing", grad_load_balancing);
   check_floating(op, "grad_z", grad_z);
   TORCH_MOE_CHECK(grad_load_balancing.numel() == 1 && grad_z.numel() == 1,
                   "torch_moe.{}: arguments 'grad_load_balancing' and 'grad_z' must be scalars, got shapes {} and {}",
                   op, shape_str(grad_load_balancing), shape_str(grad_z));
-  const auto acc_type = router_dtype(logits_in);
-  const auto logits = logits_in.to(acc_type).contiguous();
-  const auto ids = expert_ids.contiguous();
-  const int64_t T = logits.size(0), E = logits.size(1), k = ids.size(1);
-  const auto valid = valid_token_flags(valid_mask, T);
-  int64_t Tv = 0;
-  const auto counts = assignment_counts(ids, valid, E, &Tv);
+  const auto& logits = in.logits;
+  const auto& valid = in.valid;
+  const auto& counts = in.counts;
+  const auto acc_type = logits.scalar_type();
+  const int64_t T = in.T, E = in.E, k = in.k, Tv = in.valid_tokens;
   auto grad_logits = at::zeros({T, E}, logits.options());
   if (Tv > 0 && k > 0) {
     AT_DISPATCH_FLOATING_TYPES(acc_type, "torch_moe_router_losses_backward", [&] {
