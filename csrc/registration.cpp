@@ -40,6 +40,12 @@ TORCH_LIBRARY(torch_moe, m) {
   // Backward of unpermute -> (grad_rows [N, d], grad_weights [T, k]).
   m.def("_unpermute_backward(Tensor grad_y, Tensor rows, Tensor weights, Tensor row_index) -> (Tensor, Tensor)");
 
+  // Grouped GEMM: out[offsets[e]:offsets[e+1]] = a[offsets[e]:offsets[e+1]] @ b[e] for a [N, K], b [E, K, M];
+  // rows past offsets[E] are zero. The dropless expert compute.
+  m.def("grouped_mm(Tensor a, Tensor b, Tensor offsets) -> Tensor");
+  // Backward of grouped_mm -> (grad_a [N, K], grad_b [E, K, M]).
+  m.def("_grouped_mm_backward(Tensor grad_out, Tensor a, Tensor b, Tensor offsets) -> (Tensor, Tensor)");
+
   // Aux losses over valid tokens: (Switch load-balancing loss, router z-loss, router entropy (not differentiable)).
   m.def("router_losses(Tensor logits, Tensor expert_ids, Tensor? valid_mask=None) "
         "-> (Tensor load_balancing_loss, Tensor z_loss, Tensor router_entropy)");

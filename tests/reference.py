@@ -233,6 +233,16 @@ def router_losses(
 # ----------------------------------------------------------------------------------------------------------------
 
 
+def grouped_mm(a: Tensor, b: Tensor, offsets: Tensor) -> Tensor:
+    """float64 [N, M]: each expert's segment of rows times its matrix, one row at a time; rows past the end zero."""
+    out = torch.zeros(a.shape[0], b.shape[2], dtype=torch.float64)
+    bounds = offsets.tolist()
+    for e in range(b.shape[0]):
+        for r in range(bounds[e], bounds[e + 1]):
+            out[r] = a[r].double().cpu() @ b[e].double().cpu()
+    return out
+
+
 def router_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype router math (and its float outputs) runs in for logits of `dtype`."""
     return F64 if dtype == F64 else torch.float32

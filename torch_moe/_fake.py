@@ -96,6 +96,17 @@ def _unpermute_backward(grad_y, rows, weights, row_index):
     return torch.empty_like(rows), torch.empty_like(weights)
 
 
+@torch.library.register_fake(_lib + "grouped_mm")
+def _grouped_mm(a, b, offsets):
+    _check(a.dim() == 2 and b.dim() == 3, "torch_moe.grouped_mm: arguments 'a' [N, K] and 'b' [E, K, M] expected")
+    return a.new_empty((a.shape[0], b.shape[2]))
+
+
+@torch.library.register_fake(_lib + "_grouped_mm_backward")
+def _grouped_mm_backward(grad_out, a, b, offsets):
+    return torch.empty_like(a), torch.empty_like(b)
+
+
 @torch.library.register_fake(_lib + "router_losses")
 def _router_losses(logits, expert_ids, valid_mask=None):
     dtype = _router_dtype(logits)

@@ -23,6 +23,7 @@ __all__ = [
     "permute",
     "unpermute",
     "router_losses",
+    "grouped_mm",
 ]
 
 
@@ -122,3 +123,12 @@ def router_losses(logits: Tensor, expert_ids: Tensor, valid_mask: Optional[Tenso
     z_loss = mean_t logsumexp(logits[t])^2. All three are 0 when Tv = 0.
     """
     return RouterLosses(*torch.ops.torch_moe.router_losses(logits, expert_ids, valid_mask))
+
+
+def grouped_mm(a: Tensor, b: Tensor, offsets: Tensor) -> Tensor:
+    """Grouped GEMM over contiguous per-expert segments: a [N, K], b [E, K, M], offsets [E+1] int64 -> [N, M].
+
+    out[offsets[e]:offsets[e+1]] = a[offsets[e]:offsets[e+1]] @ b[e]; rows past offsets[E] are zero.
+    Segment bounds are read where the data lives (no host sync on the Python side).
+    """
+    return torch.ops.torch_moe.grouped_mm(a, b, offsets)
