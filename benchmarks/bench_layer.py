@@ -12,16 +12,16 @@ import argparse
 import datetime
 import os
 import platform
-import subprocess
 import sys
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils import benchmark
 
 import torch_moe
+from _common import (DenseSwiGLU, cpu_model, forward_backward_fn, forward_fn, git_revision, load_average_check,
+                     measure_autorange)
 
 # (d_model, d_ff, num_experts, top_k, tokens)
 CASES = [(512, 256, 64, 8, 512), (1024, 3584, 8, 2, 512), (256, 512, 16, 2, 2048)]
@@ -64,68 +64,6 @@ class HFStyleMoE(nn.Module):
         return out
 
 
-class DenseSwiGLU(nn.Module):
-    """(silu(x·w1) · (x·w3)) · w2 with hidden width top_k · d_ff: the active FLOPs of one MoE token."""
-
-    def __init__(self, d_model: int, hidden: int) -> None:
-        super().__init__()
-        self.w1 = nn.Linear(d_model, hidden, bias=False)
-        self.w3 = nn.Linear(d_model, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, d_model, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
-
-def _forward_fn(module: nn.Module, x: Tensor):
-    # Forward alone is the inference cost, so no autograd graph is recorded.
-    def run():
-        with torch.no_grad():
-            module(x)
-    return run
-
-
-def _forward_backward_fn(module: nn.Module, x: Tensor, grad_out: Tensor):
-    # autograd.grad instead of .backward() so that no .grad accumulates between runs; the input's gradient is
-    # asked for too, as it would be inside a model.
-    inputs = [x, *module.parameters()]
-
-    def run():
-        y = module(x)
-        torch.autograd.grad(y, inputs, grad_out, allow_unused=True)
-    return run
-
-
-def _measure(fn, threads: int, min_run_time: float) -> benchmark.Measurement:
-    fn()  # warm-up outside the measurement: first-call allocations and lazy init
-    return benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads).blocked_autorange(
-        min_run_time=min_run_time
-    )
-
-
-def _git_revision() -> str:
-    repo = Path(__file__).resolve().parent.parent
-    try:
-        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=repo, capture_output=True, text=True,
-                             check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=repo,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return rev + (" with uncommitted changes" if dirty else "")
-
-
-def _cpu_model() -> str:
-    # platform.processor() is often empty or just the architecture on Linux; /proc/cpuinfo names the part.
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
-
-
 def bench_case(case, threads: int, min_run_time: float):
     d_model, d_ff, num_experts, top_k, tokens = case
     torch.manual_seed(0)
@@ -154,8 +92,9 @@ def bench_case(case, threads: int, min_run_time: float):
     }
     results = {}
     for name, module in contenders.items():
-        fwd = _measure(_forward_fn(module, x), threads, min_run_time)
-        fwd_bwd = _measure(_forward_backward_fn(module, x, grad_out), threads, min_run_time)
+        fwd = measure_autorange(forward_fn(module, x), threads, min_run_time)
+        fwd_bwd = measure_autorange(forward_backward_fn(module, x, grad_out, [x, *module.parameters()]), threads,
+                                    min_run_time)
         results[name] = (fwd, fwd_bwd)
         print(f"  {name:<26} fwd {fwd.median * 1e3:9.3f} ms   fwd+bwd {fwd_bwd.median * 1e3:9.3f} ms", flush=True)
     return results, error, dropped, capacity.capacity(tokens)
@@ -167,10 +106,10 @@ def render(rows, threads: int, min_run_time: float, quick: bool, load_at_start) 
         f"# torch_moe layer benchmark, CPU, fp32{' (--quick smoke run, not a result)' if quick else ''}",
         "",
         f"- date: {now}",
-        f"- machine: platform.processor()={platform.processor()!r} ({_cpu_model()}), os.cpu_count()={os.cpu_count()}, "
+        f"- machine: platform.processor()={platform.processor()!r} ({cpu_model()}), os.cpu_count()={os.cpu_count()}, "
         f"torch threads={threads}, {platform.platform()}",
         f"- load average at start (1/5/15 min): {' / '.join(f'{v:.2f}' for v in load_at_start)}",
-        f"- versions: torch {torch.__version__}, torch_moe {torch_moe.__version__} (git {_git_revision()}), "
+        f"- versions: torch {torch.__version__}, torch_moe {torch_moe.__version__} (git {git_revision()}), "
         f"Python {platform.python_version()}",
         f"- method: torch.utils.benchmark Timer.blocked_autorange(min_run_time={min_run_time}) per cell, median; "
         "one warm-up call first. fwd runs under no_grad; fwd+bwd is forward plus torch.autograd.grad of a fixed "
@@ -214,13 +153,7 @@ def main() -> None:
     out = args.out or Path(__file__).resolve().parent / (
         "RESULTS-layer-cpu-quick.md" if args.quick else "RESULTS-layer-cpu.md")
 
-    # Other processes on the cores make OpenMP threads wait on each other at every parallel region, which inflates
-    # small ops by whole scheduler time slices; say so rather than publish such numbers silently.
-    load_at_start = os.getloadavg()
-    if load_at_start[0] + args.threads > (os.cpu_count() or 1) + 0.5:
-        print(f"bench_layer: warning: load average {load_at_start[0]:.2f} with {args.threads} threads on "
-              f"{os.cpu_count()} CPUs; the cores are busy with other work and the timings will be unreliable",
-              file=sys.stderr)
+    load_at_start = load_average_check("bench_layer", args.threads)
     torch.set_num_threads(args.threads)
     torch.set_default_dtype(torch.float32)
     cases = QUICK_CASES if args.quick else CASES

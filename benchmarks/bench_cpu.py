@@ -1,0 +1,457 @@
+"""Issue 7's CPU benchmark: torch_moe.MoE against Hugging Face's MixtralSparseMoeBlock and a dense SwiGLU FFN, fp32.
+
+    python benchmarks/bench_cpu.py                       # the real run, writes benchmarks/RESULTS-cpu.md
+    python benchmarks/bench_cpu.py --quick               # smoke run on tiny shapes, writes RESULTS-cpu-quick.md
+    python benchmarks/bench_cpu.py --cases olmoe-128,mixtral-2048
+    python benchmarks/bench_cpu.py --profile --cases olmoe-2048   # torch.profiler top ops of torch_moe, no table
+
+Cases (d_model, d_ff, E, k) x T: Mixtral-mini (1024, 3584, 8, 2) and OLMoE-mini (512, 256, 64, 8), T = 128 and 2048.
+Contenders, all in this process on the same input x [1, T, d]:
+  - torch_moe dropless, ``torch_moe.MoE(d, d_ff, E, k, capacity_factor=None)``;
+  - torch_moe capacity 1.25, the same weights, ``capacity_factor=1.25`` (default "position" drop policy);
+  - transformers' ``MixtralSparseMoeBlock`` built from a ``MixtralConfig`` with ``experts_implementation="eager"``
+    (the per-expert Python loop), the torch_moe weights copied in; before any timing its output must equal torch_moe
+    dropless within 1e-4 relative (max abs difference over max abs output) and the loop must be seen running
+    (aten::index_add_ in a profiled forward), else the script aborts;
+  - a dense SwiGLU FFN of hidden width k·d_ff, the same active FLOPs per token (its own random weights).
+
+Timing: torch.utils.benchmark Timer on torch.set_num_threads(--threads, default 2); after a warm-up call, blocks of
+at least 20 ms are timed until both a minimum number of blocks and a minimum total time are reached; each cell is
+the median per call. "fwd" runs under no_grad; "fwd+bwd" is the forward plus torch.autograd.grad of a fixed random
+output gradient w.r.t. x and every parameter; for torch_moe the layer's aux_loss (load balancing + z-loss) is in
+that backward with gradient 1, as in training (the HF block returns no loss of its own: Mixtral computes it in the
+model, from the router logits of all layers).
+
+Peak memory: the fwd+bwd call run once more under torch.profiler(profile_memory=True), whose "[memory]" events are
+every allocation (+bytes) and free (-bytes) of PyTorch's CPU allocator; replaying them in time order gives the
+allocated level over the call and the peak is its maximum above the level at the start (x, weights and the output
+gradient exist before and are not counted). Checked at start on a known allocation pattern. Two numbers: with the
+weight gradients (the timed call) and with the gradient of x only (weight gradients not computed): the second is
+activations and workspace, the part a kernel can change; the first adds E/k times the dense FFN's weight-gradient
+bytes for an MoE. Not seen: memory outside the c10 allocator (std::vector scratch, MKL/oneDNN workspaces).
+
+Bandwidth: forward of torch_moe.ops.permute + unpermute and of dispatch + combine on the case's routing (the
+dropless layer's router on x, capacity 1.25 for dispatch), against a contiguous Tensor.copy_ and an index_select of
+randomly permuted rows moving the same bytes: 4·d·2·T·(1+k) (x read and y written once, each of the T·k assignment
+rows written once and read once). The fraction is the baseline's time over the pair's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import platform
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor, nn
+from torch.profiler import ProfilerActivity, profile
+
+import torch_moe
+from torch_moe import ops
+from _common import (DenseSwiGLU, check_peak_memory_method, forward_backward_fn, forward_fn, git_revision,
+                     load_average_check, machine_line, measure_repeats, peak_memory_bytes, quiet_profiler_log)
+
+try:
+    import transformers
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+except ImportError as err:  # pragma: no cover - a message, not a code path
+    sys.exit(f"bench_cpu: needs Hugging Face transformers ({err}): python3 -m pip install transformers tqdm "
+             "(the bench extra of pyproject.toml)")
+
+try:
+    from tqdm import tqdm
+except ImportError:
+    tqdm = None
+
+CAPACITY_FACTOR = 1.25
+MATCH_RTOL = 1e-4
+HF_EXPERTS_IMPLEMENTATION = "eager"
+
+
+@dataclass(frozen=True)
+class Case:
+    model: str
+    d_model: int
+    d_ff: int
+    num_experts: int
+    top_k: int
+    tokens: int
+
+    def shape(self) -> str:
+        return f"{self.model} ({self.d_model}, {self.d_ff}, {self.num_experts}, {self.top_k}), T={self.tokens}"
+
+
+CASES = {
+    "mixtral-128": Case("Mixtral-mini", 1024, 3584, 8, 2, 128),
+    "mixtral-2048": Case("Mixtral-mini", 1024, 3584, 8, 2, 2048),
+    "olmoe-128": Case("OLMoE-mini", 512, 256, 64, 8, 128),
+    "olmoe-2048": Case("OLMoE-mini", 512, 256, 64, 8, 2048),
+}
+# Same names and E, k; widths and token counts cut so the whole smoke run takes seconds.
+QUICK_CASES = {
+    "mixtral-128": Case("Mixtral-tiny", 64, 224, 8, 2, 32),
+    "mixtral-2048": Case("Mixtral-tiny", 64, 224, 8, 2, 256),
+    "olmoe-128": Case("OLMoE-tiny", 32, 16, 64, 8, 32),
+    "olmoe-2048": Case("OLMoE-tiny", 32, 16, 64, 8, 256),
+}
+# (min_run_time s, min blocks) per timed cell: full runs stay under ~10 min on 2 cores, where the largest call
+# (Mixtral-mini, T=2048, fwd+bwd, ~270 GFLOP) takes seconds.
+TIMING = {"full": (2.0, 5), "quick": (0.05, 3)}
+BANDWIDTH_TIMING = {"full": (0.5, 5), "quick": (0.02, 3)}
+
+DROPLESS, CAPACITY, HF, DENSE = ("torch_moe dropless", f"torch_moe capacity {CAPACITY_FACTOR}",
+                                 "HF MixtralSparseMoeBlock (eager)", "dense SwiGLU k·d_ff")
+
+
+@dataclass
+class Contender:
+    name: str
+    module: nn.Module
+    call: Callable[[Tensor], Tensor]
+    aux_loss: Optional[Callable[[], Tensor]] = None
+
+
+@dataclass
+class Result:
+    fwd: object  # torch.utils.benchmark.Measurement
+    fwd_bwd: object
+    peak_bytes: int
+    peak_x_only_bytes: int
+
+
+def build_hf_block(moe: torch_moe.MoE) -> tuple[MixtralSparseMoeBlock, str]:
+    """MixtralSparseMoeBlock with moe's weights, on the eager experts loop; returns it and what that resolved to."""
+    config = MixtralConfig(
+        hidden_size=moe.d_model,
+        intermediate_size=moe.d_ff,
+        num_local_experts=moe.num_experts,
+        num_experts_per_tok=moe.top_k,
+        hidden_act="silu",
+        router_jitter_noise=0.0,
+    )
+    config._experts_implementation = HF_EXPERTS_IMPLEMENTATION
+    block = MixtralSparseMoeBlock(config)
+    with torch.no_grad():
+        block.gate.weight.copy_(moe.router.weight)  # [E, d]
+        # MixtralExperts.forward: gate, up = linear(x, gate_up_proj[e]).chunk(2, dim=-1); act(gate) * up, so the
+        # first d_ff rows are torch_moe's w1 (the silu side) transposed, the last d_ff rows w3.
+        w1, w3, w2 = moe.experts.w1, moe.experts.w3, moe.experts.w2  # [E, d, d_ff], [E, d, d_ff], [E, d_ff, d]
+        block.experts.gate_up_proj.copy_(torch.cat([w1.transpose(1, 2), w3.transpose(1, 2)], dim=1))
+        block.experts.down_proj.copy_(w2.transpose(1, 2))  # [E, d, d_ff]
+    try:
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+        resolved = ALL_EXPERTS_FUNCTIONS.get_interface(block.experts.config._experts_implementation, None)
+        ran = ("MixtralExperts.forward, the per-expert Python loop" if resolved is None
+               else getattr(resolved, "__name__", repr(resolved)))
+    except (ImportError, AttributeError, KeyError):
+        ran = "unknown (transformers.integrations.moe changed); the profiled forward saw the loop"
+    return block, f"config._experts_implementation={block.experts.config._experts_implementation!r} -> {ran}"
+
+
+def check_hf_block(case: Case, hf: nn.Module, dropless: torch_moe.MoE, x: Tensor) -> tuple[float, int]:
+    """Abort unless the HF block's output matches torch_moe dropless and its eager loop is what runs."""
+    with torch.no_grad():
+        reference = dropless(x)
+        with quiet_profiler_log(), profile(activities=[ProfilerActivity.CPU]) as prof:
+            output = hf(x)
+    rel_error = ((output - reference).abs().max() / reference.abs().max().clamp(min=1e-30)).item()
+    if not rel_error <= MATCH_RTOL:
+        sys.exit(f"bench_cpu: {case.shape()}: MixtralSparseMoeBlock differs from torch_moe dropless by {rel_error:.3g} "
+                 f"(max abs difference / max abs output), more than {MATCH_RTOL}; the weight copy or the routing "
+                 "disagrees and the comparison would be meaningless, aborting")
+    index_adds = sum(e.count for e in prof.key_averages() if e.key == "aten::index_add_")
+    if index_adds == 0:
+        sys.exit(f"bench_cpu: {case.shape()}: no aten::index_add_ in the HF block's forward: it did not run the eager "
+                 "experts loop, aborting")
+    return rel_error, index_adds
+
+
+def make_contenders(case: Case, seed: int = 0):
+    torch.manual_seed(seed)
+    dropless = torch_moe.MoE(case.d_model, case.d_ff, case.num_experts, case.top_k, capacity_factor=None)
+    capacity = torch_moe.MoE(case.d_model, case.d_ff, case.num_experts, case.top_k, capacity_factor=CAPACITY_FACTOR)
+    capacity.load_state_dict(dropless.state_dict())
+    hf, hf_impl = build_hf_block(dropless)
+    dense = DenseSwiGLU(case.d_model, case.top_k * case.d_ff)
+    contenders = [
+        Contender(DROPLESS, dropless, dropless, lambda: dropless.aux_loss),
+        Contender(CAPACITY, capacity, capacity, lambda: capacity.aux_loss),
+        Contender(HF, hf, hf),
+        Contender(DENSE, dense, dense),
+    ]
+    return contenders, hf_impl
+
+
+def bench_case(key: str, case: Case, threads: int, mode: str, progress) -> dict:
+    contenders, hf_impl = make_contenders(case)
+    dropless, capacity, hf = contenders[0].module, contenders[1].module, contenders[2].module
+    x = torch.randn(1, case.tokens, case.d_model, requires_grad=True)
+    grad_out = torch.randn(1, case.tokens, case.d_model)
+    rel_error, index_adds = check_hf_block(case, hf, dropless, x)
+    with torch.no_grad():
+        capacity(x)
+    dropped = capacity.stats.dropped_fraction.item()
+
+    min_run_time, min_blocks = TIMING[mode]
+    results = {}
+    for c in contenders:
+        params = list(c.module.parameters())
+        fwd_bwd_fn = forward_backward_fn(c.call, x, grad_out, [x, *params], c.aux_loss)
+        fwd = measure_repeats(forward_fn(c.call, x), threads, min_run_time, min_blocks)
+        fwd_bwd = measure_repeats(fwd_bwd_fn, threads, min_run_time, min_blocks)
+        peak = peak_memory_bytes(fwd_bwd_fn)
+        peak_x = peak_memory_bytes(forward_backward_fn(c.call, x, grad_out, [x], c.aux_loss))
+        results[c.name] = Result(fwd, fwd_bwd, peak, peak_x)
+        _say(progress, f"  {key:<13} {c.name:<33} fwd {fwd.median * 1e3:9.2f} ms  "
+                       f"fwd+bwd {fwd_bwd.median * 1e3:9.2f} ms  "
+                       f"peak {peak / 2**20:8.1f} MiB ({peak_x / 2**20:.1f} w/o weight grads)")
+        if progress is not None:
+            progress.update(1)
+    bandwidth = bench_bandwidth(case, dropless, x.detach().reshape(-1, case.d_model), capacity.capacity(case.tokens),
+                                threads, mode)
+    _say(progress, f"  {key:<13} bandwidth: permute+unpermute "
+                   f"{bandwidth['permute + unpermute']['copy_']:.2f} of copy_, "
+                   f"dispatch+combine {bandwidth['dispatch + combine']['copy_']:.2f} of copy_")
+    return {"key": key, "case": case, "results": results, "rel_error": rel_error, "index_adds": index_adds,
+            "dropped": dropped, "capacity": capacity.capacity(case.tokens), "bandwidth": bandwidth, "hf_impl": hf_impl}
+
+
+def bench_bandwidth(case: Case, layer: torch_moe.MoE, x: Tensor, capacity: int, threads: int, mode: str) -> dict:
+    """Forward times of the two row-movement pairs and of copy_ / index_select moving the same bytes."""
+    min_run_time, min_blocks = BANDWIDTH_TIMING[mode]
+    E, T, k, d = case.num_experts, case.tokens, case.top_k, case.d_model
+    with torch.no_grad():
+        _, routed = layer.router(x)
+        plan = ops.capacity_plan(routed.expert_ids, E, capacity)
+        permuted = ops.permute(x, routed.expert_ids, E)
+        buffer = ops.dispatch(x, routed.expert_ids, plan.slots, E, capacity)
+    rows_moved = T * (1 + k)
+    nbytes = 2 * rows_moved * d * x.element_size()
+    src = torch.randn(rows_moved, d)
+    dst = torch.empty_like(src)
+    shuffled = torch.randperm(rows_moved)
+
+    def timed(fn):
+        def run():
+            with torch.no_grad():
+                fn()
+        return measure_repeats(run, threads, min_run_time, min_blocks).median
+
+    copy_s = timed(lambda: dst.copy_(src))
+    index_select_s = timed(lambda: torch.index_select(src, 0, shuffled, out=dst))
+    pairs = {
+        "permute + unpermute": (
+            timed(lambda: ops.permute(x, routed.expert_ids, E)),
+            timed(lambda: ops.unpermute(permuted.rows, routed.weights, permuted.row_index)),
+        ),
+        "dispatch + combine": (
+            timed(lambda: ops.dispatch(x, routed.expert_ids, plan.slots, E, capacity)),
+            timed(lambda: ops.combine(buffer, routed.weights, routed.expert_ids, plan.slots)),
+        ),
+    }
+    out = {}
+    for name, (first_s, second_s) in pairs.items():
+        total = first_s + second_s
+        out[name] = {"first_ms": first_s * 1e3, "second_ms": second_s * 1e3, "gbps": nbytes / total / 1e9,
+                     "copy_": copy_s / total, "index_select": index_select_s / total}
+    out["bytes"] = nbytes
+    out["copy_gbps"] = nbytes / copy_s / 1e9
+    out["index_select_gbps"] = nbytes / index_select_s / 1e9
+    return out
+
+
+def profile_case(key: str, case: Case, threads: int) -> None:
+    """Print torch.profiler's top ops of torch_moe's fwd+bwd (dropless and capacity) for one case."""
+    contenders, _ = make_contenders(case)
+    x = torch.randn(1, case.tokens, case.d_model, requires_grad=True)
+    grad_out = torch.randn(1, case.tokens, case.d_model)
+    for c in contenders[:2]:
+        fn = forward_backward_fn(c.call, x, grad_out, [x, *c.module.parameters()], c.aux_loss)
+        fn()
+        fn()
+        with quiet_profiler_log(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        averages = prof.key_averages()
+        print(f"\n## {key}: {case.shape()}, {c.name}, fwd+bwd, {threads} threads\n")
+        print(averages.table(sort_by="self_cpu_time_total", row_limit=18, max_name_column_width=48))
+        print(averages.table(sort_by="self_cpu_memory_usage", row_limit=10, max_name_column_width=48))
+
+
+def _say(progress, line: str) -> None:
+    if progress is not None:
+        progress.write(line, file=sys.stdout)
+    else:
+        print(line, flush=True)
+
+
+def _ms(m) -> str:
+    return f"{m.median * 1e3:.2f}" if m.median >= 0.01 else f"{m.median * 1e3:.3f}"
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f}"
+
+
+def render(rows: list[dict], args, mode: str, load_at_start) -> str:
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    min_run_time, min_blocks = TIMING[mode]
+    quick = mode == "quick"
+    lines = [
+        "# torch_moe CPU benchmark (issue 7), fp32"
+        + (" — --quick smoke run on tiny shapes, not a result" if quick else ""),
+        "",
+        f"- load average at start (1/5/15 min): {' / '.join(f'{v:.2f}' for v in load_at_start)}"
+        f"{' — the machine was busy, treat the times as noisy' if load_at_start[0] > 0.5 else ''}",
+        f"- date: {now}",
+        f"- machine: {machine_line(args.threads)}",
+        f"- versions: torch {torch.__version__}, transformers {transformers.__version__}, torch_moe "
+        f"{torch_moe.__version__} (git {git_revision()}), Python {platform.python_version()}",
+        f"- command: `{' '.join(['python benchmarks/bench_cpu.py', *sys.argv[1:]])}`",
+        f"- HF block: transformers MixtralSparseMoeBlock, {rows[0]['hf_impl'] if rows else ''}; weights copied from "
+        f"torch_moe; output matched torch_moe dropless within {MATCH_RTOL} relative before timing (per case below).",
+        f"- timing: torch.utils.benchmark Timer, one warm-up call, then ≥ {min_blocks} blocks of ≥ 20 ms and "
+        f"≥ {min_run_time} s per cell; median per call. fwd under no_grad; fwd+bwd = forward + autograd.grad w.r.t. "
+        "x and all parameters of a fixed random output gradient (torch_moe: + its aux_loss with gradient 1).",
+        "- speed-up = HF time / this time (above 1: faster than HF); ÷dense = this time / dense time; "
+        "spread = IQR / median of fwd+bwd.",
+        "- peak: fwd+bwd peak CPU allocation above the start (torch.profiler memory events replayed in order); "
+        "'w/o wgrad': the same call with the gradient of x only, i.e. activations + workspace.",
+        "",
+        "| case | contender | fwd ms | fwd speed-up | fwd ÷dense | fwd+bwd ms | fwd+bwd speed-up | fwd+bwd ÷dense "
+        "| peak MiB | peak ÷dense | peak w/o wgrad MiB | ÷dense | spread |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        case, results = row["case"], row["results"]
+        hf, dense = results[HF], results[DENSE]
+        for name, r in results.items():
+            lines.append(
+                f"| {case.shape()} | {name} | {_ms(r.fwd)} | {hf.fwd.median / r.fwd.median:.2f} "
+                f"| {r.fwd.median / dense.fwd.median:.2f} | {_ms(r.fwd_bwd)} "
+                f"| {hf.fwd_bwd.median / r.fwd_bwd.median:.2f} | {r.fwd_bwd.median / dense.fwd_bwd.median:.2f} "
+                f"| {_mib(r.peak_bytes)} | {r.peak_bytes / dense.peak_bytes:.2f} | {_mib(r.peak_x_only_bytes)} "
+                f"| {r.peak_x_only_bytes / dense.peak_x_only_bytes:.2f} | {r.fwd_bwd.iqr / r.fwd_bwd.median:.0%} |"
+            )
+    lines += ["", "Per case:"]
+    for row in rows:
+        lines.append(f"- {row['case'].shape()}: capacity mode C = {row['capacity']} slots per expert, "
+                     f"{row['dropped']:.1%} of assignments dropped; HF vs dropless {row['rel_error']:.2g} relative; "
+                     f"HF eager loop ran ({row['index_adds']} aten::index_add_ calls in one forward).")
+
+    lines += [
+        "",
+        "## Dispatch and combine bandwidth (forward)",
+        "",
+        "Bytes = 4·d·2·T·(1+k): x read and y written once, each of the T·k assignment rows written and read once. "
+        "Baselines move the same bytes: a contiguous `Tensor.copy_` and an `index_select` of randomly permuted rows. "
+        "Fraction = baseline time / pair time (1 = as fast as the baseline).",
+        "",
+        "| case | pair | MiB | ms (1st + 2nd op) | GB/s | copy_ GB/s | fraction of copy_ | index_select GB/s "
+        "| fraction of index_select |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for row in rows:
+        bw = row["bandwidth"]
+        for pair in ("permute + unpermute", "dispatch + combine"):
+            p = bw[pair]
+            lines.append(f"| {row['case'].shape()} | {pair} | {bw['bytes'] / 2**20:.1f} "
+                         f"| {p['first_ms']:.3f} + {p['second_ms']:.3f} | {p['gbps']:.1f} | {bw['copy_gbps']:.1f} "
+                         f"| {p['copy_']:.2f} | {bw['index_select_gbps']:.1f} | {p['index_select']:.2f} |")
+
+    lines += ["", "## Issue 7 goals", ""] + goal_lines(rows)
+    return "\n".join(lines) + "\n"
+
+
+def goal_lines(rows: list[dict]) -> list[str]:
+    by_name = {row["key"]: row for row in rows}
+    lines = []
+
+    def mark(ok: bool) -> str:
+        return "met" if ok else "not met"
+
+    for key, target in (("olmoe-128", 3.0), ("olmoe-2048", 2.0), ("mixtral-2048", 1.2)):
+        row = by_name.get(key)
+        if row is None:
+            continue
+        r = row["results"]
+        speedups = {n: r[HF].fwd_bwd.median / r[n].fwd_bwd.median for n in (DROPLESS, CAPACITY)}
+        lines.append(f"- fwd+bwd speed-up over HF ≥ {target}× on {row['case'].shape()}: dropless "
+                     f"{speedups[DROPLESS]:.2f}× ({mark(speedups[DROPLESS] >= target)}), capacity "
+                     f"{speedups[CAPACITY]:.2f}× ({mark(speedups[CAPACITY] >= target)})")
+    for key in ("mixtral-2048", "olmoe-2048"):
+        row = by_name.get(key)
+        if row is None:
+            continue
+        r = row["results"]
+        time_ratio = r[DROPLESS].fwd_bwd.median / r[DENSE].fwd_bwd.median
+        peak_ratio = r[DROPLESS].peak_bytes / r[DENSE].peak_bytes
+        act_ratio = r[DROPLESS].peak_x_only_bytes / r[DENSE].peak_x_only_bytes
+        lines.append(f"- dropless ≤ 1.3× dense on {row['case'].shape()}: fwd+bwd time {time_ratio:.2f}× "
+                     f"({mark(time_ratio <= 1.3)}); peak memory {peak_ratio:.2f}× ({mark(peak_ratio <= 1.3)}; "
+                     f"the MoE's weight gradients alone are E/k = {row['case'].num_experts / row['case'].top_k:g}× "
+                     f"the dense FFN's), without weight gradients {act_ratio:.2f}× ({mark(act_ratio <= 1.3)})")
+    for row in rows:
+        bw = row["bandwidth"]
+        fractions = [bw[p]["copy_"] for p in ("permute + unpermute", "dispatch + combine")]
+        lines.append(f"- dispatch + combine ≥ 0.5 of copy_ bandwidth on {row['case'].shape()}: permute+unpermute "
+                     f"{fractions[0]:.2f} ({mark(fractions[0] >= 0.5)}), dispatch+combine {fractions[1]:.2f} "
+                     f"({mark(fractions[1] >= 0.5)})")
+    return lines
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny shapes and short timing: a smoke run of seconds")
+    parser.add_argument("--cases", default=",".join(CASES),
+                        help=f"comma-separated subset of {', '.join(CASES)} (default: all)")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2, as issue 7 says)")
+    parser.add_argument("--profile", action="store_true",
+                        help="instead of the benchmark, print torch.profiler's top ops of torch_moe's fwd+bwd "
+                             "(dropless and capacity) for each selected case")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="Markdown output (default benchmarks/RESULTS-cpu.md, or benchmarks/RESULTS-cpu-quick.md "
+                             "with --quick so that a smoke run never overwrites real numbers)")
+    args = parser.parse_args()
+    keys = [k.strip() for k in args.cases.split(",") if k.strip()]
+    unknown = [k for k in keys if k not in CASES]
+    if unknown or not keys:
+        parser.error(f"--cases: unknown {unknown or 'empty list'}; choose from {', '.join(CASES)}")
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
+    mode = "quick" if args.quick else "full"
+    table = QUICK_CASES if args.quick else CASES
+    out = args.out or Path(__file__).resolve().parent / ("RESULTS-cpu-quick.md" if args.quick else "RESULTS-cpu.md")
+
+    load_at_start = load_average_check("bench_cpu", args.threads)
+    torch.set_num_threads(args.threads)
+    torch.set_default_dtype(torch.float32)
+
+    if args.profile:
+        for key in keys:
+            profile_case(key, table[key], args.threads)
+        return
+
+    check_peak_memory_method()
+    progress = tqdm(total=4 * len(keys), desc="bench_cpu", unit="contender", file=sys.stderr,
+                                disable=None) if tqdm else None
+    rows = []
+    for key in keys:
+        rows.append(bench_case(key, table[key], args.threads, mode, progress))
+    if progress is not None:
+        progress.close()
+
+    report = render(rows, args, mode, load_at_start)
+    print()
+    print(report, end="")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report)
+    print(f"\nwritten to {out}")
+
+
+if __name__ == "__main__":
+    main()
