@@ -45,6 +45,19 @@ TORCH_LIBRARY(torch_moe, m) {
   m.def("grouped_mm(Tensor a, Tensor b, Tensor offsets) -> Tensor");
   // Backward of grouped_mm -> (grad_a [N, K], grad_b [E, K, M]).
   m.def("_grouped_mm_backward(Tensor grad_out, Tensor a, Tensor b, Tensor offsets) -> (Tensor, Tensor)");
+  // Dropless plan alone: (row_index [T, k], offsets [E + 1]) as permute gives them, without moving any row.
+  m.def("permute_plan(Tensor expert_ids, int num_experts, Tensor? valid_mask=None) "
+        "-> (Tensor row_index, Tensor offsets)");
+  // grouped_mm of the permuted tokens without keeping them: rows[row_index[t, j]] = x[t], x [T, K] -> [T*k, M].
+  m.def("gather_grouped_mm(Tensor x, Tensor b, Tensor offsets, Tensor row_index) -> Tensor");
+  // Backward of gather_grouped_mm -> (grad_x [T, K], grad_b [E, K, M]).
+  m.def("_gather_grouped_mm_backward(Tensor grad_out, Tensor x, Tensor b, Tensor offsets, Tensor row_index) "
+        "-> (Tensor, Tensor)");
+  // grouped_mm then unpermute, without keeping the expert outputs: y[t] = sum_j weights[t, j] * (h @ b[e])[row].
+  m.def("grouped_mm_unpermute(Tensor h, Tensor b, Tensor offsets, Tensor weights, Tensor row_index) -> Tensor");
+  // Backward of grouped_mm_unpermute -> (grad_h [N, K], grad_b [E, K, M], grad_weights [T, k]).
+  m.def("_grouped_mm_unpermute_backward(Tensor grad_y, Tensor h, Tensor b, Tensor offsets, Tensor weights, "
+        "Tensor row_index) -> (Tensor, Tensor, Tensor)");
 
   // Aux losses over valid tokens: (Switch load-balancing loss, router z-loss, router entropy (not differentiable)).
   m.def("router_losses(Tensor logits, Tensor expert_ids, Tensor? valid_mask=None) "

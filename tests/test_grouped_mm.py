@@ -97,3 +97,80 @@ def test_bad_input(gen):
         ops.grouped_mm(a, b[:, :3], offsets)
     with pytest.raises(RuntimeError, match="'a' must be a 2-D tensor"):
         ops.grouped_mm(a[0], b, offsets)
+
+
+# ------------------------------------------------------------------ fused dropless ops (permute_plan, gather, unpermute)
+
+GATHER_GROUPED_MM = torch.ops.torch_moe.gather_grouped_mm.default
+GROUPED_MM_UNPERMUTE = torch.ops.torch_moe.grouped_mm_unpermute.default
+PERMUTE_PLAN = torch.ops.torch_moe.permute_plan.default
+
+# (T, E, k, K, M, masked): T = 0, k = E, E not a power of two, padding tokens, empty experts.
+FUSED_CASES = [(9, 6, 2, 5, 3, False), (8, 4, 4, 3, 6, True), (0, 3, 2, 4, 2, False), (5, 8, 2, 4, 3, True)]
+
+
+def _fused_inputs(T, E, k, K, M, masked, dtype, device, gen, requires_grad=False):
+    ids = ref.distinct_expert_ids(T, E, k, gen)
+    valid = None
+    if masked and T > 0:
+        valid = torch.rand(T, generator=gen) < 0.7
+        valid[0] = False
+    row_index, offsets = ops.permute_plan(ids, E, valid)
+    x = torch.randn(T, K, generator=gen, dtype=torch.float64).to(dtype)
+    b = (torch.randn(E, K, M, generator=gen, dtype=torch.float64) / K**0.5).to(dtype)
+    h = torch.randn(T * k, K, generator=gen, dtype=torch.float64).to(dtype)
+    weights = torch.rand(T, k, generator=gen, dtype=torch.float64).to(ref.router_dtype(dtype))
+    tensors = [t.to(device).requires_grad_(requires_grad) for t in (x, b, h, weights)]
+    return (*tensors, row_index.to(device), offsets.to(device), ids, valid)
+
+
+@pytest.mark.parametrize("T,E,k,K,M,masked", FUSED_CASES)
+def test_permute_plan_matches_permute(device, gen, T, E, k, K, M, masked):
+    x, _, _, _, row_index, offsets, ids, valid = _fused_inputs(T, E, k, K, M, masked, torch.float64, device, gen)
+    expected = ops.permute(x, ids.to(device), E, None if valid is None else valid.to(device))
+    assert torch.equal(row_index, expected.row_index) and torch.equal(offsets, expected.offsets)
+
+
+@pytest.mark.parametrize("T,E,k,K,M,masked", FUSED_CASES)
+def test_fused_ops_match_reference(device, dtype, gen, T, E, k, K, M, masked):
+    x, b, h, weights, row_index, offsets, ids, valid = _fused_inputs(T, E, k, K, M, masked, dtype, device, gen)
+    tol = ref.tolerance(dtype) if dtype in (torch.float32, torch.float64) else dict(rtol=2e-2, atol=2e-2)
+    rows, _, _ = ref.permute(x.cpu(), ids, E, valid)
+    expected = ref.grouped_mm(rows, b.cpu(), offsets.cpu())
+    torch.testing.assert_close(ops.gather_grouped_mm(x, b, offsets, row_index).cpu().double(), expected, **tol)
+    expected_y = ref.unpermute(ref.grouped_mm(h.cpu(), b.cpu(), offsets.cpu()), weights.cpu(), row_index.cpu())
+    y = ops.grouped_mm_unpermute(h, b, offsets, weights, row_index)
+    assert y.shape == (T, M) and y.dtype == dtype
+    torch.testing.assert_close(y.cpu().double(), expected_y, **tol)
+
+
+@pytest.mark.parametrize("T,E,k,K,M,masked", FUSED_CASES)
+def test_fused_ops_opcheck(device, gen, T, E, k, K, M, masked):
+    x, b, h, weights, row_index, offsets, ids, valid = _fused_inputs(
+        T, E, k, K, M, masked, torch.float32, device, gen, requires_grad=True)
+    torch.library.opcheck(GATHER_GROUPED_MM, (x, b, offsets, row_index))
+    torch.library.opcheck(GROUPED_MM_UNPERMUTE, (h, b, offsets, weights, row_index))
+    torch.library.opcheck(PERMUTE_PLAN, (ids.to(device), E, None if valid is None else valid.to(device)))
+
+
+@pytest.mark.parametrize("T,E,k,K,M,masked", FUSED_CASES)
+def test_fused_ops_gradcheck(device, gen, T, E, k, K, M, masked):
+    x, b, h, weights, row_index, offsets, _, _ = _fused_inputs(
+        T, E, k, K, M, masked, torch.float64, device, gen, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, b: ops.gather_grouped_mm(x, b, offsets, row_index), (x, b))
+    assert torch.autograd.gradcheck(
+        lambda h, b, w: ops.grouped_mm_unpermute(h, b, offsets, w, row_index), (h, b, weights))
+
+
+def test_fused_ops_bad_input(gen):
+    x, b, h, weights, row_index, offsets, _, _ = _fused_inputs(6, 3, 2, 4, 2, False, torch.float32, "cpu", gen)
+    with pytest.raises(RuntimeError, match="'row_index' must have size 5 \\(tokens\\) in dim 0, got shape \\[6, 2\\]"):
+        ops.gather_grouped_mm(x[:5], b, offsets, row_index)
+    with pytest.raises(RuntimeError, match="'row_index' gives assignments"):
+        ops.grouped_mm_unpermute(h, b, offsets, weights, torch.zeros_like(row_index))
+    with pytest.raises(RuntimeError, match="'row_index' must hold values in \\[-1, 12\\)"):
+        ops.grouped_mm_unpermute(h, b, offsets, weights, row_index + 12)
+    with pytest.raises(RuntimeError, match="'weights' must have the shape of 'row_index'"):
+        ops.grouped_mm_unpermute(h, b, offsets, weights[:, :1], row_index)
+    with pytest.raises(RuntimeError, match="'expert_ids' must hold values in \\[0, 3\\)"):
+        ops.permute_plan(torch.tensor([[0, 3]]), 3)

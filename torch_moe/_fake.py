@@ -107,6 +107,31 @@ def _grouped_mm_backward(grad_out, a, b, offsets):
     return torch.empty_like(a), torch.empty_like(b)
 
 
+@torch.library.register_fake(_lib + "permute_plan")
+def _permute_plan(expert_ids, num_experts, valid_mask=None):
+    return torch.empty_like(expert_ids), expert_ids.new_empty((num_experts + 1,))
+
+
+@torch.library.register_fake(_lib + "gather_grouped_mm")
+def _gather_grouped_mm(x, b, offsets, row_index):
+    return x.new_empty((row_index.numel(), b.shape[2]))
+
+
+@torch.library.register_fake(_lib + "_gather_grouped_mm_backward")
+def _gather_grouped_mm_backward(grad_out, x, b, offsets, row_index):
+    return torch.empty_like(x), torch.empty_like(b)
+
+
+@torch.library.register_fake(_lib + "grouped_mm_unpermute")
+def _grouped_mm_unpermute(h, b, offsets, weights, row_index):
+    return h.new_empty((row_index.shape[0], b.shape[2]))
+
+
+@torch.library.register_fake(_lib + "_grouped_mm_unpermute_backward")
+def _grouped_mm_unpermute_backward(grad_y, h, b, offsets, weights, row_index):
+    return torch.empty_like(h), torch.empty_like(b), torch.empty_like(weights)
+
+
 @torch.library.register_fake(_lib + "router_losses")
 def _router_losses(logits, expert_ids, valid_mask=None):
     dtype = _router_dtype(logits)

@@ -24,6 +24,9 @@ __all__ = [
     "unpermute",
     "router_losses",
     "grouped_mm",
+    "permute_plan",
+    "gather_grouped_mm",
+    "grouped_mm_unpermute",
 ]
 
 
@@ -132,3 +135,27 @@ def grouped_mm(a: Tensor, b: Tensor, offsets: Tensor) -> Tensor:
     Segment bounds are read where the data lives (no host sync on the Python side).
     """
     return torch.ops.torch_moe.grouped_mm(a, b, offsets)
+
+
+def permute_plan(
+    expert_ids: Tensor, num_experts: int, valid_mask: Optional[Tensor] = None
+) -> tuple[Tensor, Tensor]:
+    """The dropless plan of :func:`permute` without moving rows: (row_index [T, k], offsets [E+1])."""
+    return torch.ops.torch_moe.permute_plan(expert_ids, num_experts, valid_mask)
+
+
+def gather_grouped_mm(x: Tensor, b: Tensor, offsets: Tensor, row_index: Tensor) -> Tensor:
+    """``grouped_mm(permute(x).rows, b, offsets)`` without keeping the permuted rows for backward.
+
+    x: [T, K], b: [E, K, M], row_index [T, k] from :func:`permute_plan` -> [T*k, M]. Backward keeps only x,
+    so the memory of a dropless first projection is that of a dense layer's.
+    """
+    return torch.ops.torch_moe.gather_grouped_mm(x, b, offsets, row_index)
+
+
+def grouped_mm_unpermute(h: Tensor, b: Tensor, offsets: Tensor, weights: Tensor, row_index: Tensor) -> Tensor:
+    """``unpermute(grouped_mm(h, b, offsets), weights, row_index)`` without keeping the expert outputs.
+
+    h: [N, K] grouped rows, b: [E, K, M], weights [T, k] -> y [T, M]; backward needs only h.
+    """
+    return torch.ops.torch_moe.grouped_mm_unpermute(h, b, offsets, weights, row_index)

@@ -116,6 +116,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> permute(const at::Tensor& x, cons
   return {rows, row_index, offsets};
 }
 
+std::tuple<at::Tensor, at::Tensor> permute_plan_op(const at::Tensor& expert_ids, int64_t num_experts,
+                                                   const std::optional<at::Tensor>& valid_mask) {
+  check_expert_ids("permute_plan", expert_ids, num_experts, valid_mask);
+  return permute_plan(expert_ids, num_experts, valid_mask);
+}
+
 at::Tensor permute_backward(const at::Tensor& grad_rows, const at::Tensor& row_index) {
   constexpr const char* op = "_permute_backward";
   check_floating(op, "grad_rows", grad_rows);
@@ -156,6 +162,7 @@ TORCH_LIBRARY_IMPL(torch_moe, CPU, m) {
   m.impl("combine", &combine);
   m.impl("_combine_backward", &combine_backward);
   m.impl("permute", &permute);
+  m.impl("permute_plan", &permute_plan_op);
   m.impl("_permute_backward", &permute_backward);
   m.impl("unpermute", &unpermute);
   m.impl("_unpermute_backward", &unpermute_backward);

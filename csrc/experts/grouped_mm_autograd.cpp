@@ -26,15 +26,70 @@ class GroupedMmFunction : public torch::autograd::Function<GroupedMmFunction> {
   }
 };
 
+class GatherGroupedMmFunction : public torch::autograd::Function<GatherGroupedMmFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& b,
+                               const at::Tensor& offsets, const at::Tensor& row_index) {
+    static const auto op = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                const at::Tensor&)>("torch_moe::gather_grouped_mm");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({x, b, offsets, row_index});
+    return {op.call(x, b, offsets, row_index)};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = op_handle<std::tuple<at::Tensor, at::Tensor>(
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&)>(
+        "torch_moe::_gather_grouped_mm_backward");
+    const auto s = ctx->get_saved_variables();
+    auto [grad_x, grad_b] = op.call(grads[0], s[0], s[1], s[2], s[3]);
+    return {grad_x, grad_b, at::Tensor(), at::Tensor()};
+  }
+};
+
+class GroupedMmUnpermuteFunction : public torch::autograd::Function<GroupedMmUnpermuteFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& h, const at::Tensor& b,
+                               const at::Tensor& offsets, const at::Tensor& weights, const at::Tensor& row_index) {
+    static const auto op = op_handle<at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                                const at::Tensor&, const at::Tensor&)>(
+        "torch_moe::grouped_mm_unpermute");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->save_for_backward({h, b, offsets, weights, row_index});
+    return {op.call(h, b, offsets, weights, row_index)};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = op_handle<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+        const at::Tensor&)>("torch_moe::_grouped_mm_unpermute_backward");
+    const auto s = ctx->get_saved_variables();
+    auto [grad_h, grad_b, grad_weights] = op.call(grads[0], s[0], s[1], s[2], s[3], s[4]);
+    return {grad_h, grad_b, at::Tensor(), grad_weights, at::Tensor()};
+  }
+};
+
 at::Tensor grouped_mm_autograd(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets) {
   return GroupedMmFunction::apply(a, b, offsets)[0];
+}
+
+at::Tensor gather_grouped_mm_autograd(const at::Tensor& x, const at::Tensor& b, const at::Tensor& offsets,
+                                      const at::Tensor& row_index) {
+  return GatherGroupedMmFunction::apply(x, b, offsets, row_index)[0];
+}
+
+at::Tensor grouped_mm_unpermute_autograd(const at::Tensor& h, const at::Tensor& b, const at::Tensor& offsets,
+                                         const at::Tensor& weights, const at::Tensor& row_index) {
+  return GroupedMmUnpermuteFunction::apply(h, b, offsets, weights, row_index)[0];
 }
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(torch_moe, Autograd, m) {
   m.impl("grouped_mm", &grouped_mm_autograd);
+  m.impl("gather_grouped_mm", &gather_grouped_mm_autograd);
+  m.impl("grouped_mm_unpermute", &grouped_mm_unpermute_autograd);
   m.impl("_grouped_mm_backward", refuse_double_backward());
+  m.impl("_gather_grouped_mm_backward", refuse_double_backward());
+  m.impl("_grouped_mm_unpermute_backward", refuse_double_backward());
 }
 
 }  // namespace torch_moe

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/row_ops.h"
 
 namespace torch_moe::cpu {
 namespace {
@@ -110,9 +111,82 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward(const at::Tensor& grad_ou
   return {grad_a, grad_b};
 }
 
+namespace {
+
+// row_index [T, k] int64 naming distinct rows in [-1, num_rows).
+void check_row_plan(const char* op, const at::Tensor& row_index, int64_t tokens, int64_t num_rows) {
+  check_dtype(op, "row_index", row_index, at::kLong);
+  check_dim(op, "row_index", row_index, 2, "[T, k]");
+  check_size(op, "row_index", row_index, 0, tokens, "tokens");
+  check_index_range(op, "row_index", row_index, -1, num_rows);
+  check_unique_destinations(op, "row_index", row_index, num_rows);
+}
+
+}  // namespace
+
+at::Tensor gather_grouped_mm(const at::Tensor& x, const at::Tensor& b, const at::Tensor& offsets,
+                             const at::Tensor& row_index) {
+  constexpr const char* op = "gather_grouped_mm";
+  check_floating(op, "x", x);
+  check_dim(op, "x", x, 2, "[T, K]");
+  check_row_plan(op, row_index, x.size(0), row_index.numel());
+  return grouped_mm(scatter_rows(x, row_index, std::nullopt, row_index.numel()), b, offsets);
+}
+
+std::tuple<at::Tensor, at::Tensor> gather_grouped_mm_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                                                              const at::Tensor& b, const at::Tensor& offsets,
+                                                              const at::Tensor& row_index) {
+  constexpr const char* op = "_gather_grouped_mm_backward";
+  check_floating(op, "x", x);
+  check_dim(op, "x", x, 2, "[T, K]");
+  check_row_plan(op, row_index, x.size(0), row_index.numel());
+  // The permuted rows are rebuilt (a copy) rather than kept alive between forward and backward.
+  const auto rows = scatter_rows(x, row_index, std::nullopt, row_index.numel());
+  auto [grad_rows, grad_b] = grouped_mm_backward(grad_out, rows, b, offsets);
+  return {gather_rows(grad_rows, row_index, std::nullopt), grad_b};
+}
+
+at::Tensor grouped_mm_unpermute(const at::Tensor& h, const at::Tensor& b, const at::Tensor& offsets,
+                                const at::Tensor& weights, const at::Tensor& row_index) {
+  constexpr const char* op = "grouped_mm_unpermute";
+  check_floating(op, "weights", weights);
+  check_row_plan(op, row_index, weights.size(0), h.size(0));
+  check_same_shape(op, "weights", weights, "row_index", row_index);
+  return gather_rows(grouped_mm(h, b, offsets), row_index, weights);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_unpermute_backward(
+    const at::Tensor& grad_y, const at::Tensor& h, const at::Tensor& b, const at::Tensor& offsets,
+    const at::Tensor& weights, const at::Tensor& row_index) {
+  constexpr const char* op = "_grouped_mm_unpermute_backward";
+  check_floating(op, "weights", weights);
+  check_row_plan(op, row_index, weights.size(0), h.size(0));
+  check_same_shape(op, "weights", weights, "row_index", row_index);
+  check_floating(op, "grad_y", grad_y);
+  check_dim(op, "grad_y", grad_y, 2, "[T, M]");
+  const int64_t N = h.size(0);
+  // Per row r = row_index[t, j]: G[r] = grad_y[t] and its weight w[r] = weights[t, j] (0 for unused rows).
+  const auto G = scatter_rows(grad_y.to(h.scalar_type()), row_index, std::nullopt, N);
+  const auto w_row = scatter_rows(weights.reshape({-1, 1}).to(h.scalar_type()),
+                                  row_index.reshape({-1, 1}), std::nullopt, N);  // [N, 1]
+  // out[r] = h[r] @ b[e] contributes w[r] * out[r] to y: with P = G b^T,
+  // grad_h = w * P, grad_b[e] = (w * h)_e^T G_e, grad_weights[t, j] = <P[r], h[r]>.
+  auto [P, grad_b] = grouped_mm_backward(G, h * w_row, b, offsets);
+  const auto opmath = h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto per_row_dot = (P.to(opmath) * h.to(opmath)).sum(1, /*keepdim=*/true);
+  auto grad_weights = gather_rows(per_row_dot, row_index.reshape({-1, 1}), std::nullopt)
+                          .reshape(weights.sizes())
+                          .to(weights.scalar_type());
+  return {P * w_row, grad_b, grad_weights};
+}
+
 TORCH_LIBRARY_IMPL(torch_moe, CPU, m) {
   m.impl("grouped_mm", &grouped_mm);
   m.impl("_grouped_mm_backward", &grouped_mm_backward);
+  m.impl("gather_grouped_mm", &gather_grouped_mm);
+  m.impl("_gather_grouped_mm_backward", &gather_grouped_mm_backward);
+  m.impl("grouped_mm_unpermute", &grouped_mm_unpermute);
+  m.impl("_grouped_mm_unpermute_backward", &grouped_mm_unpermute_backward);
 }
 
 }  // namespace torch_moe::cpu
