@@ -27,6 +27,7 @@ _C = _load_extension()
 
 from . import _fake  # noqa: E402  (fake kernels need the op schemas that _C registers)
 from . import ops  # noqa: E402
+from . import parallel  # noqa: E402
 from .diagnostics import MoEStats  # noqa: E402
 from .experts import Experts  # noqa: E402
 from .layer import MoE, aux_loss  # noqa: E402
@@ -45,4 +46,4 @@ def build_info() -> dict:
     }
 
 
-__all__ = ["MoE", "Router", "Experts", "MoEStats", "aux_loss", "ops", "build_info"]
+__all__ = ["MoE", "Router", "Experts", "MoEStats", "aux_loss", "ops", "parallel", "build_info"]

@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from . import ops
+from . import ops, parallel
 from .diagnostics import MoEStats
 from .experts import ACTIVATIONS, EXPERT_TYPES, Experts
 from .routing import Router
@@ -32,6 +32,12 @@ class MoE(nn.Module):
             adds b1 [E, d_ff] and b2 [E, d_model].
         aux_loss_coef, z_loss_coef: weights of the load-balancing loss and the router z-loss in ``aux_loss``.
         jitter_eps: multiplicative U(1 - eps, 1 + eps) noise on the router input, training only.
+        expert_parallel_group: a ``torch.distributed`` process group of W ranks to shard the experts over: group
+            rank r holds experts [r·E/W, (r+1)·E/W) as ``experts.*`` of leading size E/W, the router is replicated,
+            tokens travel by all-to-all (see :mod:`torch_moe.parallel`). Every rank of the group must call forward
+            (and backward) the same number of times. ``None``: all experts on this process.
+        global_load_balancing: compute the load-balancing loss's expert fractions over the whole group (an
+            all-reduce of the counts, Megatron's global-batch balancing); needs ``expert_parallel_group``.
 
     ``forward(x [..., d_model], padding_mask bool [...] | None) -> [..., d_model]``. Padding tokens
     (mask False) take no slot, output zero and are left out of every loss and statistic. After each forward,
@@ -55,6 +61,8 @@ class MoE(nn.Module):
         aux_loss_coef: float = 1e-2,
         z_loss_coef: float = 1e-3,
         jitter_eps: float = 0.0,
+        expert_parallel_group=None,
+        global_load_balancing: bool = False,
         device=None,
         dtype=None,
     ) -> None:
@@ -71,11 +79,20 @@ class MoE(nn.Module):
         self.normalize_weights = top_k > 1 if normalize_weights is None else bool(normalize_weights)
         self.aux_loss_coef = aux_loss_coef
         self.z_loss_coef = z_loss_coef
+        self.expert_parallel_group = expert_parallel_group
+        self.global_load_balancing = bool(global_load_balancing)
+        self.expert_parallel_rank, self.expert_parallel_size = parallel.group_rank_and_size(
+            expert_parallel_group, num_experts, self.global_load_balancing)
         factory = {"device": device, "dtype": dtype}
         self.router = Router(d_model, num_experts, top_k, normalize_weights=self.normalize_weights,
                              jitter_eps=jitter_eps, **factory)
-        self.experts = Experts(d_model, d_ff, num_experts, expert=expert, activation=activation, bias=bias,
-                               **factory)
+        if expert_parallel_group is None:
+            self.experts = Experts(d_model, d_ff, num_experts, expert=expert, activation=activation, bias=bias,
+                                   **factory)
+        else:
+            with parallel.local_expert_rng(self.expert_parallel_rank, device):
+                self.experts = Experts(d_model, d_ff, num_experts // self.expert_parallel_size, expert=expert,
+                                       activation=activation, bias=bias, **factory)
         self.aux_loss: Optional[Tensor] = None
         self.stats: Optional[MoEStats] = None
 
@@ -108,7 +125,9 @@ class MoE(nn.Module):
         logits, routed = self.router(router_input)
         losses = ops.router_losses(logits, routed.expert_ids, valid)
         expert_input = tokens.to(self.experts.w1.dtype)
-        if self.dropless:
+        if self.expert_parallel_group is not None:
+            y, tokens_per_expert, dropped_fraction = parallel.moe_forward(self, expert_input, routed, valid)
+        elif self.dropless:
             permuted = ops.permute(expert_input, routed.expert_ids, self.num_experts, valid)
             expert_rows = self.experts.forward_grouped(permuted.rows, permuted.offsets)
             y = ops.unpermute(expert_rows, routed.weights, permuted.row_index)
@@ -127,12 +146,16 @@ class MoE(nn.Module):
             dropped = assigned - plan.kept_per_expert.sum()
             dropped_fraction = dropped.to(logits.dtype) / assigned.clamp(min=1).to(logits.dtype)
 
-        self.aux_loss = self.aux_loss_coef * losses.load_balancing_loss + self.z_loss_coef * losses.z_loss
+        load_balancing_loss = losses.load_balancing_loss
+        if self.global_load_balancing:
+            load_balancing_loss = parallel.global_load_balancing_loss(logits, tokens_per_expert, valid, self.top_k,
+                                                                      self.expert_parallel_group)
+        self.aux_loss = self.aux_loss_coef * load_balancing_loss + self.z_loss_coef * losses.z_loss
         self.stats = MoEStats(
             tokens_per_expert=tokens_per_expert.detach(),
             dropped_fraction=dropped_fraction.detach(),
             router_entropy=losses.router_entropy.detach(),
-            load_balancing_loss=losses.load_balancing_loss.detach(),
+            load_balancing_loss=load_balancing_loss.detach(),
             z_loss=losses.z_loss.detach(),
         )
         return y.to(x.dtype).reshape(x.shape)
@@ -142,6 +165,8 @@ class MoE(nn.Module):
             f"d_model={self.d_model}, d_ff={self.d_ff}, num_experts={self.num_experts}, top_k={self.top_k}, "
             f"capacity_factor={self.capacity_factor}, min_capacity={self.min_capacity}, "
             f"drop_policy={self.drop_policy!r}, aux_loss_coef={self.aux_loss_coef}, z_loss_coef={self.z_loss_coef}"
+            + (f", expert_parallel=rank {self.expert_parallel_rank} of {self.expert_parallel_size}"
+               if self.expert_parallel_group is not None else "")
         )
 
 
