@@ -128,10 +128,9 @@ class MoE(nn.Module):
         if self.expert_parallel_group is not None:
             y, tokens_per_expert, dropped_fraction = parallel.moe_forward(self, expert_input, routed, valid)
         elif self.dropless:
-            permuted = ops.permute(expert_input, routed.expert_ids, self.num_experts, valid)
-            expert_rows = self.experts.forward_grouped(permuted.rows, permuted.offsets)
-            y = ops.unpermute(expert_rows, routed.weights, permuted.row_index)
-            tokens_per_expert = permuted.offsets.diff()
+            row_index, offsets = ops.permute_plan(routed.expert_ids, self.num_experts, valid)
+            y = self.experts.forward_dropless(expert_input, routed.weights, row_index, offsets)
+            tokens_per_expert = offsets.diff()
             dropped_fraction = torch.zeros((), dtype=logits.dtype, device=logits.device)
         else:
             capacity = self.capacity(tokens.shape[0])
