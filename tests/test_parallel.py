@@ -15,6 +15,7 @@ import socket
 import tempfile
 import time
 import traceback
+import warnings
 from datetime import timedelta
 
 import pytest
@@ -383,6 +384,72 @@ def case_beside_ddp(rank, world_size):
             averaged = plain_params[name].grad.clone()
             dist.all_reduce(averaged)
             assert_close(p.grad, averaged / world_size, **TIGHT, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def case_beside_fsdp2(rank, world_size):
+    # FSDP2 (fully_shard on a CPU mesh over gloo) shards the replicated parameters; the expert shards are left out
+    # with ignored_params. Two training steps against the single-process model on all ranks' tokens.
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    full = randomize_(TwoLayerModel(), seed=15)
+    ep = TwoLayerModel(group=dist.group.WORLD)
+    ep.load_state_dict(parallel.shard_state_dict(full.state_dict(), ep))
+    expert_names = set(parallel.expert_parameter_names(ep))
+    ignored = {p for name, p in ep.named_parameters() if name in expert_names}
+    mesh = init_device_mesh("cpu", (world_size,))
+    for module in (ep.embed, ep.moe1, ep.blocks[0]):  # resharded after forward: the backward all-gathers again
+        fully_shard(module, mesh=mesh, ignored_params=ignored, reshard_after_forward=True)
+    fully_shard(ep, mesh=mesh, ignored_params=ignored)
+    ep_params = dict(ep.named_parameters())
+    assert {name for name, p in ep_params.items() if not isinstance(p, DTensor)} == expert_names
+    per_rank = NUM_EXPERTS // world_size
+    shard = slice(rank * per_rank, (rank + 1) * per_rank)
+    ep_opt = torch.optim.SGD(ep.parameters(), lr=0.05)
+    full_opt = torch.optim.SGD(full.parameters(), lr=0.05)
+
+    def loss(model, x):
+        y = model(x)
+        return y, y.square().sum() + torch_moe.aux_loss(model)
+
+    for step in range(2):
+        xs = [torch.randn(5 + s, D_MODEL, dtype=torch.float64,
+                          generator=torch.Generator().manual_seed(80 + 10 * step + s)) for s in range(world_size)]
+        with warnings.catch_warnings():  # FSDP2 warns that the layer returns a view (no in-place op follows here)
+            warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
+            y, ep_loss = loss(ep, xs[rank])
+            ep_loss.backward()
+        full_outputs = []
+        for x in xs:  # the single-process gradient of the sum of every rank's loss
+            y_s, loss_s = loss(full, x)
+            loss_s.backward()
+            full_outputs.append(y_s.detach())
+        assert_close(y.detach(), full_outputs[rank], **TIGHT, msg=lambda m: f"step {step} output: {m}")
+        full_params = dict(full.named_parameters())
+        for name, p in ep_params.items():
+            want = full_params[name].grad
+            if name in expert_names:  # the exchange sums the expert gradients over the ranks
+                assert_close(p.grad, want[shard], **TIGHT, msg=lambda m, n=name: f"step {step} {n}: {m}")
+                p.grad.div_(world_size)  # the gradient of the mean loss, as FSDP's average for the rest
+            else:  # FSDP reduce-scatters the mean over the ranks; gathered, it is the mean loss's gradient
+                assert isinstance(p.grad, DTensor)
+                assert_close(p.grad.full_tensor(), want / world_size, **TIGHT,
+                             msg=lambda m, n=name: f"step {step} {n}: {m}")
+        for p in full.parameters():
+            p.grad.div_(world_size)
+        ep_opt.step()
+        full_opt.step()
+        ep_opt.zero_grad()
+        full_opt.zero_grad()
+
+    # The gathered checkpoint: expert shards concatenated by full_state_dict, FSDP's DTensors gathered by the user.
+    gathered = parallel.full_state_dict(ep)
+    full_sd = full.state_dict()
+    assert list(gathered) == list(full_sd)
+    for key, value in gathered.items():
+        value = value.full_tensor() if isinstance(value, DTensor) else value
+        assert_close(value, full_sd[key], **TIGHT, msg=lambda m, k=key: f"{k}: {m}")
 
 
 def case_subgroups(rank, world_size):
