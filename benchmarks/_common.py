@@ -80,13 +80,19 @@ def measure_autorange(fn: Callable[[], None], threads: int, min_run_time: float)
 
 
 def measure_repeats(
-    fn: Callable[[], None], threads: int, min_run_time: float, min_repeats: int, block_s: float = 0.02
+    fn: Callable[[], None],
+    threads: int,
+    min_run_time: float,
+    min_repeats: int,
+    max_run_time: Optional[float] = None,
+    block_s: float = 0.02,
 ) -> benchmark.Measurement:
     """Median over at least ``min_repeats`` timed blocks and at least ``min_run_time`` seconds in all.
 
     blocked_autorange spends its first call estimating a block size and then stops once min_run_time is spent, so
     a call of a few seconds would get one or two samples; here a warm-up call sizes the blocks (``block_s`` at
-    least, so the timer's own cost vanishes on small calls) and every later block counts.
+    least, so the timer's own cost vanishes on small calls) and every later block counts. ``max_run_time`` caps
+    slow calls: once 3 blocks and that many seconds are spent, it stops short of ``min_repeats``.
     """
     start = time.perf_counter()
     fn()
@@ -95,6 +101,8 @@ def measure_repeats(
     timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
     blocks, spent = [], 0.0
     while len(blocks) < min_repeats or spent < min_run_time:
+        if max_run_time is not None and len(blocks) >= 3 and spent >= max_run_time:
+            break
         block = timer.timeit(number)
         blocks.append(block)
         spent += block.raw_times[0]

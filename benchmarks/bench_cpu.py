@@ -16,19 +16,21 @@ Contenders, all in this process on the same input x [1, T, d]:
   - a dense SwiGLU FFN of hidden width k·d_ff, the same active FLOPs per token (its own random weights).
 
 Timing: torch.utils.benchmark Timer on torch.set_num_threads(--threads, default 2); after a warm-up call, blocks of
-at least 20 ms are timed until both a minimum number of blocks and a minimum total time are reached; each cell is
-the median per call. "fwd" runs under no_grad; "fwd+bwd" is the forward plus torch.autograd.grad of a fixed random
-output gradient w.r.t. x and every parameter; for torch_moe the layer's aux_loss (load balancing + z-loss) is in
-that backward with gradient 1, as in training (the HF block returns no loss of its own: Mixtral computes it in the
-model, from the router logits of all layers).
+at least 20 ms are timed until both a minimum number of blocks and a minimum total time are reached (calls of
+seconds stop after 3 blocks and 10 s); each cell is the median per call. "fwd" runs under no_grad; "fwd+bwd" is the
+forward plus torch.autograd.grad of a fixed random output gradient w.r.t. x and every parameter; for torch_moe the
+layer's aux_loss (load balancing + z-loss) is in that backward with gradient 1, as in training (the HF block returns
+no loss of its own: Mixtral computes it in the model, from the router logits of all layers).
 
 Peak memory: the fwd+bwd call run once more under torch.profiler(profile_memory=True), whose "[memory]" events are
 every allocation (+bytes) and free (-bytes) of PyTorch's CPU allocator; replaying them in time order gives the
 allocated level over the call and the peak is its maximum above the level at the start (x, weights and the output
 gradient exist before and are not counted). Checked at start on a known allocation pattern. Two numbers: with the
-weight gradients (the timed call) and with the gradient of x only (weight gradients not computed): the second is
-activations and workspace, the part a kernel can change; the first adds E/k times the dense FFN's weight-gradient
-bytes for an MoE. Not seen: memory outside the c10 allocator (std::vector scratch, MKL/oneDNN workspaces).
+weight gradients (the timed call) and with the gradient of x only: the second is activations and workspace, the part
+a kernel can change, provided each backward skips the gradients autograd does not ask for; the first adds the weight
+gradients, E/k times the dense FFN's bytes for an MoE. Not seen: memory outside the c10 allocator (std::vector
+scratch, MKL/oneDNN workspaces). The profiler's one-time warning "Memory block of unknown size was allocated before
+the profiling started" is about a free of such an earlier tensor (the layer's previous aux_loss): it is not counted.
 
 Bandwidth: forward of torch_moe.ops.permute + unpermute and of dispatch + combine on the case's routing (the
 dropless layer's router on x, capacity 1.25 for dispatch), against a contiguous Tensor.copy_ and an index_select of
@@ -40,8 +42,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import os
 import platform
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
@@ -99,10 +103,10 @@ QUICK_CASES = {
     "olmoe-128": Case("OLMoE-tiny", 32, 16, 64, 8, 32),
     "olmoe-2048": Case("OLMoE-tiny", 32, 16, 64, 8, 256),
 }
-# (min_run_time s, min blocks) per timed cell: full runs stay under ~10 min on 2 cores, where the largest call
-# (Mixtral-mini, T=2048, fwd+bwd, ~270 GFLOP) takes seconds.
-TIMING = {"full": (2.0, 5), "quick": (0.05, 3)}
-BANDWIDTH_TIMING = {"full": (0.5, 5), "quick": (0.02, 3)}
+# (min_run_time s, min blocks, max_run_time s) per timed cell: full runs stay under ~10 min on 2 idle cores, where
+# the largest calls (Mixtral-mini T=2048 fwd+bwd, ~270 GFLOP; the HF loop's backward on OLMoE-mini) take seconds.
+TIMING = {"full": (2.0, 5, 10.0), "quick": (0.05, 3, None)}
+BANDWIDTH_TIMING = {"full": (0.5, 5, None), "quick": (0.02, 3, None)}
 
 DROPLESS, CAPACITY, HF, DENSE = ("torch_moe dropless", f"torch_moe capacity {CAPACITY_FACTOR}",
                                  "HF MixtralSparseMoeBlock (eager)", "dense SwiGLU k·d_ff")
@@ -197,13 +201,13 @@ def bench_case(key: str, case: Case, threads: int, mode: str, progress) -> dict:
         capacity(x)
     dropped = capacity.stats.dropped_fraction.item()
 
-    min_run_time, min_blocks = TIMING[mode]
+    timing = TIMING[mode]
     results = {}
     for c in contenders:
         params = list(c.module.parameters())
         fwd_bwd_fn = forward_backward_fn(c.call, x, grad_out, [x, *params], c.aux_loss)
-        fwd = measure_repeats(forward_fn(c.call, x), threads, min_run_time, min_blocks)
-        fwd_bwd = measure_repeats(fwd_bwd_fn, threads, min_run_time, min_blocks)
+        fwd = measure_repeats(forward_fn(c.call, x), threads, *timing)
+        fwd_bwd = measure_repeats(fwd_bwd_fn, threads, *timing)
         peak = peak_memory_bytes(fwd_bwd_fn)
         peak_x = peak_memory_bytes(forward_backward_fn(c.call, x, grad_out, [x], c.aux_loss))
         results[c.name] = Result(fwd, fwd_bwd, peak, peak_x)
@@ -223,7 +227,7 @@ def bench_case(key: str, case: Case, threads: int, mode: str, progress) -> dict:
 
 def bench_bandwidth(case: Case, layer: torch_moe.MoE, x: Tensor, capacity: int, threads: int, mode: str) -> dict:
     """Forward times of the two row-movement pairs and of copy_ / index_select moving the same bytes."""
-    min_run_time, min_blocks = BANDWIDTH_TIMING[mode]
+    timing = BANDWIDTH_TIMING[mode]
     E, T, k, d = case.num_experts, case.tokens, case.top_k, case.d_model
     with torch.no_grad():
         _, routed = layer.router(x)
@@ -240,7 +244,7 @@ def bench_bandwidth(case: Case, layer: torch_moe.MoE, x: Tensor, capacity: int, 
         def run():
             with torch.no_grad():
                 fn()
-        return measure_repeats(run, threads, min_run_time, min_blocks).median
+        return measure_repeats(run, threads, *timing).median
 
     copy_s = timed(lambda: dst.copy_(src))
     index_select_s = timed(lambda: torch.index_select(src, 0, shuffled, out=dst))
@@ -297,25 +301,31 @@ def _mib(nbytes: int) -> str:
     return f"{nbytes / 2**20:.1f}"
 
 
-def render(rows: list[dict], args, mode: str, load_at_start) -> str:
+def render(rows: list[dict], args, mode: str, revision: str, load_at_start, load_at_end, run_s: float) -> str:
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    min_run_time, min_blocks = TIMING[mode]
+    min_run_time, min_blocks, max_run_time = TIMING[mode]
     quick = mode == "quick"
+    # At the start the 1-min load is other work only; at the end it includes this run's threads.
+    busy = load_at_start[0] > 0.5 or load_at_end[0] > args.threads + 0.5
+    busy = " — other work shared the cores, treat the times as noisy" if busy else ""
     lines = [
         "# torch_moe CPU benchmark (issue 7), fp32"
         + (" — --quick smoke run on tiny shapes, not a result" if quick else ""),
         "",
-        f"- load average at start (1/5/15 min): {' / '.join(f'{v:.2f}' for v in load_at_start)}"
-        f"{' — the machine was busy, treat the times as noisy' if load_at_start[0] > 0.5 else ''}",
-        f"- date: {now}",
+        f"- load average at start (1/5/15 min): {' / '.join(f'{v:.2f}' for v in load_at_start)}; at the end: "
+        f"{' / '.join(f'{v:.2f}' for v in load_at_end)}"
+        f" (this run's own threads count there){busy}",
+        f"- date: {now}; the run took " + (f"{run_s:.0f} s" if run_s < 120 else f"{run_s / 60:.1f} min"),
         f"- machine: {machine_line(args.threads)}",
         f"- versions: torch {torch.__version__}, transformers {transformers.__version__}, torch_moe "
-        f"{torch_moe.__version__} (git {git_revision()}), Python {platform.python_version()}",
+        f"{torch_moe.__version__} (git {revision}, read at the start), Python {platform.python_version()}",
         f"- command: `{' '.join(['python benchmarks/bench_cpu.py', *sys.argv[1:]])}`",
         f"- HF block: transformers MixtralSparseMoeBlock, {rows[0]['hf_impl'] if rows else ''}; weights copied from "
         f"torch_moe; output matched torch_moe dropless within {MATCH_RTOL} relative before timing (per case below).",
         f"- timing: torch.utils.benchmark Timer, one warm-up call, then ≥ {min_blocks} blocks of ≥ 20 ms and "
-        f"≥ {min_run_time} s per cell; median per call. fwd under no_grad; fwd+bwd = forward + autograd.grad w.r.t. "
+        f"≥ {min_run_time} s per cell"
+        + (f" (slow calls: 3 blocks once {max_run_time:g} s are spent)" if max_run_time else "")
+        + "; median per call. fwd under no_grad; fwd+bwd = forward + autograd.grad w.r.t. "
         "x and all parameters of a fixed random output gradient (torch_moe: + its aux_loss with gradient 1).",
         "- speed-up = HF time / this time (above 1: faster than HF); ÷dense = this time / dense time; "
         "spread = IQR / median of fwd+bwd.",
@@ -428,6 +438,7 @@ def main() -> None:
     out = args.out or Path(__file__).resolve().parent / ("RESULTS-cpu-quick.md" if args.quick else "RESULTS-cpu.md")
 
     load_at_start = load_average_check("bench_cpu", args.threads)
+    revision = git_revision()  # the code imported now is what runs, whatever the tree becomes meanwhile
     torch.set_num_threads(args.threads)
     torch.set_default_dtype(torch.float32)
 
@@ -436,6 +447,7 @@ def main() -> None:
             profile_case(key, table[key], args.threads)
         return
 
+    started = time.perf_counter()
     check_peak_memory_method()
     progress = tqdm(total=4 * len(keys), desc="bench_cpu", unit="contender", file=sys.stderr,
                                 disable=None) if tqdm else None
@@ -445,7 +457,7 @@ def main() -> None:
     if progress is not None:
         progress.close()
 
-    report = render(rows, args, mode, load_at_start)
+    report = render(rows, args, mode, revision, load_at_start, os.getloadavg(), time.perf_counter() - started)
     print()
     print(report, end="")
     out.parent.mkdir(parents=True, exist_ok=True)
