@@ -1,9 +1,8 @@
-// CPU grouped GEMM: one GEMM per non-empty expert segment, looped in C++ (no per-expert Python overhead).
-// Small segments run experts in parallel with single-threaded GEMMs; large ones give each GEMM all threads.
+// CPU grouped GEMM: one batched GEMM over segments padded to the longest when the padding is cheap, else one
+// GEMM per non-empty expert segment looped in C++; no per-expert Python overhead either way.
 #include "experts/grouped_mm.h"
 
 #include <ATen/ATen.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <vector>
@@ -13,9 +12,6 @@
 
 namespace torch_moe::cpu {
 namespace {
-
-// Rows per expert below which one GEMM cannot keep all threads busy, so experts run side by side instead.
-constexpr int64_t kRowsPerThreadedGemm = 128;
 
 std::vector<int64_t> read_offsets(const char* op, const at::Tensor& offsets, int64_t num_experts, int64_t num_rows) {
   check_dtype(op, "offsets", offsets, at::kLong);
@@ -46,17 +42,31 @@ void check_operands(const char* op, const at::Tensor& a, const at::Tensor& b) {
   check_same_device(op, {{"a", &a}, {"b", &b}});
 }
 
-// Runs body(e) for every expert with rows, in parallel across experts when segments are small.
-template <typename Body>
-void for_each_expert(const std::vector<int64_t>& bounds, const Body& body) {
+// Segments padded to the longest one, as [E, C_max, cols]; used when that costs at most 2x the rows, so that the
+// whole group is one batched GEMM (one fork/join) instead of E small threaded GEMMs, each paying a barrier.
+bool pad_to_batch(const std::vector<int64_t>& bounds, int64_t* max_rows) {
   const int64_t E = static_cast<int64_t>(bounds.size()) - 1;
-  const int64_t rows = bounds[E];
-  if (E > 1 && rows < kRowsPerThreadedGemm * E && at::get_num_threads() > 1) {
-    at::parallel_for(0, E, 1, [&](int64_t begin, int64_t end) {
-      for (int64_t e = begin; e < end; ++e) body(e);
-    });
-  } else {
-    for (int64_t e = 0; e < E; ++e) body(e);
+  int64_t longest = 0;
+  for (int64_t e = 0; e < E; ++e) longest = std::max(longest, bounds[e + 1] - bounds[e]);
+  *max_rows = longest;
+  return E > 1 && longest > 0 && E * longest <= 2 * bounds[E];
+}
+
+at::Tensor pack(const at::Tensor& rows, const std::vector<int64_t>& bounds, int64_t max_rows) {
+  const int64_t E = static_cast<int64_t>(bounds.size()) - 1;
+  auto packed = at::zeros({E, max_rows, rows.size(1)}, rows.options());
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t n = bounds[e + 1] - bounds[e];
+    if (n > 0) packed.select(0, e).narrow(0, 0, n).copy_(rows.narrow(0, bounds[e], n));
+  }
+  return packed;
+}
+
+void unpack_into(at::Tensor& rows, const at::Tensor& packed, const std::vector<int64_t>& bounds) {
+  const int64_t E = static_cast<int64_t>(bounds.size()) - 1;
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t n = bounds[e + 1] - bounds[e];
+    if (n > 0) rows.narrow(0, bounds[e], n).copy_(packed.select(0, e).narrow(0, 0, n));
   }
 }
 
@@ -71,12 +81,17 @@ at::Tensor grouped_mm(const at::Tensor& a_in, const at::Tensor& b_in, const at::
   auto out = at::empty({a.size(0), b.size(2)}, a.options());
   const int64_t E = b.size(0);
   if (bounds[E] < a.size(0)) out.narrow(0, bounds[E], a.size(0) - bounds[E]).zero_();
-  for_each_expert(bounds, [&](int64_t e) {
+  int64_t max_rows = 0;
+  if (pad_to_batch(bounds, &max_rows)) {
+    unpack_into(out, at::bmm(pack(a, bounds, max_rows), b), bounds);
+    return out;
+  }
+  for (int64_t e = 0; e < E; ++e) {
     const int64_t n = bounds[e + 1] - bounds[e];
-    if (n == 0) return;
+    if (n == 0) continue;
     auto out_e = out.narrow(0, bounds[e], n);
     at::mm_out(out_e, a.narrow(0, bounds[e], n), b.select(0, e));
-  });
+  }
   return out;
 }
 
@@ -96,18 +111,26 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward(const at::Tensor& grad_ou
   auto grad_a = at::empty_like(a);
   auto grad_b = at::empty_like(b);
   if (bounds[E] < a.size(0)) grad_a.narrow(0, bounds[E], a.size(0) - bounds[E]).zero_();
-  for (int64_t e = 0; e < E; ++e) {
-    if (bounds[e + 1] == bounds[e]) grad_b.select(0, e).zero_();
+  int64_t max_rows = 0;
+  if (pad_to_batch(bounds, &max_rows)) {
+    const auto a_packed = pack(a, bounds, max_rows);
+    const auto grad_packed = pack(grad_out, bounds, max_rows);
+    unpack_into(grad_a, at::bmm(grad_packed, b.transpose(1, 2)), bounds);
+    at::bmm_out(grad_b, a_packed.transpose(1, 2), grad_packed);  // padding rows are zero: no contribution
+    return {grad_a, grad_b};
   }
-  for_each_expert(bounds, [&](int64_t e) {
+  for (int64_t e = 0; e < E; ++e) {
     const int64_t n = bounds[e + 1] - bounds[e];
-    if (n == 0) return;
+    if (n == 0) {
+      grad_b.select(0, e).zero_();
+      continue;
+    }
     const auto g = grad_out.narrow(0, bounds[e], n);
     auto grad_a_e = grad_a.narrow(0, bounds[e], n);
     auto grad_b_e = grad_b.select(0, e);
     at::mm_out(grad_a_e, g, b.select(0, e).t());
     at::mm_out(grad_b_e, a.narrow(0, bounds[e], n).t(), g);
-  });
+  }
   return {grad_a, grad_b};
 }
 
