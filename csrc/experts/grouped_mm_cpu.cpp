@@ -70,16 +70,10 @@ void unpack_into(at::Tensor& rows, const at::Tensor& packed, const std::vector<i
   }
 }
 
-}  // namespace
-
-at::Tensor grouped_mm(const at::Tensor& a_in, const at::Tensor& b_in, const at::Tensor& offsets) {
-  constexpr const char* op = "grouped_mm";
-  check_operands(op, a_in, b_in);
-  const auto bounds = read_offsets(op, offsets, b_in.size(0), a_in.size(0));
-  const auto a = a_in.contiguous();
-  const auto b = b_in.contiguous();
-  auto out = at::empty({a.size(0), b.size(2)}, a.options());
+// out [N, M]: each segment of a (contiguous) times its expert's b[e] (any strides); rows past the end zero.
+at::Tensor segment_mm(const at::Tensor& a, const at::Tensor& b, const std::vector<int64_t>& bounds) {
   const int64_t E = b.size(0);
+  auto out = at::empty({a.size(0), b.size(2)}, a.options());
   if (bounds[E] < a.size(0)) out.narrow(0, bounds[E], a.size(0) - bounds[E]).zero_();
   int64_t max_rows = 0;
   if (pad_to_batch(bounds, &max_rows)) {
@@ -95,43 +89,47 @@ at::Tensor grouped_mm(const at::Tensor& a_in, const at::Tensor& b_in, const at::
   return out;
 }
 
+// [E, K, M]: sum over each segment of a[r]^T g[r] (zero for experts without rows).
+at::Tensor segment_weight_grad(const at::Tensor& a, const at::Tensor& g, const std::vector<int64_t>& bounds) {
+  const int64_t E = static_cast<int64_t>(bounds.size()) - 1;
+  int64_t max_rows = 0;
+  if (pad_to_batch(bounds, &max_rows)) {
+    // Padding rows are zero, so they add nothing.
+    return at::bmm(pack(a, bounds, max_rows).transpose(1, 2), pack(g, bounds, max_rows));
+  }
+  auto grad = at::empty({E, a.size(1), g.size(1)}, a.options());
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t n = bounds[e + 1] - bounds[e];
+    auto grad_e = grad.select(0, e);
+    if (n == 0) {
+      grad_e.zero_();
+    } else {
+      at::mm_out(grad_e, a.narrow(0, bounds[e], n).t(), g.narrow(0, bounds[e], n));
+    }
+  }
+  return grad;
+}
+
+}  // namespace
+
+at::Tensor grouped_mm(const at::Tensor& a_in, const at::Tensor& b, const at::Tensor& offsets) {
+  constexpr const char* op = "grouped_mm";
+  check_operands(op, a_in, b);
+  const auto bounds = read_offsets(op, offsets, b.size(0), a_in.size(0));
+  return segment_mm(a_in.contiguous(), b, bounds);
+}
+
 std::tuple<at::Tensor, at::Tensor> grouped_mm_backward(const at::Tensor& grad_out_in, const at::Tensor& a_in,
-                                                       const at::Tensor& b_in, const at::Tensor& offsets) {
+                                                       const at::Tensor& b, const at::Tensor& offsets) {
   constexpr const char* op = "_grouped_mm_backward";
-  check_operands(op, a_in, b_in);
+  check_operands(op, a_in, b);
   check_floating(op, "grad_out", grad_out_in);
   check_dim(op, "grad_out", grad_out_in, 2, "[N, M]");
   check_size(op, "grad_out", grad_out_in, 0, a_in.size(0), "rows of a");
-  check_size(op, "grad_out", grad_out_in, 1, b_in.size(2), "columns of b");
-  const auto bounds = read_offsets(op, offsets, b_in.size(0), a_in.size(0));
-  const auto a = a_in.contiguous();
-  const auto b = b_in.contiguous();
-  const auto grad_out = grad_out_in.to(a.scalar_type()).contiguous();
-  const int64_t E = b.size(0);
-  auto grad_a = at::empty_like(a);
-  auto grad_b = at::empty_like(b);
-  if (bounds[E] < a.size(0)) grad_a.narrow(0, bounds[E], a.size(0) - bounds[E]).zero_();
-  int64_t max_rows = 0;
-  if (pad_to_batch(bounds, &max_rows)) {
-    const auto a_packed = pack(a, bounds, max_rows);
-    const auto grad_packed = pack(grad_out, bounds, max_rows);
-    unpack_into(grad_a, at::bmm(grad_packed, b.transpose(1, 2)), bounds);
-    at::bmm_out(grad_b, a_packed.transpose(1, 2), grad_packed);  // padding rows are zero: no contribution
-    return {grad_a, grad_b};
-  }
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t n = bounds[e + 1] - bounds[e];
-    if (n == 0) {
-      grad_b.select(0, e).zero_();
-      continue;
-    }
-    const auto g = grad_out.narrow(0, bounds[e], n);
-    auto grad_a_e = grad_a.narrow(0, bounds[e], n);
-    auto grad_b_e = grad_b.select(0, e);
-    at::mm_out(grad_a_e, g, b.select(0, e).t());
-    at::mm_out(grad_b_e, a.narrow(0, bounds[e], n).t(), g);
-  }
-  return {grad_a, grad_b};
+  check_size(op, "grad_out", grad_out_in, 1, b.size(2), "columns of b");
+  const auto bounds = read_offsets(op, offsets, b.size(0), a_in.size(0));
+  const auto grad_out = grad_out_in.to(a_in.scalar_type()).contiguous();
+  return {segment_mm(grad_out, b.transpose(1, 2), bounds), segment_weight_grad(a_in.contiguous(), grad_out, bounds)};
 }
 
 namespace {
@@ -182,6 +180,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_unpermute_backward(
     const at::Tensor& grad_y, const at::Tensor& h, const at::Tensor& b, const at::Tensor& offsets,
     const at::Tensor& weights, const at::Tensor& row_index) {
   constexpr const char* op = "_grouped_mm_unpermute_backward";
+  check_operands(op, h, b);
   check_floating(op, "weights", weights);
   check_row_plan(op, row_index, weights.size(0), h.size(0));
   check_same_shape(op, "weights", weights, "row_index", row_index);
@@ -193,14 +192,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_unpermute_backward(
   const auto w_row = scatter_rows(weights.reshape({-1, 1}).to(h.scalar_type()),
                                   row_index.reshape({-1, 1}), std::nullopt, N);  // [N, 1]
   // out[r] = h[r] @ b[e] contributes w[r] * out[r] to y: with P = G b^T,
-  // grad_h = w * P, grad_b[e] = (w * h)_e^T G_e, grad_weights[t, j] = <P[r], h[r]>.
-  auto [P, grad_b] = grouped_mm_backward(G, h * w_row, b, offsets);
+  // grad_h = w * P, grad_b[e] = h_e^T (w * G)_e, grad_weights[t, j] = <P[r], h[r]>.
+  // Scaling G (model width) rather than h (hidden width) and P in place keeps the transients small.
+  const auto bounds = read_offsets(op, offsets, b.size(0), h.size(0));
+  const auto h_c = h.contiguous();
+  auto P = segment_mm(G, b.transpose(1, 2), bounds);
+  auto grad_b = segment_weight_grad(h_c, G * w_row, bounds);
   const auto opmath = h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const auto per_row_dot = (P.to(opmath) * h.to(opmath)).sum(1, /*keepdim=*/true);
+  const auto per_row_dot = (P.to(opmath) * h_c.to(opmath)).sum(1, /*keepdim=*/true);
   auto grad_weights = gather_rows(per_row_dot, row_index.reshape({-1, 1}), std::nullopt)
                           .reshape(weights.sizes())
                           .to(weights.scalar_type());
-  return {P * w_row, grad_b, grad_weights};
+  return {P.mul_(w_row), grad_b, grad_weights};
 }
 
 TORCH_LIBRARY_IMPL(torch_moe, CPU, m) {
