@@ -26,29 +26,39 @@ at::Tensor scatter_rows(const at::Tensor& src_in, const at::Tensor& index_in, co
                         int64_t num_rows) {
   const auto src = src_in.contiguous();
   const auto index = index_in.contiguous();
-  const int64_t T = src.size(0), d = src.size(1), k = index.size(1);
-  auto out = at::zeros({num_rows, d}, src.options());
-  if (T == 0 || d == 0 || k == 0) return out;
+  const int64_t d = src.size(1), k = index.size(1);
+  auto out = at::empty({num_rows, d}, src.options());
+  if (num_rows == 0 || d == 0) return out;
+  // Destination-major: every output row is written exactly once (copied or zeroed), instead of zero-filling the
+  // whole output and then copying over it.
+  std::vector<int64_t> owner(static_cast<size_t>(num_rows), -1);
+  const int64_t* ip = index.data_ptr<int64_t>();
+  for (int64_t a = 0; a < index.numel(); ++a) {
+    const int64_t dest = ip[a];
+    if (dest < 0) continue;
+    TORCH_INTERNAL_ASSERT(owner[dest] < 0, "scatter_rows: two assignments target row ", dest);
+    owner[dest] = a;
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "torch_moe_scatter_rows", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const auto w = weights_as(weights, c10::CppTypeToScalarType<opmath_t>::value);
     const opmath_t* wp = w.defined() ? w.data_ptr<opmath_t>() : nullptr;
     const scalar_t* sp = src.data_ptr<scalar_t>();
-    const int64_t* ip = index.data_ptr<int64_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
-    at::parallel_for(0, T, grain_for(d * k), [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        const scalar_t* row = sp + t * d;
-        for (int64_t j = 0; j < k; ++j) {
-          const int64_t dest = ip[t * k + j];
-          if (dest < 0) continue;
-          scalar_t* o = op + dest * d;
-          if (wp == nullptr) {
-            std::copy(row, row + d, o);
-          } else {
-            const opmath_t scale = wp[t * k + j];
-            for (int64_t c = 0; c < d; ++c) o[c] = static_cast<scalar_t>(scale * static_cast<opmath_t>(row[c]));
-          }
+    at::parallel_for(0, num_rows, grain_for(d), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        scalar_t* o = op + r * d;
+        const int64_t a = owner[r];
+        if (a < 0) {
+          std::fill(o, o + d, scalar_t(0));
+          continue;
+        }
+        const scalar_t* row = sp + (a / k) * d;
+        if (wp == nullptr) {
+          std::copy(row, row + d, o);
+        } else {
+          const opmath_t scale = wp[a];
+          for (int64_t c = 0; c < d; ++c) o[c] = static_cast<scalar_t>(scale * static_cast<opmath_t>(row[c]));
         }
       }
     });
