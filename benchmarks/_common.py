@@ -227,3 +227,12 @@ def load_average_check(script: str, threads: int) -> tuple[float, float, float]:
         print(f"{script}: warning: load average {load[0]:.2f} with {threads} threads on {os.cpu_count()} CPUs; "
               "the cores are busy with other work and the timings will be unreliable", file=sys.stderr)
     return load
+
+
+def publish(report: str, out: Path) -> None:
+    """Print the Markdown report and write it to ``out``."""
+    print()
+    print(report, end="")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report)
+    print(f"\nwritten to {out}")

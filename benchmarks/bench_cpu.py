@@ -56,7 +56,7 @@ from torch.profiler import ProfilerActivity, profile
 
 import torch_moe
 from torch_moe import ops
-from _common import (DenseSwiGLU, check_peak_memory_method, forward_backward_fn, forward_fn, git_revision,
+from _common import (publish, DenseSwiGLU, check_peak_memory_method, forward_backward_fn, forward_fn, git_revision,
                      load_average_check, machine_line, measure_repeats, peak_memory_bytes, quiet_profiler_log)
 
 try:
@@ -458,11 +458,7 @@ def main() -> None:
         progress.close()
 
     report = render(rows, args, mode, revision, load_at_start, os.getloadavg(), time.perf_counter() - started)
-    print()
-    print(report, end="")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report)
-    print(f"\nwritten to {out}")
+    publish(report, out)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import torch_moe
-from _common import (DenseSwiGLU, cpu_model, forward_backward_fn, forward_fn, git_revision, load_average_check,
+from _common import (publish, DenseSwiGLU, cpu_model, forward_backward_fn, forward_fn, git_revision, load_average_check,
                      measure_autorange)
 
 # (d_model, d_ff, num_experts, top_k, tokens)
@@ -165,11 +165,7 @@ def main() -> None:
         rows.append((case, *bench_case(case, args.threads, min_run_time)))
 
     report = render(rows, args.threads, min_run_time, args.quick, load_at_start)
-    print()
-    print(report, end="")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(report)
-    print(f"\nwritten to {out}")
+    publish(report, out)
 
 
 if __name__ == "__main__":

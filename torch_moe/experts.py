@@ -81,19 +81,6 @@ class Experts(nn.Module):
             out = out + self.b2.unsqueeze(1)
         return out
 
-    def forward_expert(self, e: int, rows: Tensor) -> Tensor:
-        """One expert on its rows [n, d_model] -> [n, d_model]."""
-        h = rows @ self.w1[e]
-        if self.b1 is not None:
-            h = h + self.b1[e]
-        h = self._act(h)
-        if self.gated:
-            h = h * (rows @ self.w3[e])
-        out = h @ self.w2[e]
-        if self.b2 is not None:
-            out = out + self.b2[e]
-        return out
-
     def forward_grouped(self, rows: Tensor, offsets: Tensor) -> Tensor:
         """Dropless mode: rows [N, d_model] grouped by expert, offsets [E + 1] -> [N, d_model].
 
