@@ -16,6 +16,7 @@ __all__ = ["Experts", "EXPERT_TYPES", "ACTIVATIONS"]
 EXPERT_TYPES = ("swiglu", "geglu", "mlp")
 ACTIVATIONS = {
     "gelu": lambda h: F.gelu(h),  # exact (erf) gelu
+    "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"),  # GPT-2's gelu_new
     "relu": F.relu,
     "silu": F.silu,
 }
@@ -25,7 +26,7 @@ class Experts(nn.Module):
     """E independent FFNs.
 
     ``"swiglu"``: (silu(x·w1 [+ b1]) · (x·w3)) · w2 [+ b2]; ``"geglu"``: the same with exact gelu;
-    ``"mlp"``: act(x·w1 [+ b1]) · w2 [+ b2] with ``activation`` in gelu (exact) / relu / silu.
+    ``"mlp"``: act(x·w1 [+ b1]) · w2 [+ b2] with ``activation`` in gelu (exact) / gelu_tanh / relu / silu.
     Parameters: w1 [E, d_model, d_ff], w2 [E, d_ff, d_model], w3 [E, d_model, d_ff] (gated types only),
     b1 [E, d_ff] and b2 [E, d_model] when ``bias``.
     """
