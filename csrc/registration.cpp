@@ -6,12 +6,22 @@ TORCH_LIBRARY(torch_moe, m) {
   m.set_python_module("torch_moe._fake");
 
   // Routing: scores logits [T, E] (softmax | sigmoid), picks top-k by score + selection_bias (ties to the lower
-  // expert id), renormalises the chosen unbiased scores if asked -> (weights [T, k], expert_ids [T, k], scores [T, E]).
+  // expert id) inside the topk_groups best of n_groups expert groups (a group ranks by its two best biased scores),
+  // renormalises the chosen unbiased scores if asked -> (weights [T, k], expert_ids [T, k], scores [T, E]).
   m.def("router_topk(Tensor logits, int k, str score_func=\"softmax\", Tensor? selection_bias=None, "
-        "bool normalize=True) -> (Tensor weights, Tensor expert_ids, Tensor scores)");
+        "bool normalize=True, int n_groups=1, int topk_groups=1) -> (Tensor weights, Tensor expert_ids, "
+        "Tensor scores)");
   // Backward of router_topk: grad_weights [T, k] -> grad_logits [T, E].
   m.def("_router_topk_backward(Tensor grad_weights, Tensor logits, Tensor expert_ids, str score_func, "
         "bool normalize) -> Tensor");
+
+  // Expert-choice routing: probs = softmax(logits [T, E]); each expert takes the `capacity` valid tokens of highest
+  // prob (ties to the lower token index) -> (weights [T, E] = probs where taken else 0, slots [T, E] (-1: not taken),
+  // token_ids [E, C] (-1: empty slot), scores [T, E] = probs).
+  m.def("expert_choice(Tensor logits, SymInt capacity, Tensor? valid_mask=None) -> (Tensor weights, Tensor slots, "
+        "Tensor token_ids, Tensor scores)");
+  // Backward of expert_choice: grad_weights [T, E] -> grad_logits [T, E].
+  m.def("_expert_choice_backward(Tensor grad_weights, Tensor logits, Tensor slots) -> Tensor");
 
   // Capacity plan: slot of every assignment in its expert's buffer (-1: dropped or padding),
   // tokens_per_expert [E] before dropping and kept_per_expert [E]; policy "position" or "probability".
@@ -62,6 +72,14 @@ TORCH_LIBRARY(torch_moe, m) {
   // Aux losses over valid tokens: (Switch load-balancing loss, router z-loss, router entropy (not differentiable)).
   m.def("router_losses(Tensor logits, Tensor expert_ids, Tensor? valid_mask=None) "
         "-> (Tensor load_balancing_loss, Tensor z_loss, Tensor router_entropy)");
+  // Shazeer et al. (2017)'s smooth load of noisy top-k gating: load [E] = sum over valid tokens of
+  // Phi((clean - threshold) / noise_std), threshold the k-th (or, for experts in the top k, the (k+1)-th) largest
+  // noisy logit of the token. Differentiable w.r.t. all three [T, E] inputs.
+  m.def("noisy_topk_load(Tensor clean_logits, Tensor noisy_logits, Tensor noise_std, int k, Tensor? valid_mask=None) "
+        "-> Tensor");
+  // Backward of noisy_topk_load -> (grad_clean [T, E], grad_noisy [T, E], grad_noise_std [T, E]).
+  m.def("_noisy_topk_load_backward(Tensor grad_load, Tensor clean_logits, Tensor noisy_logits, Tensor noise_std, "
+        "int k, Tensor? valid_mask) -> (Tensor, Tensor, Tensor)");
   // Backward of router_losses: (grad_load_balancing, grad_z) -> grad_logits [T, E].
   m.def("_router_losses_backward(Tensor grad_load_balancing, Tensor grad_z, Tensor logits, Tensor expert_ids, "
         "Tensor? valid_mask) -> Tensor");

@@ -27,11 +27,14 @@ _C = _load_extension()
 
 from . import _fake  # noqa: E402  (fake kernels need the op schemas that _C registers)
 from . import ops  # noqa: E402
+from . import losses  # noqa: E402
 from . import parallel  # noqa: E402
+from . import routing  # noqa: E402
 from .diagnostics import MoEStats  # noqa: E402
 from .experts import Experts  # noqa: E402
 from .layer import MoE, aux_loss  # noqa: E402
 from .routing import Router  # noqa: E402
+from .soft_moe import SoftMoE  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -46,4 +49,5 @@ def build_info() -> dict:
     }
 
 
-__all__ = ["MoE", "Router", "Experts", "MoEStats", "aux_loss", "ops", "parallel", "build_info"]
+__all__ = ["MoE", "SoftMoE", "Router", "Experts", "MoEStats", "aux_loss", "ops", "losses", "routing", "parallel",
+           "build_info"]

@@ -20,7 +20,7 @@ def _check(cond: bool, message: str) -> None:
 
 
 @torch.library.register_fake(_lib + "router_topk")
-def _router_topk(logits, k, score_func="softmax", selection_bias=None, normalize=True):
+def _router_topk(logits, k, score_func="softmax", selection_bias=None, normalize=True, n_groups=1, topk_groups=1):
     _check(logits.dim() == 2, f"torch_moe.router_topk: argument 'logits' must be a 2-D tensor [T, E], got {tuple(logits.shape)}")
     T, E = logits.shape
     _check(1 <= k <= E, f"torch_moe.router_topk: argument 'k' must be in [1, E] = [1, {E}], got {k}")
@@ -35,6 +35,35 @@ def _router_topk(logits, k, score_func="softmax", selection_bias=None, normalize
 @torch.library.register_fake(_lib + "_router_topk_backward")
 def _router_topk_backward(grad_weights, logits, expert_ids, score_func, normalize):
     return torch.empty_like(logits)
+
+
+@torch.library.register_fake(_lib + "expert_choice")
+def _expert_choice(logits, capacity, valid_mask=None):
+    _check(logits.dim() == 2, f"torch_moe.expert_choice: argument 'logits' must be a 2-D tensor [T, E], got {tuple(logits.shape)}")
+    T, E = logits.shape
+    dtype = _router_dtype(logits)
+    return (
+        logits.new_empty((T, E), dtype=dtype),
+        logits.new_empty((T, E), dtype=torch.int64),
+        logits.new_empty((E, capacity), dtype=torch.int64),
+        logits.new_empty((T, E), dtype=dtype),
+    )
+
+
+@torch.library.register_fake(_lib + "_expert_choice_backward")
+def _expert_choice_backward(grad_weights, logits, slots):
+    return torch.empty_like(logits)
+
+
+@torch.library.register_fake(_lib + "noisy_topk_load")
+def _noisy_topk_load(clean_logits, noisy_logits, noise_std, k, valid_mask=None):
+    _check(clean_logits.dim() == 2, "torch_moe.noisy_topk_load: argument 'clean_logits' must be a 2-D tensor [T, E]")
+    return clean_logits.new_empty((clean_logits.shape[1],), dtype=_router_dtype(clean_logits))
+
+
+@torch.library.register_fake(_lib + "_noisy_topk_load_backward")
+def _noisy_topk_load_backward(grad_load, clean_logits, noisy_logits, noise_std, k, valid_mask):
+    return torch.empty_like(clean_logits), torch.empty_like(noisy_logits), torch.empty_like(noise_std)
 
 
 @torch.library.register_fake(_lib + "capacity_plan")

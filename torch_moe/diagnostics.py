@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 from torch import Tensor
 
@@ -17,6 +17,10 @@ class MoEStats:
     dropped_fraction: 0-dim, dropped assignments / valid assignments (0 when dropless or no valid token).
     router_entropy: 0-dim, mean over valid tokens of -sum_e p log p.
     load_balancing_loss, z_loss: 0-dim, unweighted.
+    unrouted_fraction: 0-dim, fraction of valid tokens that reached no expert (every choice dropped; with expert
+        choice, no expert took the token).
+    losses: every unweighted aux loss the layer computed, by name (``load_balancing``, ``z``, and ``importance``,
+        ``load``, ``sequence_balance`` when their coefficients are set).
     """
 
     tokens_per_expert: Tensor
@@ -24,6 +28,8 @@ class MoEStats:
     router_entropy: Tensor
     load_balancing_loss: Tensor
     z_loss: Tensor
+    unrouted_fraction: Tensor
+    losses: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self)}

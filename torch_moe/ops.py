@@ -17,6 +17,9 @@ __all__ = [
     "Permuted",
     "RouterLosses",
     "router_topk",
+    "ExpertChoice",
+    "expert_choice",
+    "noisy_topk_load",
     "capacity_plan",
     "dispatch",
     "combine",
@@ -34,6 +37,13 @@ class RouterOutput(NamedTuple):
     weights: Tensor  # [T, k] float32 (float64 for float64 logits), differentiable w.r.t. logits
     expert_ids: Tensor  # [T, k] int64, in decreasing order of (score + selection_bias)
     scores: Tensor  # [T, E] softmax or sigmoid of the logits, router dtype, not differentiable
+
+
+class ExpertChoice(NamedTuple):
+    weights: Tensor  # [T, E] router dtype, probs[t, e] where expert e took token t else 0, differentiable
+    slots: Tensor  # [T, E] int64, slot of token t in expert e's buffer, -1 when e did not take t
+    token_ids: Tensor  # [E, C] int64, the token in each slot (best first), -1 for an empty slot
+    scores: Tensor  # [T, E] softmax of the logits, router dtype, not differentiable
 
 
 class CapacityPlan(NamedTuple):
@@ -60,6 +70,8 @@ def router_topk(
     score_func: str = "softmax",
     selection_bias: Optional[Tensor] = None,
     normalize: bool = True,
+    n_groups: int = 1,
+    topk_groups: int = 1,
 ) -> RouterOutput:
     """Fused router: scores, top-k choice and weights in one pass.
 
@@ -67,9 +79,37 @@ def router_topk(
     score_func: ``"softmax"`` over all experts or ``"sigmoid"`` per expert.
     selection_bias: [E], added to the scores only to choose experts, never to the weights.
     normalize: divide the chosen (unbiased) scores by their sum.
+    n_groups, topk_groups: group-limited routing (DeepSeek-V3): the E experts form n_groups contiguous groups, a
+    group ranks by the sum of its two highest biased scores, and a token chooses only inside its topk_groups best
+    groups (ties to the lower group index). ``topk_groups >= n_groups`` leaves every expert eligible.
     Ties go to the lower expert id; NaN scores rank below every number, so ids are always in [0, E).
     """
-    return RouterOutput(*torch.ops.torch_moe.router_topk(logits, k, score_func, selection_bias, normalize))
+    return RouterOutput(*torch.ops.torch_moe.router_topk(logits, k, score_func, selection_bias, normalize, n_groups,
+                                                         topk_groups))
+
+
+def expert_choice(logits: Tensor, capacity: int, valid_mask: Optional[Tensor] = None) -> ExpertChoice:
+    """Expert-choice routing (Zhou et al. 2022): each expert takes the ``capacity`` valid tokens it scores highest.
+
+    logits: [T, E]; probs = softmax over experts per token (float32, float64 for float64 logits). Expert e takes
+    the min(capacity, valid tokens) tokens of largest probs[:, e], ties to the lower token index. A token may be
+    taken by several experts or by none. Pass ``expert_ids = arange(E).expand(T, E)`` with ``slots`` to
+    :func:`dispatch` / :func:`combine` to run the experts.
+    """
+    return ExpertChoice(*torch.ops.torch_moe.expert_choice(logits, capacity, valid_mask))
+
+
+def noisy_topk_load(
+    clean_logits: Tensor, noisy_logits: Tensor, noise_std: Tensor, k: int, valid_mask: Optional[Tensor] = None
+) -> Tensor:
+    """Smooth load estimate of noisy top-k gating (Shazeer et al. 2017, appendix A) -> load [E].
+
+    For token t and expert e, P[t, e] = Phi((clean[t, e] - threshold[t, e]) / noise_std[t, e]), the probability
+    that e stays in the top k when only its own noise is redrawn; threshold is the k-th largest noisy logit of t
+    excluding e's own (the (k+1)-th overall if e is in the top k, else the k-th). load[e] = sum over valid t.
+    Differentiable w.r.t. all three [T, E] inputs (the noisy logits through the threshold). noise_std must be > 0.
+    """
+    return torch.ops.torch_moe.noisy_topk_load(clean_logits, noisy_logits, noise_std, k, valid_mask)
 
 
 def capacity_plan(

@@ -329,11 +329,12 @@ def _layer_signature(layer, dtype: torch.dtype) -> dict[str, int]:
 
 
 def moe_forward(layer, expert_input: Tensor, routed: ops.RouterOutput,
-                valid: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+                valid: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, Optional[Tensor]]:
     """The expert part of an expert-parallel ``MoE`` forward.
 
     expert_input: [T, d] this rank's tokens in the experts' dtype; routed: this rank's routing (global expert ids);
-    valid: [T] bool or None. Returns (y [T, d], tokens_per_expert [E] before dropping, dropped_fraction 0-dim).
+    valid: [T] bool or None. Returns (y [T, d], tokens_per_expert [E] before dropping, dropped_fraction 0-dim,
+    slots [T, k] of the capacity plan or None when dropless).
     """
     group = layer.expert_parallel_group
     num_tokens = expert_input.shape[0]
@@ -371,7 +372,7 @@ def _capacity_forward(layer, expert_input, routed, valid, capacity: int, exchang
     assigned = tokens_per_expert.sum()
     dropped = assigned - plan.kept_per_expert.sum()
     dropped_fraction = dropped.to(routed.weights.dtype) / assigned.clamp(min=1).to(routed.weights.dtype)
-    return y, tokens_per_expert, dropped_fraction
+    return y, tokens_per_expert, dropped_fraction, plan.slots
 
 
 def _dropless_forward(layer, expert_input, routed, valid, anchor):
@@ -413,7 +414,7 @@ def _dropless_forward(layer, expert_input, routed, valid, anchor):
         returned = torch.cat([returned, returned.new_zeros(padding_rows, returned.shape[1])])
     y = ops.unpermute(returned, routed.weights, permuted.row_index)
     dropped_fraction = torch.zeros((), dtype=routed.weights.dtype, device=routed.weights.device)
-    return y, tokens_per_expert, dropped_fraction
+    return y, tokens_per_expert, dropped_fraction, None
 
 
 def global_load_balancing_loss(logits: Tensor, tokens_per_expert: Tensor, valid: Optional[Tensor], top_k: int,

@@ -1,9 +1,15 @@
-"""Routers: the learned linear router of the MoE layer, built on the fused ``router_topk`` op."""
+"""Routers of the MoE layer, each selectable by name in ``MoE(..., router=NAME)``, built on the routing ops.
+
+Token-choice routers (every token picks experts): ``"softmax"`` (:class:`Router`), ``"noisy_topk"``
+(:class:`NoisyTopKRouter`), ``"sigmoid"`` (:class:`SigmoidRouter`), ``"hash"`` (:class:`HashRouter`),
+``"random"`` (:class:`RandomRouter`). Expert-choice (every expert picks tokens): ``"expert_choice"``
+(:class:`ExpertChoiceRouter`). Soft MoE is a layer of its own: :class:`torch_moe.SoftMoE`.
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
@@ -11,18 +17,55 @@ from torch import Tensor, nn
 
 from . import ops
 
-__all__ = ["Router"]
+__all__ = [
+    "ROUTERS",
+    "Routing",
+    "Router",
+    "NoisyTopKRouter",
+    "SigmoidRouter",
+    "HashRouter",
+    "RandomRouter",
+    "ExpertChoiceRouter",
+    "make_router",
+    "SoftMoE",
+]
+
+ROUTERS = ("softmax", "noisy_topk", "expert_choice", "sigmoid", "hash", "random")
+
+
+class Routing(NamedTuple):
+    """What a router decided for T tokens.
+
+    logits: [T, E] router dtype (float32, float64 for float64 input), the logits the choice was made on; ``None``
+        for the hash router. weights: [T, k] (expert choice: [T, E]), differentiable w.r.t. the router's
+        parameters. expert_ids: [T, k] int64 (expert choice: ``arange(E)`` expanded to [T, E]). scores: [T, E]
+        softmax or sigmoid of the logits, not differentiable (``None`` for hash). extras: router-specific tensors
+        (noisy top-k: ``clean_logits``, ``noise_std``; expert choice: ``slots`` [T, E], ``token_ids`` [E, C]).
+    """
+
+    logits: Optional[Tensor]
+    weights: Tensor
+    expert_ids: Tensor
+    scores: Optional[Tensor]
+    extras: dict
+
+
+def _router_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
 class Router(nn.Module):
-    """Top-k softmax router (Switch / GShard / Mixtral style).
+    """Top-k softmax router (``"softmax"``; Shazeer et al. 2017 without noise, Switch / GShard / Mixtral).
 
     logits = x · weightᵀ in float32 (float64 for float64 input), probs = softmax(logits); each token takes its
     ``top_k`` most probable experts, ties to the lower id. Weights are the chosen probs, divided by their sum when
     ``normalize_weights``. ``jitter_eps > 0`` multiplies the router's input by U(1 − eps, 1 + eps) in training.
+    ``n_groups`` / ``topk_groups``: group-limited routing (DeepSeek-V2/V3, see :func:`torch_moe.ops.router_topk`).
 
     Parameters: ``weight`` [E, d_model] (no bias).
     """
+
+    score_func = "softmax"
 
     def __init__(
         self,
@@ -32,6 +75,8 @@ class Router(nn.Module):
         *,
         normalize_weights: bool,
         jitter_eps: float = 0.0,
+        n_groups: int = 1,
+        topk_groups: Optional[int] = None,
         device=None,
         dtype=None,
     ) -> None:
@@ -40,6 +85,8 @@ class Router(nn.Module):
         self.top_k = top_k
         self.normalize_weights = normalize_weights
         self.jitter_eps = jitter_eps
+        self.n_groups = n_groups
+        self.topk_groups = n_groups if topk_groups is None else topk_groups
         self.weight = nn.Parameter(torch.empty(num_experts, d_model, device=device, dtype=dtype))
         self.reset_parameters()
 
@@ -51,16 +98,208 @@ class Router(nn.Module):
         """x: [T, d_model] -> logits [T, E] in the router dtype (float32, or float64 for float64 input)."""
         if self.training and self.jitter_eps > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
-        router_dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+        router_dtype = _router_dtype(x)
         return F.linear(x.to(router_dtype), self.weight.to(router_dtype))
 
-    def forward(self, x: Tensor) -> tuple[Tensor, ops.RouterOutput]:
-        """x: [T, d_model] -> (logits [T, E], RouterOutput(weights [T, k], expert_ids [T, k], scores [T, E]))."""
+    def selection_bias(self) -> Optional[Tensor]:
+        """[E] added to the scores only to choose experts (loss-free balancing); ``None`` here."""
+        return None
+
+    def choose(self, logits: Tensor) -> ops.RouterOutput:
+        return ops.router_topk(logits, self.top_k, self.score_func, self.selection_bias(), self.normalize_weights,
+                               self.n_groups, self.topk_groups)
+
+    def forward(self, x: Tensor, *, token_ids: Optional[Tensor] = None, valid: Optional[Tensor] = None) -> Routing:
+        """x: [T, d_model] -> :class:`Routing` with weights / expert_ids [T, k]."""
         logits = self.logits(x)
-        return logits, ops.router_topk(logits, self.top_k, "softmax", None, self.normalize_weights)
+        out = self.choose(logits)
+        return Routing(logits, out.weights, out.expert_ids, out.scores, {})
+
+    def observe_load(self, tokens_per_expert: Tensor) -> None:
+        """Called by the layer after each forward with the valid assignments per expert [E]; nothing to do here."""
 
     def extra_repr(self) -> str:
+        groups = (f", n_groups={self.n_groups}, topk_groups={self.topk_groups}"
+                  if self.topk_groups < self.n_groups else "")
         return (
             f"d_model={self.weight.shape[1]}, num_experts={self.num_experts}, top_k={self.top_k}, "
-            f"normalize_weights={self.normalize_weights}, jitter_eps={self.jitter_eps}"
+            f"normalize_weights={self.normalize_weights}, jitter_eps={self.jitter_eps}{groups}"
         )
+
+
+class NoisyTopKRouter(Router):
+    """Noisy top-k gating (``"noisy_topk"``; Shazeer et al. 2017, "Outrageously Large Neural Networks").
+
+    H = x·weightᵀ + ε · (softplus(x·noise_weightᵀ) + noise_epsilon), ε ~ N(0, 1) drawn in training only; each token
+    keeps its top-k entries of H and its weights are a softmax over those k values (the others are −∞), i.e. the
+    renormalised top-k of softmax(H). In eval mode H = x·weightᵀ, so it routes exactly like ``"softmax"`` with
+    normalised weights. ``noise_epsilon`` (1e-2, as in the authors' code) keeps the noise scale positive.
+    Pair it with the layer's ``importance_loss_coef`` and ``load_loss_coef`` (Shazeer's two balance losses).
+
+    Parameters: ``weight`` and ``noise_weight``, both [E, d_model]; ``noise_weight`` starts at zero, as in the paper.
+    """
+
+    noise_epsilon = 1e-2
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int, *, jitter_eps: float = 0.0, device=None,
+                 dtype=None) -> None:
+        super().__init__(d_model, num_experts, top_k, normalize_weights=True, jitter_eps=jitter_eps, device=device,
+                         dtype=dtype)
+        self.noise_weight = nn.Parameter(torch.zeros(num_experts, d_model, device=device, dtype=dtype))
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()
+        if hasattr(self, "noise_weight"):
+            nn.init.zeros_(self.noise_weight)
+
+    def forward(self, x: Tensor, *, token_ids: Optional[Tensor] = None, valid: Optional[Tensor] = None) -> Routing:
+        clean = self.logits(x)
+        router_dtype = clean.dtype
+        noise_std = F.softplus(F.linear(x.to(router_dtype), self.noise_weight.to(router_dtype))) + self.noise_epsilon
+        noisy = clean + torch.randn_like(clean) * noise_std if self.training else clean
+        out = self.choose(noisy)
+        return Routing(noisy, out.weights, out.expert_ids, out.scores,
+                       {"clean_logits": clean, "noise_std": noise_std})
+
+
+class SigmoidRouter(Router):
+    """Sigmoid routing with auxiliary-loss-free balancing (``"sigmoid"``; DeepSeek-V3, Liu et al. 2024; Wang et al.
+    2024, "Auxiliary-Loss-Free Load Balancing Strategy for Mixture-of-Experts").
+
+    scores = sigmoid(x·weightᵀ); the buffer ``expert_bias`` [E] is added to the scores only to choose the top k; the
+    weights are the chosen unbiased scores divided by their sum. In training mode every forward moves the bias
+    against the load it saw: ``expert_bias[i] += bias_update_rate · sign(mean load − load[i])`` (0 disables).
+    ``n_groups`` / ``topk_groups``: a group's score is the sum of its two highest biased scores and a token chooses
+    only inside its ``topk_groups`` best groups (DeepSeek-V3's node-limited routing).
+
+    Parameters: ``weight`` [E, d_model]; buffer ``expert_bias`` [E] float32 (saved in the state dict).
+    """
+
+    score_func = "sigmoid"
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int, *, normalize_weights: bool = True,
+                 bias_update_rate: float = 1e-3, jitter_eps: float = 0.0, n_groups: int = 1,
+                 topk_groups: Optional[int] = None, device=None, dtype=None) -> None:
+        super().__init__(d_model, num_experts, top_k, normalize_weights=normalize_weights, jitter_eps=jitter_eps,
+                         n_groups=n_groups, topk_groups=topk_groups, device=device, dtype=dtype)
+        self.bias_update_rate = bias_update_rate
+        self.register_buffer("expert_bias", torch.zeros(num_experts, device=device, dtype=torch.float32))
+
+    def selection_bias(self) -> Tensor:
+        return self.expert_bias
+
+    @torch.no_grad()
+    def observe_load(self, tokens_per_expert: Tensor) -> None:
+        if not self.training or self.bias_update_rate == 0:
+            return
+        load = tokens_per_expert.to(self.expert_bias.dtype)
+        self.expert_bias.add_(torch.sign(load.mean() - load), alpha=self.bias_update_rate)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", bias_update_rate={self.bias_update_rate}"
+
+
+class HashRouter(nn.Module):
+    """Hash routing (``"hash"``; Roller et al. 2021, "Hash Layers For Large Sparse Models").
+
+    The experts of a token are a fixed function of its token id: ``table[token_id mod num_buckets]``, a frozen random
+    table of ``top_k`` distinct experts per bucket (drawn once from ``seed``, saved in the state dict), each with
+    weight 1/k. Nothing is learned, so it asks whether learned routing matters at all. Needs
+    ``forward(x, token_ids=...)`` with one id per token.
+
+    Buffers: ``table`` [num_buckets, k] int64.
+    """
+
+    def __init__(self, num_experts: int, top_k: int, *, num_buckets: int = 65536, seed: int = 0,
+                 device=None) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.num_buckets = num_buckets
+        generator = torch.Generator().manual_seed(seed)
+        rows = []
+        for start in range(0, num_buckets, 4096):  # chunks keep the [rows, E] draw small for large E
+            n = min(4096, num_buckets - start)
+            rows.append(torch.rand(n, num_experts, generator=generator).argsort(dim=1)[:, :top_k])
+        self.register_buffer("table", torch.cat(rows).to(device))
+
+    def forward(self, x: Tensor, *, token_ids: Optional[Tensor] = None, valid: Optional[Tensor] = None) -> Routing:
+        if token_ids is None:
+            raise ValueError("MoE(router='hash'): forward needs token_ids (one integer id per token, the shape of x "
+                             "without its last dim), e.g. layer(x, token_ids=input_ids)")
+        expert_ids = self.table[token_ids.reshape(-1).remainder(self.num_buckets)]
+        weights = torch.full(expert_ids.shape, 1.0 / self.top_k, dtype=_router_dtype(x), device=x.device)
+        return Routing(None, weights, expert_ids, None, {})
+
+    def observe_load(self, tokens_per_expert: Tensor) -> None:
+        """Nothing adapts in a hash router."""
+
+    def extra_repr(self) -> str:
+        return f"num_experts={self.num_experts}, top_k={self.top_k}, num_buckets={self.num_buckets}"
+
+
+class RandomRouter(Router):
+    """Frozen random router (``"random"``): the softmax top-k router of a fixed random projection that never trains.
+
+    The baseline for learned routing (as in Roller et al. 2021's comparisons): ``weight`` [E, d_model] is a
+    buffer drawn at construction like :class:`Router`'s and saved in the state dict, so it gets no gradient.
+    """
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int, **kwargs) -> None:
+        super().__init__(d_model, num_experts, top_k, **kwargs)
+        frozen = self.weight.detach()
+        del self.weight
+        self.register_buffer("weight", frozen)
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            super().reset_parameters()
+
+
+class ExpertChoiceRouter(Router):
+    """Expert-choice routing (``"expert_choice"``; Zhou et al. 2022, "Mixture-of-Experts with Expert Choice Routing").
+
+    probs = softmax(x·weightᵀ) over experts per token; each expert takes the C tokens of highest probs[:, e]
+    (ties to the lower token index) with C = min(T, max(min_capacity, ceil(capacity_factor · top_k · T / E))), and
+    y[t] = Σ over the experts that took t of probs[t, e] · expert_e(x[t]). Experts are balanced by construction; a
+    token may get several experts or none (``stats.unrouted_fraction``). It looks across the whole batch to choose,
+    so it is not causal: at inference a token's output depends on the other tokens of the batch.
+
+    Parameters: ``weight`` [E, d_model].
+    """
+
+    def forward(self, x: Tensor, *, token_ids: Optional[Tensor] = None, valid: Optional[Tensor] = None,
+                capacity: int = 0) -> Routing:
+        logits = self.logits(x)
+        chosen = ops.expert_choice(logits, capacity, valid)
+        expert_ids = torch.arange(self.num_experts, device=x.device).expand(x.shape[0], self.num_experts)
+        return Routing(logits, chosen.weights, expert_ids, chosen.scores,
+                       {"slots": chosen.slots, "token_ids": chosen.token_ids})
+
+
+def make_router(name: str, d_model: int, num_experts: int, top_k: int, *, normalize_weights: bool,
+                jitter_eps: float, bias_update_rate: Optional[float], n_groups: Optional[int],
+                topk_groups: Optional[int], device=None, dtype=None) -> nn.Module:
+    """The router ``name`` of :data:`ROUTERS` with the layer's options (validated by the layer)."""
+    factory = {"device": device, "dtype": dtype}
+    groups = {"n_groups": n_groups or 1, "topk_groups": topk_groups}
+    if name == "softmax":
+        return Router(d_model, num_experts, top_k, normalize_weights=normalize_weights, jitter_eps=jitter_eps,
+                      **groups, **factory)
+    if name == "noisy_topk":
+        return NoisyTopKRouter(d_model, num_experts, top_k, jitter_eps=jitter_eps, **factory)
+    if name == "sigmoid":
+        rate = 1e-3 if bias_update_rate is None else bias_update_rate
+        return SigmoidRouter(d_model, num_experts, top_k, normalize_weights=normalize_weights, bias_update_rate=rate,
+                             jitter_eps=jitter_eps, **groups, **factory)
+    if name == "hash":
+        return HashRouter(num_experts, top_k, device=device)
+    if name == "random":
+        return RandomRouter(d_model, num_experts, top_k, normalize_weights=normalize_weights, **factory)
+    if name == "expert_choice":
+        return ExpertChoiceRouter(d_model, num_experts, top_k, normalize_weights=False, jitter_eps=jitter_eps,
+                                  **factory)
+    raise ValueError(f"MoE: router must be one of {ROUTERS}, got {name!r}")
+
+
+from .soft_moe import SoftMoE  # noqa: E402  (documented with the routers; a layer of its own)

@@ -14,6 +14,9 @@ enum class ScoreFunc { kSoftmax, kSigmoid };
 // Parses "softmax" | "sigmoid", raising an error that names the argument otherwise.
 ScoreFunc parse_score_func(const char* op, c10::string_view name);
 
+// n_groups must divide E, topk_groups lie in [1, n_groups] and k fit in the experts of topk_groups groups.
+void check_expert_groups(const char* op, int64_t E, int64_t k, int64_t n_groups, int64_t topk_groups);
+
 // Router math dtype: float64 for float64 logits, float32 for every other float dtype.
 at::ScalarType router_dtype(const at::Tensor& logits);
 
@@ -21,7 +24,7 @@ namespace cpu {
 std::tuple<at::Tensor, at::Tensor, at::Tensor> router_topk(const at::Tensor& logits, int64_t k,
                                                            c10::string_view score_func,
                                                            const std::optional<at::Tensor>& selection_bias,
-                                                           bool normalize);
+                                                           bool normalize, int64_t n_groups, int64_t topk_groups);
 at::Tensor router_topk_backward(const at::Tensor& grad_weights, const at::Tensor& logits,
                                 const at::Tensor& expert_ids, c10::string_view score_func, bool normalize);
 }  // namespace cpu

@@ -9,17 +9,18 @@ namespace torch_moe {
 namespace {
 
 using RouterTopkSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, int64_t, c10::string_view,
-                                                                     const std::optional<at::Tensor>&, bool);
+                                                                     const std::optional<at::Tensor>&, bool, int64_t, int64_t);
 using RouterTopkBackwardSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::string_view,
                                          bool);
 
 class RouterTopkFunction : public torch::autograd::Function<RouterTopkFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& logits, int64_t k, c10::string_view score_func,
-                               const std::optional<at::Tensor>& selection_bias, bool normalize) {
+                               const std::optional<at::Tensor>& selection_bias, bool normalize, int64_t n_groups,
+                               int64_t topk_groups) {
     static const auto op = op_handle<RouterTopkSig>("torch_moe::router_topk");
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [weights, expert_ids, scores] = op.call(logits, k, score_func, selection_bias, normalize);
+    auto [weights, expert_ids, scores] = op.call(logits, k, score_func, selection_bias, normalize, n_groups, topk_groups);
     ctx->save_for_backward({logits, expert_ids});
     ctx->saved_data["score_func"] = std::string(score_func);
     ctx->saved_data["normalize"] = normalize;
@@ -37,15 +38,16 @@ class RouterTopkFunction : public torch::autograd::Function<RouterTopkFunction> 
       grad_logits = op.call(grads[0], logits, expert_ids, ctx->saved_data["score_func"].toStringRef(),
                             ctx->saved_data["normalize"].toBool());
     }
-    return {grad_logits, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    return {grad_logits, at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> router_topk_autograd(const at::Tensor& logits, int64_t k,
                                                                     c10::string_view score_func,
                                                                     const std::optional<at::Tensor>& selection_bias,
-                                                                    bool normalize) {
-  auto out = RouterTopkFunction::apply(logits, k, score_func, selection_bias, normalize);
+                                                                    bool normalize, int64_t n_groups,
+                                                                    int64_t topk_groups) {
+  auto out = RouterTopkFunction::apply(logits, k, score_func, selection_bias, normalize, n_groups, topk_groups);
   return {out[0], out[1], out[2]};
 }
 

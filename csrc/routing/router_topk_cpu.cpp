@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "routing/router_math.h"
 
 namespace torch_moe {
 
@@ -24,66 +25,29 @@ ScoreFunc parse_score_func(const char* op, c10::string_view name) {
   return ScoreFunc::kSoftmax;
 }
 
+void check_expert_groups(const char* op, int64_t E, int64_t k, int64_t n_groups, int64_t topk_groups) {
+  TORCH_MOE_CHECK(n_groups >= 1 && E % n_groups == 0,
+                  "torch_moe.{}: argument 'n_groups' must be >= 1 and divide the number of experts E = {}, got {}", op,
+                  E, n_groups);
+  TORCH_MOE_CHECK(topk_groups >= 1 && topk_groups <= n_groups,
+                  "torch_moe.{}: argument 'topk_groups' must be in [1, n_groups] = [1, {}], got {}", op, n_groups,
+                  topk_groups);
+  TORCH_MOE_CHECK(k <= topk_groups * (E / n_groups),
+                  "torch_moe.{}: argument 'k' = {} is larger than the {} experts of the topk_groups = {} chosen groups "
+                  "(E / n_groups = {} each)",
+                  op, k, topk_groups * (E / n_groups), topk_groups, E / n_groups);
+}
+
 at::ScalarType router_dtype(const at::Tensor& logits) {
   return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
 namespace cpu {
-namespace {
-
-// Scores of one row in acc precision: softmax over the row or elementwise sigmoid.
-template <typename acc_t>
-void score_row(const acc_t* logits, int64_t E, ScoreFunc func, acc_t* scores) {
-  if (func == ScoreFunc::kSigmoid) {
-    for (int64_t e = 0; e < E; ++e) scores[e] = acc_t(1) / (acc_t(1) + std::exp(-logits[e]));
-    return;
-  }
-  acc_t max_logit = -std::numeric_limits<acc_t>::infinity();
-  bool has_nan = false;
-  for (int64_t e = 0; e < E; ++e) {
-    if (std::isnan(logits[e])) has_nan = true;
-    max_logit = std::max(max_logit, logits[e]);
-  }
-  if (has_nan) {
-    // NaN poisons the softmax; keep it visible rather than guess (top-k still picks valid ids).
-    for (int64_t e = 0; e < E; ++e) scores[e] = std::numeric_limits<acc_t>::quiet_NaN();
-    return;
-  }
-  if (std::isinf(max_logit)) {
-    // All -inf: uniform. Some +inf: those share the mass, as the limit of the softmax does.
-    const bool pos = max_logit > 0;
-    int64_t n = 0;
-    for (int64_t e = 0; e < E; ++e) n += !pos || logits[e] == max_logit;
-    for (int64_t e = 0; e < E; ++e) scores[e] = (!pos || logits[e] == max_logit) ? acc_t(1) / acc_t(n) : acc_t(0);
-    return;
-  }
-  acc_t sum = 0;
-  for (int64_t e = 0; e < E; ++e) {
-    scores[e] = std::exp(logits[e] - max_logit);
-    sum += scores[e];
-  }
-  for (int64_t e = 0; e < E; ++e) scores[e] /= sum;
-}
-
-// Descending by key with NaN below every number; equal keys go to the lower id. A strict total order.
-template <typename acc_t>
-struct RankBefore {
-  const acc_t* key;
-  bool operator()(int64_t a, int64_t b) const {
-    const acc_t ka = key[a], kb = key[b];
-    const bool na = std::isnan(ka), nb = std::isnan(kb);
-    if (na != nb) return nb;
-    if (!na && ka != kb) return ka > kb;
-    return a < b;
-  }
-};
-
-}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> router_topk(const at::Tensor& logits_in, int64_t k,
                                                            c10::string_view score_func,
                                                            const std::optional<at::Tensor>& selection_bias,
-                                                           bool normalize) {
+                                                           bool normalize, int64_t n_groups, int64_t topk_groups) {
   constexpr const char* op = "router_topk";
   check_floating(op, "logits", logits_in);
   check_dim(op, "logits", logits_in, 2, "[T, E]");
@@ -92,6 +56,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> router_topk(const at::Tensor& log
   TORCH_MOE_CHECK(E > 0, "torch_moe.{}: argument 'logits' must have at least one expert (E > 0), got shape {}", op,
                   shape_str(logits_in));
   TORCH_MOE_CHECK(k >= 1 && k <= E, "torch_moe.{}: argument 'k' must be in [1, E] = [1, {}], got {}", op, E, k);
+  check_expert_groups(op, E, k, n_groups, topk_groups);
   const auto acc_type = router_dtype(logits_in);
   at::Tensor bias;
   if (selection_bias.has_value() && selection_bias->defined()) {
@@ -114,15 +79,40 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> router_topk(const at::Tensor& log
     acc_t* wp = weights.data_ptr<acc_t>();
     int64_t* ip = ids.data_ptr<int64_t>();
     acc_t* sp = scores.data_ptr<acc_t>();
+    const int64_t group_size = E / n_groups;
+    const bool grouped = topk_groups < n_groups;
     at::parallel_for(0, T, std::max<int64_t>(1, 4096 / E), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> key(E);
-      std::vector<int64_t> order(E);
+      std::vector<acc_t> key(E), group_key(n_groups);
+      std::vector<int64_t> order(E), group_order(n_groups);
       for (int64_t t = begin; t < end; ++t) {
         acc_t* s = sp + t * E;
         score_row(lp + t * E, E, func, s);
         for (int64_t e = 0; e < E; ++e) key[e] = bp == nullptr ? s[e] : s[e] + bp[e];
-        std::iota(order.begin(), order.end(), 0);
-        std::partial_sort(order.begin(), order.begin() + k, order.end(), RankBefore<acc_t>{key.data()});
+        int64_t candidates = E;
+        if (grouped) {
+          // A group ranks by the sum of its two best keys; only the topk_groups best groups stay candidates.
+          for (int64_t g = 0; g < n_groups; ++g) {
+            const acc_t* gk = key.data() + g * group_size;
+            int64_t best = 0;
+            for (int64_t i = 1; i < group_size; ++i) best = RankBefore<acc_t>{gk}(i, best) ? i : best;
+            int64_t second = -1;
+            for (int64_t i = 0; i < group_size; ++i) {
+              if (i != best && (second < 0 || RankBefore<acc_t>{gk}(i, second))) second = i;
+            }
+            group_key[g] = second < 0 ? gk[best] : gk[best] + gk[second];
+          }
+          std::iota(group_order.begin(), group_order.end(), 0);
+          std::partial_sort(group_order.begin(), group_order.begin() + topk_groups, group_order.end(),
+                            RankBefore<acc_t>{group_key.data()});
+          std::sort(group_order.begin(), group_order.begin() + topk_groups);
+          candidates = 0;
+          for (int64_t g = 0; g < topk_groups; ++g) {
+            for (int64_t i = 0; i < group_size; ++i) order[candidates++] = group_order[g] * group_size + i;
+          }
+        } else {
+          std::iota(order.begin(), order.end(), 0);
+        }
+        std::partial_sort(order.begin(), order.begin() + k, order.begin() + candidates, RankBefore<acc_t>{key.data()});
         acc_t sum = 0;
         for (int64_t j = 0; j < k; ++j) {
           ip[t * k + j] = order[j];

@@ -16,7 +16,8 @@ c10::TypedOperatorHandle<Signature> op(const char* name) {
 
 using Tensor = at::Tensor;
 using OptTensor = std::optional<at::Tensor>;
-using RouterTopk = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, int64_t, c10::string_view, const OptTensor&, bool);
+using RouterTopk = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, int64_t, c10::string_view, const OptTensor&, bool,
+                                                      int64_t, int64_t);
 using CapacityPlan = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, int64_t, c10::SymInt, c10::string_view,
                                                         const OptTensor&, const OptTensor&);
 using Dispatch = Tensor(const Tensor&, const Tensor&, const Tensor&, int64_t, c10::SymInt);
@@ -41,7 +42,7 @@ TEST_CASE("every op is registered in the torch_moe namespace", "[registration]")
 TEST_CASE("router_topk picks the largest probs, ties to the lower id, and backpropagates", "[router_topk]") {
   const auto router = op<RouterTopk>("torch_moe::router_topk");
   auto logits = torch::tensor({{1.0, 3.0, 3.0, 0.0}, {0.0, 0.0, 0.0, 0.0}}, torch::kDouble).requires_grad_();
-  auto [weights, ids, scores] = router.call(logits, 2, "softmax", std::nullopt, true);
+  auto [weights, ids, scores] = router.call(logits, 2, "softmax", std::nullopt, true, 1, 1);
   CHECK(torch::equal(ids, torch::tensor({{1, 2}, {0, 1}}, torch::kLong)));
   CHECK(torch::allclose(weights, torch::full({2, 2}, 0.5, torch::kDouble)));
   CHECK(torch::allclose(scores.sum(1), torch::ones({2}, torch::kDouble)));
@@ -58,8 +59,8 @@ TEST_CASE("router_topk picks the largest probs, ties to the lower id, and backpr
 TEST_CASE("router_topk refuses k outside [1, E] with a message naming k", "[router_topk][errors]") {
   const auto router = op<RouterTopk>("torch_moe::router_topk");
   auto logits = torch::randn({3, 4});
-  CHECK_THROWS_WITH(router.call(logits, 5, "softmax", std::nullopt, true), Catch::Contains("'k'"));
-  CHECK_THROWS_WITH(router.call(logits, 2, "tanh", std::nullopt, true), Catch::Contains("score_func"));
+  CHECK_THROWS_WITH(router.call(logits, 5, "softmax", std::nullopt, true, 1, 1), Catch::Contains("'k'"));
+  CHECK_THROWS_WITH(router.call(logits, 2, "tanh", std::nullopt, true, 1, 1), Catch::Contains("score_func"));
 }
 
 TEST_CASE("capacity mode: plan, dispatch and combine round-trip with gradients from C++", "[dispatch]") {

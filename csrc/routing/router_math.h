@@ -1,0 +1,60 @@
+// Per-row router math shared by the CPU routing kernels: scoring one row and the ranking order of top-k.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+
+#include "routing/router_topk.h"
+
+namespace torch_moe::cpu {
+
+// Scores of one row in acc precision: softmax over the row or elementwise sigmoid.
+template <typename acc_t>
+void score_row(const acc_t* logits, int64_t E, ScoreFunc func, acc_t* scores) {
+  if (func == ScoreFunc::kSigmoid) {
+    for (int64_t e = 0; e < E; ++e) scores[e] = acc_t(1) / (acc_t(1) + std::exp(-logits[e]));
+    return;
+  }
+  acc_t max_logit = -std::numeric_limits<acc_t>::infinity();
+  bool has_nan = false;
+  for (int64_t e = 0; e < E; ++e) {
+    if (std::isnan(logits[e])) has_nan = true;
+    max_logit = std::max(max_logit, logits[e]);
+  }
+  if (has_nan) {
+    // NaN poisons the softmax; keep it visible rather than guess (top-k still picks valid ids).
+    for (int64_t e = 0; e < E; ++e) scores[e] = std::numeric_limits<acc_t>::quiet_NaN();
+    return;
+  }
+  if (std::isinf(max_logit)) {
+    // All -inf: uniform. Some +inf: those share the mass, as the limit of the softmax does.
+    const bool pos = max_logit > 0;
+    int64_t n = 0;
+    for (int64_t e = 0; e < E; ++e) n += !pos || logits[e] == max_logit;
+    for (int64_t e = 0; e < E; ++e) scores[e] = (!pos || logits[e] == max_logit) ? acc_t(1) / acc_t(n) : acc_t(0);
+    return;
+  }
+  acc_t sum = 0;
+  for (int64_t e = 0; e < E; ++e) {
+    scores[e] = std::exp(logits[e] - max_logit);
+    sum += scores[e];
+  }
+  for (int64_t e = 0; e < E; ++e) scores[e] /= sum;
+}
+
+// Descending by key with NaN below every number; equal keys go to the lower id. A strict total order.
+template <typename acc_t>
+struct RankBefore {
+  const acc_t* key;
+  bool operator()(int64_t a, int64_t b) const {
+    const acc_t ka = key[a], kb = key[b];
+    const bool na = std::isnan(ka), nb = std::isnan(kb);
+    if (na != nb) return nb;
+    if (!na && ka != kb) return ka > kb;
+    return a < b;
+  }
+};
+
+}  // namespace torch_moe::cpu
