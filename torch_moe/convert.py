@@ -31,21 +31,23 @@ class MoEFeedForward(nn.Module):
 
     ``forward(hidden_states [..., d_model]) -> [..., d_model]``: the MoE output, then the FFN's trailing dropout if
     it had one. The padding mask comes from outside, because an FFN is not given the attention mask: the forward
-    pre-hook that :func:`moefy` puts on the converted model stores the ``attention_mask`` of each call on every
-    ``MoEFeedForward`` inside it (see :func:`padding_mask` for a manual alternative). A stored mask [B, S_total]
-    meets hidden states [B, S] by its last S columns (decoding with a KV cache); any other shape raises ValueError.
+    pre-hook that :func:`moefy` puts on a converted model whose forward takes ``attention_mask`` stores the mask of
+    each call on every ``MoEFeedForward`` inside it; ``padding_mask`` (set by the :func:`padding_mask` context
+    manager) takes precedence over it. A mask [B, S_total] meets hidden states [B, S] by its last S columns
+    (decoding with a KV cache); any other shape raises ValueError.
     """
 
     def __init__(self, moe: MoE, dropout: Optional[nn.Module] = None) -> None:
         super().__init__()
         self.moe = moe
         self.dropout = dropout if dropout is not None else nn.Identity()
-        # Set by the model's forward pre-hook or by padding_mask(); kept until the next call of the model so that
-        # activation checkpointing recomputes with the mask of its forward.
         self.padding_mask: Optional[Tensor] = None
+        # Set by the model's forward pre-hook; kept until the next call of the model so that activation
+        # checkpointing recomputes with the mask of its forward.
+        self.attention_mask: Optional[Tensor] = None
 
     def forward(self, hidden_states: Tensor) -> Tensor:
-        mask = self.padding_mask
+        mask = self.padding_mask if self.padding_mask is not None else self.attention_mask
         if mask is not None:
             mask = _fit_mask(mask, hidden_states)
         return self.dropout(self.moe(hidden_states, padding_mask=mask))
@@ -97,25 +99,32 @@ def _attention_mask_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> No
             "inside torch_moe.convert.padding_mask(model, mask)"
         )
     for ffn in _ffn_modules(module):
-        ffn.padding_mask = mask
+        ffn.attention_mask = mask
 
 
-def _install_attention_mask_hook(model: nn.Module) -> None:
+def _install_attention_mask_hook(model: nn.Module) -> bool:
+    """Install the hook when ``model.forward`` takes ``attention_mask`` (or ``**kwargs``); says whether it is on."""
     if getattr(model, "_torch_moe_attention_mask_hook", False):
-        return
-    position = None
+        return True
+    position, accepted = None, False
     try:
         params = list(inspect.signature(model.forward).parameters.values())
     except (TypeError, ValueError):
         params = []
     for i, p in enumerate(params):
+        if p.kind == p.VAR_KEYWORD:
+            accepted = True
         if p.name == "attention_mask":
+            accepted = True
             if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
                 position = i
             break
+    if not accepted:
+        return False
     model._torch_moe_attention_mask_position = position
     model._torch_moe_attention_mask_hook = True
     model.register_forward_pre_hook(_attention_mask_pre_hook, with_kwargs=True)
+    return True
 
 
 # --------------------------------------------------------------------------------------------------
@@ -323,8 +332,9 @@ def moefy(
 
     Each replacement is a :class:`MoEFeedForward` holding ``moe`` (the :class:`MoE`), on the dense FFN's device
     and dtype, with d_ff, expert type, activation and bias taken from it (``moe_kwargs`` go to :class:`MoE` and
-    may override them when not upcycling). A forward pre-hook on ``model`` passes its ``attention_mask`` argument
-    to every MoE layer as ``padding_mask``, so padding takes no capacity and is left out of losses and statistics.
+    may override them when not upcycling). When ``model.forward`` takes ``attention_mask`` (Hugging Face models),
+    a forward pre-hook passes it to every MoE layer as ``padding_mask``, so padding takes no capacity and is left
+    out of losses and statistics; for other models use the :func:`padding_mask` context manager.
 
     ``upcycle=True`` (sparse upcycling, Komatsuzaki et al. 2023): every expert starts as a copy of the dense FFN,
     times ``1 + upcycle_noise * N(0, 1)`` elementwise when ``upcycle_noise > 0``; the router starts at

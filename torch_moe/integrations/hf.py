@@ -26,7 +26,9 @@ def route_attention_mask(model: nn.Module) -> nn.Module:
     the mask ([batch, sequence], 0 = padding) on every converted FFN, which passes it to its MoE as
     ``padding_mask``, so padding takes no capacity and is left out of the losses and statistics.
     """
-    _install_attention_mask_hook(model)
+    if not _install_attention_mask_hook(model):
+        raise ValueError(f"route_attention_mask: {type(model).__name__}.forward takes no attention_mask argument; "
+                         "use torch_moe.convert.padding_mask(model, mask) around the call instead")
     return model
 
 
@@ -48,7 +50,7 @@ class MoETrainer(Trainer):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        route_attention_mask(self.model)
+        _install_attention_mask_hook(self.model)
         self._aux_loss_sum: Optional[Tensor] = None
         self._aux_loss_count = 0
 
