@@ -315,6 +315,39 @@ class TwoLayerModel(nn.Module):
         return self.blocks[0](self.moe1(self.embed(x)))
 
 
+def case_other_token_choice_routers(rank, world_size):
+    # With a frozen bias (rate 0) the sigmoid router, and the frozen random router, shard exactly like softmax.
+    sizes = [6 + 2 * r for r in range(world_size)]
+    for router, extra in (("sigmoid", dict(bias_update_rate=0.0, n_groups=2, topk_groups=1)), ("random", {})):
+        for capacity_factor in (1.0, None):
+            torch.manual_seed(1234)  # the random router's frozen weight is a buffer drawn from the (shared) seed
+            try:
+                check_against_single_process(make_config(router=router, capacity_factor=capacity_factor, **extra),
+                                             sizes, padding=True)
+            except AssertionError as err:
+                raise AssertionError(f"router={router}, capacity_factor={capacity_factor}: {err}") from err
+
+
+def case_sigmoid_bias_stays_replicated(rank, world_size):
+    # Every rank sees different tokens, yet the loss-free balancing bias must move by the group's load.
+    config = make_config(router="sigmoid", bias_update_rate=0.1, capacity_factor=1.0)
+    full, ep = full_and_sharded(config)
+    xs, masks, _ = rank_inputs([5 + 3 * r for r in range(world_size)], padding=True)
+    ep.train()
+    ep(xs[rank], padding_mask=masks[rank])
+    biases = [torch.empty_like(ep.router.expert_bias) for _ in range(world_size)]
+    dist.all_gather(biases, ep.router.expert_bias)
+    assert all(torch.equal(b, biases[0]) for b in biases)
+    load = torch.zeros(NUM_EXPERTS, dtype=torch.int64)
+    with torch.no_grad():
+        full.eval()
+        for x, mask in zip(xs, masks):
+            full(x, padding_mask=mask)
+            load += full.stats.tokens_per_expert
+    load = load.to(torch.float32)
+    assert_close(ep.router.expert_bias, 0.1 * torch.sign(load.mean() - load))
+
+
 def case_checkpoint_round_trip(rank, world_size):
     full = randomize_(TwoLayerModel(), seed=12)
     full_sd = full.state_dict()

@@ -212,9 +212,17 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             shared = self.shared_experts(expert_input.unsqueeze(0)).squeeze(0)
             y = y + (shared if valid is None else shared * valid.unsqueeze(1).to(shared.dtype))
-        self.router.observe_load(tokens_per_expert)
+        self.router.observe_load(self._group_load(tokens_per_expert))
         self._record_losses_and_stats(x, routing, valid, tokens_per_expert, dropped_fraction, slots)
         return y.to(x.dtype).reshape(x.shape)
+
+    def _group_load(self, tokens_per_expert: Tensor) -> Tensor:
+        """The load the router adapts to: with expert parallelism, summed over the group, so that the replicated
+        router state (the sigmoid router's bias) stays identical on every rank."""
+        adapts = getattr(self.router, "bias_update_rate", 0) and self.training
+        if self.expert_parallel_group is None or not adapts:
+            return tokens_per_expert
+        return parallel.all_reduce_sum(tokens_per_expert, self.expert_parallel_group)
 
     def _record_losses_and_stats(self, x: Tensor, routing, valid: Optional[Tensor], tokens_per_expert: Tensor,
                                  dropped_fraction: Tensor, slots: Optional[Tensor]) -> None:

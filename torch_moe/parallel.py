@@ -417,6 +417,13 @@ def _dropless_forward(layer, expert_input, routed, valid, anchor):
     return y, tokens_per_expert, dropped_fraction, None
 
 
+def all_reduce_sum(counts: Tensor, group) -> Tensor:
+    """A detached copy of ``counts`` summed over ``group`` (no host sync; every rank of the group must call it)."""
+    total = counts.detach().clone()
+    dist.all_reduce(total, group=group)
+    return total
+
+
 def global_load_balancing_loss(logits: Tensor, tokens_per_expert: Tensor, valid: Optional[Tensor], top_k: int,
                                group) -> Tensor:
     """Load-balancing loss with f_i counted over the whole group (Megatron's global-batch balancing).
@@ -428,8 +435,7 @@ def global_load_balancing_loss(logits: Tensor, tokens_per_expert: Tensor, valid:
     """
     world_size = dist.get_world_size(group)
     num_experts = logits.shape[1]
-    global_counts = tokens_per_expert.detach().clone()
-    dist.all_reduce(global_counts, group=group)
+    global_counts = all_reduce_sum(tokens_per_expert, group)
     probs = torch.softmax(logits, dim=-1)
     if valid is not None:
         probs = torch.where(valid.unsqueeze(1), probs, 0)
