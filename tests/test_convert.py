@@ -83,6 +83,28 @@ def test_upcycled_top1_is_exact_with_normalised_weights():
     assert_close(tiny_hf.logits(model, ids), dense_out, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("router", ["sigmoid", "random", "hash"])
+def test_upcycled_outputs_equal_dense_with_other_routers(router):
+    # Normalised top-k weights of identical experts sum to the dense FFN, whatever chose the experts. The hash
+    # router gets its token ids from the model's input_ids through the same hook as the attention mask.
+    model = tiny_hf.make_model("llama")
+    ids = tiny_hf.input_ids(2, 7)
+    dense_out = tiny_hf.logits(model, ids)
+    moefy(model, NUM_EXPERTS, top_k=2, upcycle=True, router=router)
+    assert all(layer.router_name == router for layer in moe_layers(model))
+    assert_close(tiny_hf.logits(model, ids), dense_out, rtol=1e-12, atol=1e-12)
+    assert_close(model(ids).logits, dense_out, rtol=1e-12, atol=1e-12)  # input_ids given positionally
+
+
+def test_hash_router_routes_by_input_ids():
+    model = moefy(tiny_hf.make_model("llama"), NUM_EXPERTS, top_k=1, router="hash")
+    ids = torch.tensor([[3, 3, 5, 3], [5, 7, 7, 3]])
+    tiny_hf.logits(model, ids)
+    counts = moe_layers(model)[0].stats.tokens_per_expert
+    assert int(counts.sum()) == 8 and int((counts > 0).sum()) <= 3  # three distinct ids, one expert each
+    model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)  # decoding: the last input id only
+
+
 @pytest.mark.parametrize(
     "family, expert, activation, bias",
     [("llama", "swiglu", None, False), ("qwen2", "swiglu", None, False), ("gpt2", "mlp", "gelu_tanh", True),

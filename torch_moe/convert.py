@@ -34,7 +34,8 @@ class MoEFeedForward(nn.Module):
     pre-hook that :func:`moefy` puts on a converted model whose forward takes ``attention_mask`` stores the mask of
     each call on every ``MoEFeedForward`` inside it; ``padding_mask`` (set by the :func:`padding_mask` context
     manager) takes precedence over it. A mask [B, S_total] meets hidden states [B, S] by its last S columns
-    (decoding with a KV cache); any other shape raises ValueError.
+    (decoding with a KV cache); any other shape raises ValueError. The hook also stores the call's ``input_ids``,
+    which a MoE with ``router="hash"`` takes as its ``token_ids``.
     """
 
     def __init__(self, moe: MoE, dropout: Optional[nn.Module] = None) -> None:
@@ -45,24 +46,30 @@ class MoEFeedForward(nn.Module):
         # Set by the model's forward pre-hook; kept until the next call of the model so that activation
         # checkpointing recomputes with the mask of its forward.
         self.attention_mask: Optional[Tensor] = None
+        self.token_ids: Optional[Tensor] = None
 
     def forward(self, hidden_states: Tensor) -> Tensor:
         mask = self.padding_mask if self.padding_mask is not None else self.attention_mask
         if mask is not None:
-            mask = _fit_mask(mask, hidden_states)
+            mask = _fit_to_tokens(mask, hidden_states, "padding mask")
+            mask = mask if mask.dtype == torch.bool else mask != 0
+        if getattr(self.moe, "router_name", None) == "hash" and self.token_ids is not None:
+            token_ids = _fit_to_tokens(self.token_ids, hidden_states, "input_ids")
+            return self.dropout(self.moe(hidden_states, padding_mask=mask, token_ids=token_ids))
         return self.dropout(self.moe(hidden_states, padding_mask=mask))
 
 
-def _fit_mask(mask: Tensor, hidden_states: Tensor) -> Tensor:
+def _fit_to_tokens(values: Tensor, hidden_states: Tensor, what: str) -> Tensor:
+    """values [..., S_total] -> [..., S], the last S positions (the new ones when decoding with a KV cache)."""
     lead_shape = hidden_states.shape[:-1]
-    if mask.dim() == len(lead_shape) and mask.shape[:-1] == lead_shape[:-1] and mask.shape[-1] >= lead_shape[-1]:
-        if mask.shape[-1] != lead_shape[-1]:
-            mask = mask[..., mask.shape[-1] - lead_shape[-1]:]
-        return mask if mask.dtype == torch.bool else mask != 0
+    if values.dim() == len(lead_shape) and values.shape[:-1] == lead_shape[:-1] and values.shape[-1] >= lead_shape[-1]:
+        if values.shape[-1] != lead_shape[-1]:
+            values = values[..., values.shape[-1] - lead_shape[-1]:]
+        return values
     raise ValueError(
-        f"MoEFeedForward: the stored padding mask of shape {tuple(mask.shape)} does not fit hidden states of shape "
+        f"MoEFeedForward: the stored {what} of shape {tuple(values.shape)} does not fit hidden states of shape "
         f"{tuple(hidden_states.shape)}: it must be [..., S_total] with the hidden states' leading dims and "
-        "S_total >= S (FFN chunking along the sequence is not supported with a padding mask)"
+        f"S_total >= S (FFN chunking along the sequence is not supported with a {what})"
     )
 
 
@@ -98,29 +105,37 @@ def _attention_mask_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> No
             "layers take a 2-D [batch, sequence] mask (1 = token, 0 = padding). Pass a 2-D mask, or call the model "
             "inside torch_moe.convert.padding_mask(model, mask)"
         )
+    token_ids = kwargs.get("input_ids")
+    ids_position = getattr(module, "_torch_moe_input_ids_position", None)
+    if token_ids is None and ids_position is not None and len(args) > ids_position:
+        token_ids = args[ids_position]
+    if not isinstance(token_ids, Tensor):
+        token_ids = None
     for ffn in _ffn_modules(module):
         ffn.attention_mask = mask
+        ffn.token_ids = token_ids
 
 
 def _install_attention_mask_hook(model: nn.Module) -> bool:
     """Install the hook when ``model.forward`` takes ``attention_mask`` (or ``**kwargs``); says whether it is on."""
     if getattr(model, "_torch_moe_attention_mask_hook", False):
         return True
-    position, accepted = None, False
+    position, ids_position, accepted = None, None, False
     try:
         params = list(inspect.signature(model.forward).parameters.values())
     except (TypeError, ValueError):
         params = []
     for i, p in enumerate(params):
-        if p.kind == p.VAR_KEYWORD:
+        positional = p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        if p.kind == p.VAR_KEYWORD or p.name == "attention_mask":
             accepted = True
-        if p.name == "attention_mask":
-            accepted = True
-            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
-                position = i
-            break
+        if p.name == "attention_mask" and positional:
+            position = i
+        if p.name == "input_ids" and positional:
+            ids_position = i
     if not accepted:
         return False
+    model._torch_moe_input_ids_position = ids_position
     model._torch_moe_attention_mask_position = position
     model._torch_moe_attention_mask_hook = True
     model.register_forward_pre_hook(_attention_mask_pre_hook, with_kwargs=True)
@@ -435,6 +450,8 @@ def _upcycle_(moe: MoE, dense: _DenseFFN, noise: float, generator: torch.Generat
         if noise > 0:
             jitter = torch.randn(target.shape, generator=generator, dtype=torch.float32)
             target.mul_((1.0 + noise * jitter).to(device=target.device, dtype=target.dtype))
-    weight = moe.router.weight
+    weight = getattr(moe.router, "weight", None)
+    if not isinstance(weight, Tensor):  # a router without parameters (hash) has nothing to initialise
+        return
     weight.copy_(torch.randn(weight.shape, generator=generator, dtype=torch.float32).mul_(UPCYCLE_ROUTER_STD)
                  .to(device=weight.device, dtype=weight.dtype))
