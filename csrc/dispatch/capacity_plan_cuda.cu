@@ -107,6 +107,12 @@ std::tuple<at::Tensor, at::Tensor> stable_sort(const at::Tensor& keys) {
 
 }  // namespace
 
+at::Tensor count_per_expert(const at::Tensor& expert_ids, int64_t num_experts,
+                            const std::optional<at::Tensor>& valid_mask) {
+  const c10::cuda::CUDAGuard guard(expert_ids.device());
+  return expert_histogram(expert_keys(expert_ids.contiguous(), num_experts, valid_mask), num_experts);
+}
+
 void check_expert_ids(const char* op, const at::Tensor& expert_ids, int64_t num_experts,
                       const std::optional<at::Tensor>& valid_mask) {
   ::torch_moe::check_expert_ids(op, expert_ids, num_experts, valid_mask);  // the range check there is CPU-only

@@ -17,4 +17,8 @@ void check_expert_ids(const char* op, const at::Tensor& expert_ids, int64_t num_
 std::tuple<at::Tensor, at::Tensor> permute_plan(const at::Tensor& expert_ids, int64_t num_experts,
                                                 const std::optional<at::Tensor>& valid_mask);
 
+// tokens_per_expert [E]: assignments of valid tokens per expert (ids outside [0, E) are not counted), on the device.
+at::Tensor count_per_expert(const at::Tensor& expert_ids, int64_t num_experts,
+                            const std::optional<at::Tensor>& valid_mask);
+
 }  // namespace torch_moe::cuda

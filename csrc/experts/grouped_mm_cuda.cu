@@ -1,0 +1,247 @@
+// CUDA grouped GEMM over per-expert row segments: torch's grouped GEMM (at::_grouped_mm, CUTLASS) where it
+// supports the inputs (bfloat16 on sm90/sm100 with 16-byte aligned rows), else one GEMM per non-empty expert
+// segment with the offsets read on the host (a sync; dropless mode only). Zero-token experts give zero rows and
+// zero weight gradients on both paths.
+#include "experts/grouped_mm_cuda.h"
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "common/checks.h"
+#include "common/cuda_utils.cuh"
+#include "common/row_ops_cuda.h"
+
+namespace torch_moe::cuda {
+namespace {
+
+thread_local const char* g_last_path = "";
+
+void check_operands(const char* op, const at::Tensor& a, const at::Tensor& b) {
+  check_floating(op, "a", a);
+  check_dim(op, "a", a, 2, "[N, K]");
+  check_floating(op, "b", b);
+  check_dim(op, "b", b, 3, "[E, K, M]");
+  TORCH_MOE_CHECK(a.scalar_type() == b.scalar_type(), "torch_moe.{}: arguments 'a' and 'b' must share a dtype, got {} and {}",
+                  op, dtype_name(a.scalar_type()), dtype_name(b.scalar_type()));
+  check_size(op, "b", b, 1, a.size(1), "columns of a");
+  check_same_device(op, {{"a", &a}, {"b", &b}});
+}
+
+// The CPU's read_offsets checks: shape on the host always, values (one small device-to-host copy) when value
+// checks are on.
+void check_offsets(const char* op, const at::Tensor& offsets, int64_t num_experts, int64_t num_rows) {
+  check_dtype(op, "offsets", offsets, at::kLong);
+  check_dim(op, "offsets", offsets, 1, "[E + 1]");
+  check_size(op, "offsets", offsets, 0, num_experts + 1, "experts + 1");
+  if (!value_checks_enabled()) return;
+  const auto host = offsets.to(at::kCPU).contiguous();
+  const int64_t* bounds = host.data_ptr<int64_t>();
+  TORCH_MOE_CHECK(bounds[0] == 0, "torch_moe.{}: argument 'offsets' must start at 0, got {}", op, bounds[0]);
+  for (int64_t e = 0; e < num_experts; ++e) {
+    TORCH_MOE_CHECK(bounds[e] <= bounds[e + 1],
+                    "torch_moe.{}: argument 'offsets' must be non-decreasing, got offsets[{}] = {} > offsets[{}] = {}",
+                    op, e, bounds[e], e + 1, bounds[e + 1]);
+  }
+  TORCH_MOE_CHECK(bounds[num_experts] <= num_rows,
+                  "torch_moe.{}: argument 'offsets' ends at {} but 'a' has only {} rows", op, bounds[num_experts],
+                  num_rows);
+}
+
+int capability_major(int device) {
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device));
+  return major;
+}
+
+bool forced_loop() {
+  static const bool forced = [] {
+    const char* v = std::getenv("TORCH_MOE_GROUPED_MM");
+    return v != nullptr && std::strcmp(v, "loop") == 0;
+  }();
+  return forced;
+}
+
+bool aligned16(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
+
+// Whether at::_grouped_mm takes a [N, K] x [E, K, M] problem: bf16 CUTLASS kernels on sm90/sm100, every row
+// stride a multiple of 16 bytes, row counts that fit its int32 offsets.
+bool use_grouped_gemm(const at::Tensor& a, const at::Tensor& b) {
+  if (forced_loop() || a.scalar_type() != at::kBFloat16 || b.scalar_type() != at::kBFloat16) return false;
+  const int major = capability_major(a.get_device());
+  if (major != 9 && major != 10) return false;
+  const int64_t N = a.size(0), K = a.size(1), M = b.size(2);
+  if (N == 0 || K == 0 || M == 0 || N >= std::numeric_limits<int32_t>::max()) return false;
+  return K % 8 == 0 && M % 8 == 0 && aligned16(a) && aligned16(b);
+}
+
+at::Tensor group_ends(const at::Tensor& offsets) { return offsets.narrow(0, 1, offsets.size(0) - 1).to(at::kInt); }
+
+std::vector<int64_t> host_bounds(const at::Tensor& offsets) {
+  const auto host = offsets.to(at::kCPU).contiguous();
+  return std::vector<int64_t>(host.data_ptr<int64_t>(), host.data_ptr<int64_t>() + host.numel());
+}
+
+// out [N, M] = segments of a (contiguous) times b[e] (any strides); rows past offsets[E] zero.
+at::Tensor segment_mm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets) {
+  const int64_t E = b.size(0), N = a.size(0), M = b.size(2);
+  if (use_grouped_gemm(a, b)) {
+    try {
+      auto out = at::_grouped_mm(a, b, group_ends(offsets));
+      zero_rows_past_end(out, offsets);
+      g_last_path = "grouped_mm";
+      return out;
+    } catch (const c10::Error&) {
+      // A layout or size this torch's grouped GEMM refuses: fall through to the loop.
+    }
+  }
+  g_last_path = "per_expert_loop";
+  auto out = at::zeros({N, M}, a.options());
+  const auto bounds = host_bounds(offsets);
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t n = bounds[e + 1] - bounds[e];
+    if (n <= 0) continue;
+    auto out_e = out.narrow(0, bounds[e], n);
+    at::mm_out(out_e, a.narrow(0, bounds[e], n), b.select(0, e));
+  }
+  return out;
+}
+
+// [E, K, M]: per expert the sum over its rows of a[r]^T g[r]; zero for experts without rows.
+at::Tensor segment_weight_grad(const at::Tensor& a, const at::Tensor& g, const at::Tensor& offsets) {
+  const int64_t E = offsets.size(0) - 1, K = a.size(1), M = g.size(1);
+  if (use_grouped_gemm(a, g.unsqueeze(0))) {
+    try {
+      auto grad = at::_grouped_mm(a.t(), g, group_ends(offsets));
+      // Experts without rows: make their gradient zero whatever the kernel left there.
+      const auto has_rows = (offsets.narrow(0, 1, E) - offsets.narrow(0, 0, E)).gt(0).view({E, 1, 1});
+      g_last_path = "grouped_mm";
+      return at::where(has_rows, grad, at::zeros({}, grad.options()));
+    } catch (const c10::Error&) {
+    }
+  }
+  g_last_path = "per_expert_loop";
+  auto grad = at::zeros({E, K, M}, a.options());
+  const auto bounds = host_bounds(offsets);
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t n = bounds[e + 1] - bounds[e];
+    if (n <= 0) continue;
+    auto grad_e = grad.select(0, e);
+    at::mm_out(grad_e, a.narrow(0, bounds[e], n).t(), g.narrow(0, bounds[e], n));
+  }
+  return grad;
+}
+
+// row_index [T, k] int64 naming distinct rows in [-1, num_rows).
+void check_row_plan(const char* op, const at::Tensor& row_index, int64_t tokens, int64_t num_rows) {
+  check_dtype(op, "row_index", row_index, at::kLong);
+  check_dim(op, "row_index", row_index, 2, "[T, k]");
+  check_size(op, "row_index", row_index, 0, tokens, "tokens");
+  check_index_range(op, "row_index", row_index, -1, num_rows);
+  check_unique_destinations(op, "row_index", row_index, num_rows);
+}
+
+}  // namespace
+
+const char* last_grouped_mm_path() { return g_last_path; }
+
+at::Tensor grouped_mm(const at::Tensor& a_in, const at::Tensor& b, const at::Tensor& offsets) {
+  constexpr const char* op = "grouped_mm";
+  check_operands(op, a_in, b);
+  check_same_device(op, {{"a", &a_in}, {"offsets", &offsets}});
+  check_offsets(op, offsets, b.size(0), a_in.size(0));
+  const c10::cuda::CUDAGuard guard(a_in.device());
+  return segment_mm(a_in.contiguous(), b, offsets);
+}
+
+std::tuple<at::Tensor, at::Tensor> grouped_mm_backward(const at::Tensor& grad_out_in, const at::Tensor& a_in,
+                                                       const at::Tensor& b, const at::Tensor& offsets) {
+  constexpr const char* op = "_grouped_mm_backward";
+  check_operands(op, a_in, b);
+  check_floating(op, "grad_out", grad_out_in);
+  check_dim(op, "grad_out", grad_out_in, 2, "[N, M]");
+  check_size(op, "grad_out", grad_out_in, 0, a_in.size(0), "rows of a");
+  check_size(op, "grad_out", grad_out_in, 1, b.size(2), "columns of b");
+  check_offsets(op, offsets, b.size(0), a_in.size(0));
+  const c10::cuda::CUDAGuard guard(a_in.device());
+  const auto grad_out = grad_out_in.to(a_in.scalar_type()).contiguous();
+  return {segment_mm(grad_out, b.transpose(1, 2), offsets), segment_weight_grad(a_in.contiguous(), grad_out, offsets)};
+}
+
+at::Tensor gather_grouped_mm(const at::Tensor& x, const at::Tensor& b, const at::Tensor& offsets,
+                             const at::Tensor& row_index) {
+  constexpr const char* op = "gather_grouped_mm";
+  check_floating(op, "x", x);
+  check_dim(op, "x", x, 2, "[T, K]");
+  check_row_plan(op, row_index, x.size(0), row_index.numel());
+  const c10::cuda::CUDAGuard guard(x.device());
+  return grouped_mm(scatter_rows(x, row_index, std::nullopt, row_index.numel()), b, offsets);
+}
+
+std::tuple<at::Tensor, at::Tensor> gather_grouped_mm_backward(const at::Tensor& grad_out, const at::Tensor& x,
+                                                              const at::Tensor& b, const at::Tensor& offsets,
+                                                              const at::Tensor& row_index) {
+  constexpr const char* op = "_gather_grouped_mm_backward";
+  check_floating(op, "x", x);
+  check_dim(op, "x", x, 2, "[T, K]");
+  check_row_plan(op, row_index, x.size(0), row_index.numel());
+  const c10::cuda::CUDAGuard guard(x.device());
+  const auto rows = scatter_rows(x, row_index, std::nullopt, row_index.numel());
+  auto [grad_rows, grad_b] = grouped_mm_backward(grad_out, rows, b, offsets);
+  return {gather_rows(grad_rows, row_index, std::nullopt), grad_b};
+}
+
+at::Tensor grouped_mm_unpermute(const at::Tensor& h, const at::Tensor& b, const at::Tensor& offsets,
+                                const at::Tensor& weights, const at::Tensor& row_index) {
+  constexpr const char* op = "grouped_mm_unpermute";
+  check_floating(op, "weights", weights);
+  check_row_plan(op, row_index, weights.size(0), h.size(0));
+  check_same_shape(op, "weights", weights, "row_index", row_index);
+  const c10::cuda::CUDAGuard guard(h.device());
+  return gather_rows(grouped_mm(h, b, offsets), row_index, weights);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_unpermute_backward(
+    const at::Tensor& grad_y, const at::Tensor& h, const at::Tensor& b, const at::Tensor& offsets,
+    const at::Tensor& weights, const at::Tensor& row_index) {
+  constexpr const char* op = "_grouped_mm_unpermute_backward";
+  check_operands(op, h, b);
+  check_floating(op, "weights", weights);
+  check_row_plan(op, row_index, weights.size(0), h.size(0));
+  check_same_shape(op, "weights", weights, "row_index", row_index);
+  check_floating(op, "grad_y", grad_y);
+  check_dim(op, "grad_y", grad_y, 2, "[T, M]");
+  check_offsets(op, offsets, b.size(0), h.size(0));
+  const c10::cuda::CUDAGuard guard(h.device());
+  const int64_t N = h.size(0);
+  // As on the CPU: per row r = row_index[t, j], G[r] = grad_y[t] and w[r] = weights[t, j] (0 for unused rows);
+  // with P = G b^T: grad_h = w * P, grad_b[e] = h_e^T (w * G)_e, grad_weights[t, j] = <P[r], h[r]>.
+  const auto G = scatter_rows(grad_y.to(h.scalar_type()), row_index, std::nullopt, N);
+  const auto w_row = scatter_rows(weights.reshape({-1, 1}).to(h.scalar_type()), row_index.reshape({-1, 1}),
+                                  std::nullopt, N);  // [N, 1]
+  const auto h_c = h.contiguous();
+  auto P = segment_mm(G, b.transpose(1, 2), offsets);
+  auto grad_b = segment_weight_grad(h_c, (G * w_row).contiguous(), offsets);
+  const auto opmath = h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto per_row_dot = (P.to(opmath) * h_c.to(opmath)).sum(1, /*keepdim=*/true);
+  auto grad_weights = gather_rows(per_row_dot, row_index.reshape({-1, 1}), std::nullopt)
+                          .reshape(weights.sizes())
+                          .to(weights.scalar_type());
+  return {P.mul_(w_row), grad_b, grad_weights};
+}
+
+TORCH_LIBRARY_IMPL(torch_moe, CUDA, m) {
+  m.impl("grouped_mm", &grouped_mm);
+  m.impl("_grouped_mm_backward", &grouped_mm_backward);
+  m.impl("gather_grouped_mm", &gather_grouped_mm);
+  m.impl("_gather_grouped_mm_backward", &gather_grouped_mm_backward);
+  m.impl("grouped_mm_unpermute", &grouped_mm_unpermute);
+  m.impl("_grouped_mm_unpermute_backward", &grouped_mm_unpermute_backward);
+}
+
+}  // namespace torch_moe::cuda
