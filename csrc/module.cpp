@@ -8,6 +8,9 @@
 namespace torch_moe {
 #if TORCH_MOE_WITH_CUDA
 int cuda_runtime_version();  // defined in cuda/build_info.cu
+namespace cuda {
+const char* last_grouped_mm_path();  // defined in experts/grouped_mm_cuda.cu
+}  // namespace cuda
 #endif
 }  // namespace torch_moe
 
@@ -25,4 +28,11 @@ PYBIND11_MODULE(_C, m) {
     return 0;
 #endif
   }, "CUDART_VERSION the CUDA code was compiled with (0 without CUDA).");
+  m.def("last_grouped_mm_path", [] {
+#if TORCH_MOE_WITH_CUDA
+    return std::string(torch_moe::cuda::last_grouped_mm_path());
+#else
+    return std::string();
+#endif
+  }, "Path of this thread's last CUDA grouped_mm-family call: grouped_mm or per_expert_loop (empty before any).");
 }

@@ -22,14 +22,26 @@ ACTIVATIONS = {
 }
 
 
+def _grouped_path(x: Tensor) -> str:
+    """Which path the last grouped GEMMs took: "grouped_mm" or "per_expert_loop" on CUDA, "cpu" on the CPU."""
+    if x.device.type != "cuda":
+        return "cpu"
+    if torch.compiler.is_compiling():
+        return "compiled"
+    return ops.last_grouped_mm_path() or "unknown"
+
+
 class Experts(nn.Module):
     """E independent FFNs.
 
     ``"swiglu"``: (silu(x·w1 [+ b1]) · (x·w3)) · w2 [+ b2]; ``"geglu"``: the same with exact gelu;
     ``"mlp"``: act(x·w1 [+ b1]) · w2 [+ b2] with ``activation`` in gelu (exact) / gelu_tanh / relu / silu.
     Parameters: w1 [E, d_model, d_ff], w2 [E, d_ff, d_model], w3 [E, d_model, d_ff] (gated types only),
-    b1 [E, d_ff] and b2 [E, d_model] when ``bias``.
+    b1 [E, d_ff] and b2 [E, d_model] when ``bias``. ``last_path`` names the expert-compute path of the last forward:
+    "bmm" (capacity mode), "grouped_mm" (torch's grouped GEMM) or "per_expert_loop" on CUDA, "cpu" on the CPU.
     """
+
+    last_path: str = ""
 
     def __init__(
         self,
@@ -71,6 +83,7 @@ class Experts(nn.Module):
 
     def forward(self, buffer: Tensor) -> Tensor:
         """Capacity mode: buffer [E, C, d_model] -> [E, C, d_model], one batched GEMM per projection."""
+        self.last_path = "bmm"
         h = torch.bmm(buffer, self.w1)
         if self.b1 is not None:
             h = h + self.b1.unsqueeze(1)
@@ -101,6 +114,7 @@ class Experts(nn.Module):
         out = ops.grouped_mm(h, self.w2, offsets)
         if expert_of_row is not None:
             out = out + self.b2[expert_of_row]
+        self.last_path = _grouped_path(rows)
         return out
 
     def forward_dropless(self, x: Tensor, weights: Tensor, row_index: Tensor, offsets: Tensor) -> Tensor:
@@ -122,7 +136,9 @@ class Experts(nn.Module):
         if self.b2 is not None:
             h = torch.cat([h, h.new_ones(h.shape[0], 1)], dim=1)
             w2 = torch.cat([w2, self.b2.unsqueeze(1)], dim=1)
-        return ops.grouped_mm_unpermute(h, w2, offsets, weights, row_index)
+        y = ops.grouped_mm_unpermute(h, w2, offsets, weights, row_index)
+        self.last_path = _grouped_path(x)
+        return y
 
     def extra_repr(self) -> str:
         return (

@@ -30,6 +30,7 @@ __all__ = [
     "permute_plan",
     "gather_grouped_mm",
     "grouped_mm_unpermute",
+    "last_grouped_mm_path",
 ]
 
 
@@ -199,3 +200,11 @@ def grouped_mm_unpermute(h: Tensor, b: Tensor, offsets: Tensor, weights: Tensor,
     h: [N, K] grouped rows, b: [E, K, M], weights [T, k] -> y [T, M]; backward needs only h.
     """
     return torch.ops.torch_moe.grouped_mm_unpermute(h, b, offsets, weights, row_index)
+
+
+def last_grouped_mm_path() -> str:
+    """The path of this thread's last CUDA grouped_mm-family call: "grouped_mm" (torch's grouped GEMM) or
+    "per_expert_loop" (one GEMM per non-empty expert); "" before any CUDA call or without CUDA kernels."""
+    from . import _C
+
+    return _C.last_grouped_mm_path()
