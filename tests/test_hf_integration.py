@@ -64,6 +64,28 @@ def test_padding_is_left_out_of_outputs_losses_and_stats(family, capacity_factor
     assert int(moe_layers(model)[0].stats.tokens_per_expert.sum()) == 2 * 9 * TOP_K
 
 
+def test_activation_checkpointing_recomputes_with_the_mask():
+    # The stored mask outlives the forward, so the recomputation in backward routes exactly as the forward did.
+    def run(checkpointing):
+        model = moefy(tiny_hf.make_model("llama"), NUM_EXPERTS, TOP_K, capacity_factor=1.0, min_capacity=1)
+        if checkpointing:
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable()
+        model.train()
+        ids = tiny_hf.input_ids(2, 8)
+        mask = torch.ones_like(ids)
+        mask[0, 5:] = 0
+        loss = tiny_hf.lm_loss(model, ids, mask) + torch_moe.aux_loss(model)
+        loss.backward()
+        return loss.detach(), {name: p.grad for name, p in model.named_parameters()}
+
+    loss, grads = run(False)
+    loss_ckpt, grads_ckpt = run(True)
+    assert_close(loss_ckpt, loss, rtol=0, atol=0)
+    for name in grads:
+        assert_close(grads_ckpt[name], grads[name], rtol=1e-12, atol=1e-12, msg=lambda m, name=name: f"{name}: {m}")
+
+
 def test_attention_mask_given_positionally():
     model = moefy(tiny_hf.make_model("llama"), NUM_EXPERTS, TOP_K)
     ids = tiny_hf.input_ids(2, 5)
