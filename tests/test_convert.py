@@ -23,7 +23,8 @@ def moe_layers(model):
 
 
 def dense_ffn(width=8, hidden=16, act=None, bias=True, dropout=None):
-    layers = [nn.Linear(width, hidden, bias=bias), act if act is not None else nn.GELU(), nn.Linear(hidden, width, bias=bias)]
+    layers = [nn.Linear(width, hidden, bias=bias), act if act is not None else nn.GELU(),
+              nn.Linear(hidden, width, bias=bias)]
     if dropout is not None:
         layers.append(nn.Dropout(dropout))
     return nn.Sequential(*layers)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import fnmatch
 import inspect
-import math
 import re
 import warnings
 from contextlib import contextmanager

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-import torch
 from torch import Tensor, nn
 
 try:
@@ -68,7 +67,8 @@ class MoETrainer(Trainer):
         if model.training:
             moe_loss = aux_loss(model).to(loss.device)
             if self._loss_is_scaled_for_ga(num_items_in_batch):
-                steps = getattr(self, "current_gradient_accumulation_steps", None) or self.args.gradient_accumulation_steps
+                steps = (getattr(self, "current_gradient_accumulation_steps", None)
+                         or self.args.gradient_accumulation_steps)
                 moe_loss = moe_loss / steps
             loss = loss + moe_loss
             detached = moe_loss.detach()
