@@ -317,6 +317,13 @@ def test_unsupported_activation():
     model = nn.Sequential(dense_ffn(act=nn.Tanh()))
     with pytest.raises(ValueError, match="activation Tanh.*not one the MoE experts have"):
         moefy(model, NUM_EXPERTS, select="0")
+
+    class Broken(nn.Module):
+        def forward(self, h):
+            raise RuntimeError("no")
+
+    with pytest.raises(ValueError, match="could not evaluate the FFN's activation Broken"):
+        moefy(nn.Sequential(dense_ffn(act=Broken())), NUM_EXPERTS, select="0")
     gated = tiny_hf.make_model("llama", hidden_act="relu")
     with pytest.raises(ValueError, match=r"expected silu \(SwiGLU\) or exact gelu \(GeGLU\)"):
         moefy(gated, NUM_EXPERTS)

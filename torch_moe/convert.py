@@ -265,20 +265,23 @@ def _activation_name(act: Callable[[Tensor], Tensor], gated: bool) -> str:
         "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"),
         "relu": F.relu,
     }
+    allowed = "silu (SwiGLU) or exact gelu (GeGLU)" if gated else "gelu (exact), gelu_tanh (gelu_new), relu or silu"
     with torch.no_grad():
-        try:
-            values = act(probe)
-        except Exception:  # an activation that refuses float64 is tried in float32
-            values = None
-        tol = 1e-9
-        if not isinstance(values, Tensor):
-            values, tol = act(probe.float()).double(), 1e-5
+        values, tol = None, 1e-9
+        for dtype, tolerance in ((torch.float64, 1e-9), (torch.float32, 1e-5)):
+            try:  # an activation that refuses float64 is tried in float32
+                values, tol = act(probe.to(dtype)), tolerance
+                break
+            except Exception:
+                continue
+        if not isinstance(values, Tensor) or values.shape != probe.shape:
+            raise ValueError(f"moefy: could not evaluate the FFN's activation {act!r} on a CPU probe; expected {allowed}")
+        values = values.double()
         for name, fn in candidates.items():
             if torch.allclose(values, fn(probe), rtol=0, atol=tol):
                 if gated and name not in ("silu", "gelu"):
                     break
                 return name
-    allowed = "silu (SwiGLU) or exact gelu (GeGLU)" if gated else "gelu (exact), gelu_tanh (gelu_new), relu or silu"
     raise ValueError(f"moefy: the FFN's activation {act!r} is not one the MoE experts have: expected {allowed}")
 
 
