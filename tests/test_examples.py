@@ -35,3 +35,26 @@ def test_train_lm_smoke(tmp_path, capacity_factor):
     counts = metrics["moe"]["tokens_per_expert"]
     assert len(counts) == 1 and len(counts[0]) == 4
     assert sum(counts[0]) == 4 * 4 * 32 * 2
+
+
+def test_ablation_notebook_is_the_script_twin_and_runs(tmp_path, monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    sys.path.insert(0, str(ROOT / "examples"))
+    import notebook_twin
+
+    built = notebook_twin.build(ROOT / "examples" / "ablations.py")
+    committed = nbformat.read(ROOT / "examples" / "ablations.ipynb", as_version=4)
+    assert [(c.cell_type, c.source) for c in committed.cells] == [(c.cell_type, c.source) for c in built.cells], (
+        "examples/ablations.ipynb is out of date: run python examples/notebook_twin.py")
+
+    monkeypatch.setenv("ABLATION_SIZE", "tiny")
+    monkeypatch.setenv("ABLATION_OUT", str(tmp_path))
+    client = nbclient.NotebookClient(built, timeout=600, resources={"metadata": {"path": str(ROOT / "examples")}})
+    client.execute()  # raises CellExecutionError if any cell fails
+    table = (tmp_path / "ablations.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| run")]
+    assert len(rows) == 15, table
+    for row in rows:
+        assert math.isfinite(float(row.split("|")[2])), row
+    assert (tmp_path / "ablations.png").stat().st_size > 0

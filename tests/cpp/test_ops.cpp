@@ -25,6 +25,8 @@ using Combine = Tensor(const Tensor&, const Tensor&, const Tensor&, const Tensor
 using Permute = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, int64_t, const OptTensor&);
 using Unpermute = Tensor(const Tensor&, const Tensor&, const Tensor&);
 using RouterLosses = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&);
+using ExpertChoice = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, c10::SymInt, const OptTensor&);
+using NoisyTopkLoad = Tensor(const Tensor&, const Tensor&, const Tensor&, int64_t, const OptTensor&);
 
 }  // namespace
 
@@ -33,7 +35,9 @@ TEST_CASE("every op is registered in the torch_moe namespace", "[registration]")
                            "torch_moe::dispatch", "torch_moe::_dispatch_backward", "torch_moe::combine",
                            "torch_moe::_combine_backward", "torch_moe::permute", "torch_moe::_permute_backward",
                            "torch_moe::unpermute", "torch_moe::_unpermute_backward", "torch_moe::router_losses",
-                           "torch_moe::_router_losses_backward"}) {
+                           "torch_moe::_router_losses_backward", "torch_moe::expert_choice",
+                           "torch_moe::_expert_choice_backward", "torch_moe::noisy_topk_load",
+                           "torch_moe::_noisy_topk_load_backward"}) {
     INFO(name);
     CHECK(c10::Dispatcher::singleton().findSchema({name, ""}).has_value());
   }
@@ -125,4 +129,35 @@ TEST_CASE("ops reject ids outside [0, E) with a message naming expert_ids", "[er
                     Catch::Contains("expert_ids") && Catch::Contains("[0, 3)"));
   CHECK_THROWS_WITH(plan.call(ids.to(torch::kInt), 3, 2, "position", std::nullopt, std::nullopt),
                     Catch::Contains("int64"));
+}
+
+TEST_CASE("router_topk with groups chooses only inside the best group", "[router_topk][groups]") {
+  const auto router = op<RouterTopk>("torch_moe::router_topk");
+  auto logits = torch::tensor({{3.0, -5.0, 2.0, 2.0}}, torch::kDouble);
+  auto [weights, ids, scores] = router.call(logits, 2, "sigmoid", std::nullopt, true, 2, 1);
+  CHECK(torch::equal(ids, torch::tensor({{2, 3}}, torch::kLong)));
+  CHECK_THROWS_WITH(router.call(logits, 3, "sigmoid", std::nullopt, true, 2, 1), Catch::Contains("'k' = 3"));
+}
+
+TEST_CASE("expert_choice: each expert takes its best tokens and the weights backpropagate", "[expert_choice]") {
+  const auto choice = op<ExpertChoice>("torch_moe::expert_choice");
+  auto logits = torch::tensor({{2.0, 0.0}, {0.0, 2.0}, {1.0, 1.0}}, torch::kDouble).requires_grad_();
+  auto [weights, slots, token_ids, scores] = choice.call(logits, 1, std::nullopt);
+  CHECK(torch::equal(token_ids, torch::tensor({{0}, {1}}, torch::kLong)));
+  CHECK(torch::equal(slots, torch::tensor({{0, -1}, {-1, 0}, {-1, -1}}, torch::kLong)));
+  weights.sum().backward();
+  REQUIRE(logits.grad().defined());
+  CHECK(logits.grad()[2].abs().sum().item<double>() == 0.0);  // nobody took token 2
+}
+
+TEST_CASE("noisy_topk_load is the sum of normal CDFs and differentiable", "[noisy_topk_load]") {
+  const auto load_op = op<NoisyTopkLoad>("torch_moe::noisy_topk_load");
+  auto clean = torch::zeros({1, 2}, torch::kDouble).requires_grad_();
+  auto noisy = torch::zeros({1, 2}, torch::kDouble);
+  auto std_ = torch::ones({1, 2}, torch::kDouble);
+  // k = 1 of 2 equal logits: each expert beats the other with probability 1/2.
+  auto load = load_op.call(clean, noisy, std_, 1, std::nullopt);
+  CHECK(torch::allclose(load, torch::full({2}, 0.5, torch::kDouble)));
+  load.sum().backward();
+  CHECK(torch::allclose(clean.grad(), torch::full({1, 2}, 1.0 / std::sqrt(2.0 * M_PI), torch::kDouble)));
 }
