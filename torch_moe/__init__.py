@@ -30,7 +30,8 @@ from . import ops  # noqa: E402
 from . import losses  # noqa: E402
 from . import parallel  # noqa: E402
 from . import routing  # noqa: E402
-from .diagnostics import MoEStats  # noqa: E402
+from .convert import moefy  # noqa: E402
+from .diagnostics import MoEStats, MoETracker  # noqa: E402
 from .experts import Experts  # noqa: E402
 from .layer import MoE, aux_loss  # noqa: E402
 from .routing import Router  # noqa: E402
@@ -49,5 +50,5 @@ def build_info() -> dict:
     }
 
 
-__all__ = ["MoE", "SoftMoE", "Router", "Experts", "MoEStats", "aux_loss", "ops", "losses", "routing", "parallel",
-           "build_info"]
+__all__ = ["MoE", "SoftMoE", "Router", "Experts", "MoEStats", "MoETracker", "moefy", "aux_loss", "ops", "losses",
+           "routing", "parallel", "build_info"]

@@ -29,7 +29,7 @@ class MoE(nn.Module):
         drop_policy: ``"position"`` (every token's 1st choice before any 2nd choice, GShard) or
             ``"probability"`` (each expert keeps its C most probable assignments).
         normalize_weights: divide the chosen probabilities by their sum; ``None`` means ``top_k > 1``.
-        expert: ``"swiglu"``, ``"geglu"`` or ``"mlp"`` (with ``activation`` gelu / relu / silu); ``bias``
+        expert: ``"swiglu"``, ``"geglu"`` or ``"mlp"`` (with ``activation`` gelu / gelu_tanh / relu / silu); ``bias``
             adds b1 [E, d_ff] and b2 [E, d_model].
         aux_loss_coef, z_loss_coef: weights of the load-balancing loss and the router z-loss in ``aux_loss``.
         jitter_eps: multiplicative U(1 - eps, 1 + eps) noise on the router input, training only.
