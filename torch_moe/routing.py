@@ -170,7 +170,10 @@ class SigmoidRouter(Router):
     weights are the chosen unbiased scores divided by their sum. In training mode every forward moves the bias
     against the load it saw: ``expert_bias[i] += bias_update_rate · sign(mean load − load[i])`` (0 disables).
     ``n_groups`` / ``topk_groups``: a group's score is the sum of its two highest biased scores and a token chooses
-    only inside its ``topk_groups`` best groups (DeepSeek-V3's node-limited routing).
+    only inside its ``topk_groups`` best groups (DeepSeek-V3's node-limited routing). With ``top_k=1`` the normalised
+    weight is always 1 and the router learns only from aux losses: pass ``normalize_weights=False`` there. With
+    expert parallelism the load is summed over the group first (one all-reduce per training forward), so the bias
+    stays identical on every rank.
 
     Parameters: ``weight`` [E, d_model]; buffer ``expert_bias`` [E] float32 (saved in the state dict).
     """
