@@ -466,3 +466,198 @@ def test_second_gpu_matches_first():
             y1 = layer1(x.to("cuda:1"))
         assert y1.device == torch.device("cuda:1")
         torch.testing.assert_close(y1.cpu(), y0.cpu())
+
+
+# ---------------------------------------------------------------------------------------------- expert_choice and
+# noisy_topk_load (CUDA kernels added after the sections above; compile-checked only until a GPU session runs them)
+
+
+def _bump_logits(T, E, generator):
+    """[T, E] float64 logits whose softmax columns are well separated in every dtype: zeros but one bump per row,
+    row t bumping expert t mod E by a distinct multiple of 1/32 (exact in bf16 and fp16 for T <= 255), so the
+    probability of any expert differs between any two tokens by far more than CPU/GPU rounding."""
+    assert T <= 255
+    bumps = (torch.randperm(T, generator=generator).to(torch.float64) + 1) / 32
+    logits = torch.zeros(T, E, dtype=torch.float64)
+    logits[torch.arange(T), torch.arange(T) % E] = bumps
+    return logits
+
+
+def _expert_choice_both(logits, capacity, valid=None, upstream=None):
+    """expert_choice on CPU and CUDA with the same inputs -> (cpu, cuda, cpu_grad, cuda_grad)."""
+    outs, grads = [], []
+    for device in ("cpu", CUDA):
+        x = logits.clone().to(device).requires_grad_(upstream is not None)
+        out = ops.expert_choice(x, capacity, None if valid is None else valid.to(device))
+        if upstream is not None:
+            (out.weights * upstream.to(device)).sum().backward()
+            grads.append(x.grad)
+        outs.append(out)
+    return (*outs, *(grads or [None, None]))
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("masked", [False, True], ids=["all_valid", "masked"])
+@pytest.mark.parametrize("T,E,C", [(200, 8, 30), (255, 64, 5), (40, 300, 1), (37, 4, 50), (9, 2, 0), (1, 1, 3)])
+def test_expert_choice_agrees(dtype, masked, T, E, C):
+    """Warp path and block path (E > 256), capacity above the valid tokens and above T: ids and slots exactly,
+    weights, scores and the logits' gradient within tolerance."""
+    g = _gen()
+    logits = _bump_logits(T, E, g).to(dtype)
+    valid = (torch.rand(T, generator=g) > 0.3) if masked else None
+    upstream = torch.randn(T, E, generator=g, dtype=torch.float64)
+    cpu, cuda, cpu_grad, cuda_grad = _expert_choice_both(logits, C, valid, upstream)
+    _equal(cuda.token_ids, cpu.token_ids)
+    _equal(cuda.slots, cpu.slots)
+    assert cuda.weights.dtype == cpu.weights.dtype == ref.router_dtype(dtype)
+    _close(cuda.weights, cpu.weights, ref.router_dtype(dtype))
+    _close(cuda.scores, cpu.scores, ref.router_dtype(dtype))
+    assert cuda_grad.dtype == dtype
+    _close(cuda_grad, cpu_grad, dtype)
+    if valid is not None:
+        assert bool(cuda.slots[~valid.to(CUDA)].eq(-1).all()) and bool(cuda.weights[~valid.to(CUDA)].eq(0).all())
+    taken = min(C, T if valid is None else int(valid.sum()))
+    assert cuda.token_ids[:, :taken].ge(0).all() and cuda.token_ids[:, taken:].eq(-1).all()
+
+
+@pytest.mark.parametrize("T,E,C", [(1000, 64, 40), (4096, 8, 600), (300, 512, 2)])
+def test_expert_choice_float64_random_agrees(T, E, C):
+    """Unstructured float64 logits at larger sizes (the sort over tokens, many experts)."""
+    g = _gen()
+    logits = torch.randn(T, E, generator=g, dtype=torch.float64) * 2
+    valid = torch.rand(T, generator=g) > 0.1
+    upstream = torch.randn(T, E, generator=g, dtype=torch.float64)
+    cpu, cuda, cpu_grad, cuda_grad = _expert_choice_both(logits, C, valid, upstream)
+    _equal(cuda.token_ids, cpu.token_ids)
+    _equal(cuda.slots, cpu.slots)
+    _close(cuda.weights, cpu.weights, torch.float64)
+    _close(cuda_grad, cpu_grad, torch.float64)
+
+
+def test_expert_choice_ties_padding_and_non_finite_agree():
+    """Equal probabilities go to the lower token; padding is never taken even with spare capacity; NaN rows rank
+    below every number (still taken when capacity allows, as on the CPU); -inf / +inf rows."""
+    E = 3
+    rows = [torch.zeros(E)] * 4 + [
+        torch.tensor([1.0, 0.0, 0.0]),
+        torch.tensor([float("nan"), 0.0, 0.0]),
+        torch.tensor([float("-inf")] * E),
+        torch.tensor([float("inf"), float("inf"), 0.0]),
+        torch.tensor([1.0, 0.0, 0.0]),  # a duplicate of row 4: tie, lower token first
+        torch.zeros(E),
+    ]
+    logits = torch.stack(rows)
+    T = logits.shape[0]
+    valid = torch.ones(T, dtype=torch.bool)
+    valid[[1, 9]] = False
+    for C in (1, 4, T, T + 5):
+        for mask in (None, valid):
+            cpu, cuda, _, _ = _expert_choice_both(logits, C, mask)
+            _equal(cuda.token_ids, cpu.token_ids)
+            _equal(cuda.slots, cpu.slots)
+            torch.testing.assert_close(cuda.weights.cpu(), cpu.weights, equal_nan=True)
+            torch.testing.assert_close(cuda.scores.cpu(), cpu.scores, equal_nan=True)
+    out = ops.expert_choice(torch.zeros(6, 2, device=CUDA), 4)
+    assert out.token_ids.tolist() == [[0, 1, 2, 3], [0, 1, 2, 3]]
+
+
+def _noisy_inputs(T, E, generator, dtype):
+    clean = torch.randn(T, E, generator=generator, dtype=torch.float64)
+    std = torch.rand(T, E, generator=generator, dtype=torch.float64) + 0.2
+    noisy = clean + torch.randn(T, E, generator=generator, dtype=torch.float64) * std
+    return clean.to(dtype), noisy.to(dtype), std.to(dtype)
+
+
+def _noisy_load_both(clean, noisy, std, k, valid=None, upstream=None):
+    """noisy_topk_load on CPU and CUDA -> (cpu_load, cuda_load, cpu_grads, cuda_grads)."""
+    loads, grads = [], []
+    for device in ("cpu", CUDA):
+        xs = [t.clone().to(device).requires_grad_(upstream is not None) for t in (clean, noisy, std)]
+        load = ops.noisy_topk_load(*xs, k, None if valid is None else valid.to(device))
+        if upstream is not None:
+            (load * upstream.to(device)).sum().backward()
+            grads.append([x.grad for x in xs])
+        loads.append(load)
+    return (*loads, *(grads or [None, None]))
+
+
+@pytest.mark.parametrize("dtype", ALL_DTYPES)
+@pytest.mark.parametrize("masked", [False, True], ids=["all_valid", "masked"])
+@pytest.mark.parametrize("T,E,k", [(257, 8, 2), (64, 64, 1), (33, 300, 6), (19, 5, 5), (5, 1, 1), (0, 4, 2)])
+def test_noisy_topk_load_agrees(dtype, masked, T, E, k):
+    """Warp and block paths, k == E (no threshold): load and the three gradients within tolerance."""
+    g = _gen()
+    clean, noisy, std = _noisy_inputs(T, E, g, dtype)
+    valid = (torch.rand(T, generator=g) > 0.3) if masked else None
+    upstream = torch.randn(E, generator=g, dtype=torch.float64)
+    cpu, cuda, cpu_grads, cuda_grads = _noisy_load_both(clean, noisy, std, k, valid, upstream if T else None)
+    acc = ref.router_dtype(dtype)
+    assert cuda.dtype == cpu.dtype == acc
+    # Sums over up to T tokens in a different (but fixed) order than the CPU's.
+    tol = dict(rtol=1e-4, atol=1e-5) if acc == torch.float32 else ref.tolerance(acc)
+    torch.testing.assert_close(cuda.cpu(), cpu, **tol)
+    for a, b in zip(cuda_grads or [], cpu_grads or []):
+        assert a.dtype == b.dtype == dtype
+        if dtype in (torch.float32, torch.float64):
+            torch.testing.assert_close(a.cpu(), b, **tol)
+        else:
+            _close(a, b, dtype)
+    if valid is not None and T:
+        for grad in cuda_grads:
+            assert bool(grad[~valid.to(CUDA)].eq(0).all())
+    if k == E:
+        assert torch.equal(cuda.cpu(), cpu)  # every term is exactly 1
+
+
+def test_noisy_topk_load_ties_and_nan_agree():
+    """The threshold's ranking: equal noisy logits go to the lower expert id, NaN ranks below every number."""
+    E = 6
+    noisy = torch.tensor(
+        [
+            [0.0] * E,
+            [1.0, 2.0, 2.0, 2.0, 0.0, -1.0],
+            [float("nan"), 1.0, 1.0, float("nan"), 0.5, 0.5],
+            [float("nan")] * E,
+            [3.0, 3.0, 1.0, 1.0, 1.0, 1.0],
+        ],
+        dtype=torch.float64,
+    )
+    T = noisy.shape[0]
+    g = _gen()
+    clean = torch.randn(T, E, generator=g, dtype=torch.float64)
+    std = torch.rand(T, E, generator=g, dtype=torch.float64) + 0.5
+    upstream = torch.randn(E, generator=g, dtype=torch.float64)
+    for k in range(1, E + 1):
+        for dtype in (torch.float64, torch.float32):
+            cpu, cuda, cpu_grads, cuda_grads = _noisy_load_both(
+                clean.to(dtype), noisy.to(dtype), std.to(dtype), k, None, upstream)
+            torch.testing.assert_close(cuda.cpu(), cpu, equal_nan=True, **ref.tolerance(dtype))
+            for a, b in zip(cuda_grads, cpu_grads):
+                torch.testing.assert_close(a.cpu(), b, equal_nan=True, **ref.tolerance(dtype))
+
+
+def test_expert_choice_and_noisy_load_are_deterministic_and_sync_free():
+    g = _gen()
+    logits = torch.randn(512, 16, generator=g).to(CUDA).requires_grad_()
+    clean, noisy, std = (t.to(CUDA).requires_grad_() for t in _noisy_inputs(512, 16, g, torch.float32))
+    valid = (torch.rand(512, generator=g) > 0.2).to(CUDA)
+    upstream = torch.randn(16, device=CUDA)
+
+    def step():
+        for t in (logits, clean, noisy, std):
+            t.grad = None
+        out = ops.expert_choice(logits, 40, valid)
+        load = ops.noisy_topk_load(clean, noisy, std, 2, valid)
+        ((out.weights * upstream).sum() + (load * upstream).sum()).backward()
+        return [out.weights, out.slots, out.token_ids, load] + [t.grad for t in (logits, clean, noisy, std)]
+
+    first = step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        second = step()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    torch.cuda.synchronize()
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
