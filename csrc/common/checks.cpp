@@ -91,4 +91,14 @@ void check_index_range(const char* op, const char* name, const at::Tensor& t, in
   }
 }
 
+void check_valid_mask(const char* op, const std::optional<at::Tensor>& valid_mask, const at::Tensor& tokens,
+                      const char* tokens_name) {
+  if (!valid_mask.has_value() || !valid_mask->defined()) return;
+  check_dtype(op, "valid_mask", *valid_mask, at::kBool);
+  check_dim(op, "valid_mask", *valid_mask, 1, "[T]");
+  const std::string what = fmt::format("tokens of {}", tokens_name);
+  check_size(op, "valid_mask", *valid_mask, 0, tokens.size(0), what.c_str());
+  check_same_device(op, {{tokens_name, &tokens}, {"valid_mask", &*valid_mask}});
+}
+
 }  // namespace torch_moe

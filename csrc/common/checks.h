@@ -7,6 +7,7 @@
 #include <fmt/format.h>
 
 #include <initializer_list>
+#include <optional>
 #include <string>
 #include <utility>
 
@@ -31,6 +32,9 @@ void check_same_shape(const char* op, const char* name, const at::Tensor& t, con
                       const at::Tensor& other);
 // Every defined tensor on the device of the first.
 void check_same_device(const char* op, std::initializer_list<std::pair<const char*, const at::Tensor*>> args);
+// valid_mask, when given: bool [T] with T = tokens.size(0), on tokens' device ("tokens of <tokens_name>").
+void check_valid_mask(const char* op, const std::optional<at::Tensor>& valid_mask, const at::Tensor& tokens,
+                      const char* tokens_name);
 // Every entry of an int64 tensor in [low, high) (CPU tensors only; device kernels check on the device).
 void check_index_range(const char* op, const char* name, const at::Tensor& t, int64_t low, int64_t high,
                        const at::Tensor* rows_to_check = nullptr);

@@ -19,14 +19,8 @@ void check_expert_ids(const char* op, const at::Tensor& expert_ids, int64_t num_
   check_dtype(op, "expert_ids", expert_ids, at::kLong);
   check_dim(op, "expert_ids", expert_ids, 2, "[T, k]");
   TORCH_MOE_CHECK(num_experts > 0, "torch_moe.{}: argument 'num_experts' must be positive, got {}", op, num_experts);
-  const at::Tensor* mask = nullptr;
-  if (valid_mask.has_value() && valid_mask->defined()) {
-    check_dtype(op, "valid_mask", *valid_mask, at::kBool);
-    check_dim(op, "valid_mask", *valid_mask, 1, "[T]");
-    check_size(op, "valid_mask", *valid_mask, 0, expert_ids.size(0), "tokens of expert_ids");
-    check_same_device(op, {{"expert_ids", &expert_ids}, {"valid_mask", &*valid_mask}});
-    mask = &*valid_mask;
-  }
+  check_valid_mask(op, valid_mask, expert_ids, "expert_ids");
+  const at::Tensor* mask = valid_mask.has_value() && valid_mask->defined() ? &*valid_mask : nullptr;
   check_index_range(op, "expert_ids", expert_ids, 0, num_experts, mask);
 }
 

@@ -6,6 +6,14 @@
 #include <optional>
 #include <tuple>
 
+namespace torch_moe {
+
+// Argument checks shared by the CPU and CUDA kernels (same order, same messages).
+void check_noisy_topk_load_args(const char* op, const at::Tensor& clean_logits, const at::Tensor& noisy_logits,
+                                const at::Tensor& noise_std, int64_t k, const std::optional<at::Tensor>& valid_mask);
+
+}  // namespace torch_moe
+
 namespace torch_moe::cpu {
 
 // load [E] = sum over valid tokens of Phi((clean - threshold) / noise_std); see registration.cpp.

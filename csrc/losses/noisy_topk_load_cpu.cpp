@@ -17,6 +17,23 @@
 #include "routing/router_topk.h"
 
 namespace torch_moe {
+
+void check_noisy_topk_load_args(const char* op, const at::Tensor& clean, const at::Tensor& noisy,
+                                const at::Tensor& noise_std, int64_t k, const std::optional<at::Tensor>& valid_mask) {
+  check_floating(op, "clean_logits", clean);
+  check_dim(op, "clean_logits", clean, 2, "[T, E]");
+  check_floating(op, "noisy_logits", noisy);
+  check_same_shape(op, "noisy_logits", noisy, "clean_logits", clean);
+  check_floating(op, "noise_std", noise_std);
+  check_same_shape(op, "noise_std", noise_std, "clean_logits", clean);
+  check_same_device(op, {{"clean_logits", &clean}, {"noisy_logits", &noisy}, {"noise_std", &noise_std}});
+  const int64_t E = clean.size(1);
+  TORCH_MOE_CHECK(E > 0, "torch_moe.{}: argument 'clean_logits' must have at least one expert, got shape {}", op,
+                  shape_str(clean));
+  TORCH_MOE_CHECK(k >= 1 && k <= E, "torch_moe.{}: argument 'k' must be in [1, E] = [1, {}], got {}", op, E, k);
+  check_valid_mask(op, valid_mask, clean, "clean_logits");
+}
+
 namespace cpu {
 namespace {
 
@@ -30,26 +47,11 @@ struct LoadInputs {
 
 LoadInputs prepare(const char* op, const at::Tensor& clean, const at::Tensor& noisy, const at::Tensor& noise_std,
                    int64_t k, const std::optional<at::Tensor>& valid_mask) {
-  check_floating(op, "clean_logits", clean);
-  check_dim(op, "clean_logits", clean, 2, "[T, E]");
-  check_floating(op, "noisy_logits", noisy);
-  check_same_shape(op, "noisy_logits", noisy, "clean_logits", clean);
-  check_floating(op, "noise_std", noise_std);
-  check_same_shape(op, "noise_std", noise_std, "clean_logits", clean);
-  check_same_device(op, {{"clean_logits", &clean}, {"noisy_logits", &noisy}, {"noise_std", &noise_std}});
+  check_noisy_topk_load_args(op, clean, noisy, noise_std, k, valid_mask);
   LoadInputs in;
   in.T = clean.size(0);
   in.E = clean.size(1);
   in.k = k;
-  TORCH_MOE_CHECK(in.E > 0, "torch_moe.{}: argument 'clean_logits' must have at least one expert, got shape {}", op,
-                  shape_str(clean));
-  TORCH_MOE_CHECK(k >= 1 && k <= in.E, "torch_moe.{}: argument 'k' must be in [1, E] = [1, {}], got {}", op, in.E, k);
-  if (valid_mask.has_value() && valid_mask->defined()) {
-    check_dtype(op, "valid_mask", *valid_mask, at::kBool);
-    check_dim(op, "valid_mask", *valid_mask, 1, "[T]");
-    check_size(op, "valid_mask", *valid_mask, 0, in.T, "tokens of clean_logits");
-    check_same_device(op, {{"clean_logits", &clean}, {"valid_mask", &*valid_mask}});
-  }
   const auto acc_type = router_dtype(clean);
   in.clean = clean.to(acc_type).contiguous();
   in.noisy = noisy.to(acc_type).contiguous();

@@ -8,6 +8,7 @@
 
 #include "common/checks.h"
 #include "common/cuda_utils.cuh"
+#include "losses/noisy_topk_load.h"
 #include "routing/router_topk.h"
 
 namespace torch_moe::cuda {
@@ -21,30 +22,15 @@ struct LoadInputs {
   int64_t T, E, k;
 };
 
-// The CPU's argument checks, in the same order and with the same messages.
+// The shared argument checks (as on CPU), then the limit of the int32 ids of the ranking step.
 LoadInputs prepare(const char* op, const at::Tensor& clean, const at::Tensor& noisy, const at::Tensor& noise_std,
                    int64_t k, const std::optional<at::Tensor>& valid_mask) {
-  check_floating(op, "clean_logits", clean);
-  check_dim(op, "clean_logits", clean, 2, "[T, E]");
-  check_floating(op, "noisy_logits", noisy);
-  check_same_shape(op, "noisy_logits", noisy, "clean_logits", clean);
-  check_floating(op, "noise_std", noise_std);
-  check_same_shape(op, "noise_std", noise_std, "clean_logits", clean);
-  check_same_device(op, {{"clean_logits", &clean}, {"noisy_logits", &noisy}, {"noise_std", &noise_std}});
+  check_noisy_topk_load_args(op, clean, noisy, noise_std, k, valid_mask);
   LoadInputs in;
   in.T = clean.size(0);
   in.E = clean.size(1);
   in.k = k;
-  TORCH_MOE_CHECK(in.E > 0, "torch_moe.{}: argument 'clean_logits' must have at least one expert, got shape {}", op,
-                  shape_str(clean));
-  TORCH_MOE_CHECK(k >= 1 && k <= in.E, "torch_moe.{}: argument 'k' must be in [1, E] = [1, {}], got {}", op, in.E, k);
-  if (valid_mask.has_value() && valid_mask->defined()) {
-    check_dtype(op, "valid_mask", *valid_mask, at::kBool);
-    check_dim(op, "valid_mask", *valid_mask, 1, "[T]");
-    check_size(op, "valid_mask", *valid_mask, 0, in.T, "tokens of clean_logits");
-    check_same_device(op, {{"clean_logits", &clean}, {"valid_mask", &*valid_mask}});
-    in.mask = valid_mask->contiguous();
-  }
+  if (valid_mask.has_value() && valid_mask->defined()) in.mask = valid_mask->contiguous();
   // Candidate ids are int32 in the ranking reduction.
   TORCH_MOE_CHECK(in.E < (int64_t{1} << 31), "torch_moe.{}: at most 2^31 - 1 experts on CUDA, got {}", op, in.E);
   const auto acc_type = router_dtype(clean);

@@ -15,23 +15,34 @@
 #include "routing/router_topk.h"
 
 namespace torch_moe {
+
+void check_expert_choice_args(const char* op, const at::Tensor& logits, int64_t capacity,
+                              const std::optional<at::Tensor>& valid_mask) {
+  check_floating(op, "logits", logits);
+  check_dim(op, "logits", logits, 2, "[T, E]");
+  TORCH_MOE_CHECK(logits.size(1) > 0,
+                  "torch_moe.{}: argument 'logits' must have at least one expert (E > 0), got shape {}", op,
+                  shape_str(logits));
+  TORCH_MOE_CHECK(capacity >= 0, "torch_moe.{}: argument 'capacity' must be >= 0, got {}", op, capacity);
+  check_valid_mask(op, valid_mask, logits, "logits");
+}
+
+void check_expert_choice_backward_args(const char* op, const at::Tensor& grad_weights, const at::Tensor& logits,
+                                       const at::Tensor& slots) {
+  check_floating(op, "grad_weights", grad_weights);
+  check_dim(op, "logits", logits, 2, "[T, E]");
+  check_dtype(op, "slots", slots, at::kLong);
+  check_same_shape(op, "grad_weights", grad_weights, "logits", logits);
+  check_same_shape(op, "slots", slots, "logits", logits);
+  check_same_device(op, {{"logits", &logits}, {"grad_weights", &grad_weights}, {"slots", &slots}});
+}
+
 namespace cpu {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_choice(const at::Tensor& logits_in, int64_t capacity,
                                                                          const std::optional<at::Tensor>& valid_mask) {
-  constexpr const char* op = "expert_choice";
-  check_floating(op, "logits", logits_in);
-  check_dim(op, "logits", logits_in, 2, "[T, E]");
+  check_expert_choice_args("expert_choice", logits_in, capacity, valid_mask);
   const int64_t T = logits_in.size(0), E = logits_in.size(1);
-  TORCH_MOE_CHECK(E > 0, "torch_moe.{}: argument 'logits' must have at least one expert (E > 0), got shape {}", op,
-                  shape_str(logits_in));
-  TORCH_MOE_CHECK(capacity >= 0, "torch_moe.{}: argument 'capacity' must be >= 0, got {}", op, capacity);
-  if (valid_mask.has_value() && valid_mask->defined()) {
-    check_dtype(op, "valid_mask", *valid_mask, at::kBool);
-    check_dim(op, "valid_mask", *valid_mask, 1, "[T]");
-    check_size(op, "valid_mask", *valid_mask, 0, T, "tokens of logits");
-    check_same_device(op, {{"logits", &logits_in}, {"valid_mask", &*valid_mask}});
-  }
   const auto acc_type = router_dtype(logits_in);
   const auto logits = logits_in.to(acc_type).contiguous();
   auto scores = at::empty({T, E}, logits.options());
@@ -79,12 +90,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_choice(const a
 
 at::Tensor expert_choice_backward(const at::Tensor& grad_weights_in, const at::Tensor& logits_in,
                                   const at::Tensor& slots_in) {
-  constexpr const char* op = "_expert_choice_backward";
-  check_floating(op, "grad_weights", grad_weights_in);
-  check_dim(op, "logits", logits_in, 2, "[T, E]");
-  check_dtype(op, "slots", slots_in, at::kLong);
-  check_same_shape(op, "grad_weights", grad_weights_in, "logits", logits_in);
-  check_same_shape(op, "slots", slots_in, "logits", logits_in);
+  check_expert_choice_backward_args("_expert_choice_backward", grad_weights_in, logits_in, slots_in);
   const int64_t T = logits_in.size(0), E = logits_in.size(1);
   const auto acc_type = router_dtype(logits_in);
   const auto logits = logits_in.to(acc_type).contiguous();

@@ -8,6 +8,7 @@
 
 #include "common/checks.h"
 #include "common/cuda_utils.cuh"
+#include "routing/expert_choice.h"
 #include "routing/router_topk.h"
 
 namespace torch_moe::cuda {
@@ -158,21 +159,10 @@ void launch_rows(int64_t T, int64_t E, Launch launch) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_choice(const at::Tensor& logits_in, int64_t capacity,
                                                                          const std::optional<at::Tensor>& valid_mask) {
-  constexpr const char* op = "expert_choice";
-  check_floating(op, "logits", logits_in);
-  check_dim(op, "logits", logits_in, 2, "[T, E]");
+  check_expert_choice_args("expert_choice", logits_in, capacity, valid_mask);
   const int64_t T = logits_in.size(0), E = logits_in.size(1);
-  TORCH_MOE_CHECK(E > 0, "torch_moe.{}: argument 'logits' must have at least one expert (E > 0), got shape {}", op,
-                  shape_str(logits_in));
-  TORCH_MOE_CHECK(capacity >= 0, "torch_moe.{}: argument 'capacity' must be >= 0, got {}", op, capacity);
   at::Tensor mask;
-  if (valid_mask.has_value() && valid_mask->defined()) {
-    check_dtype(op, "valid_mask", *valid_mask, at::kBool);
-    check_dim(op, "valid_mask", *valid_mask, 1, "[T]");
-    check_size(op, "valid_mask", *valid_mask, 0, T, "tokens of logits");
-    check_same_device(op, {{"logits", &logits_in}, {"valid_mask", &*valid_mask}});
-    mask = valid_mask->contiguous();
-  }
+  if (valid_mask.has_value() && valid_mask->defined()) mask = valid_mask->contiguous();
   const c10::cuda::CUDAGuard guard(logits_in.device());
   const auto acc_type = router_dtype(logits_in);
   const auto logits = logits_in.contiguous();
@@ -210,13 +200,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_choice(const a
 
 at::Tensor expert_choice_backward(const at::Tensor& grad_weights_in, const at::Tensor& logits_in,
                                   const at::Tensor& slots_in) {
-  constexpr const char* op = "_expert_choice_backward";
-  check_floating(op, "grad_weights", grad_weights_in);
-  check_dim(op, "logits", logits_in, 2, "[T, E]");
-  check_dtype(op, "slots", slots_in, at::kLong);
-  check_same_shape(op, "grad_weights", grad_weights_in, "logits", logits_in);
-  check_same_shape(op, "slots", slots_in, "logits", logits_in);
-  check_same_device(op, {{"logits", &logits_in}, {"grad_weights", &grad_weights_in}, {"slots", &slots_in}});
+  check_expert_choice_backward_args("_expert_choice_backward", grad_weights_in, logits_in, slots_in);
   const int64_t T = logits_in.size(0), E = logits_in.size(1);
   const c10::cuda::CUDAGuard guard(logits_in.device());
   const auto acc_type = router_dtype(logits_in);
