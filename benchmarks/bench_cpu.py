@@ -230,7 +230,7 @@ def bench_bandwidth(case: Case, layer: torch_moe.MoE, x: Tensor, capacity: int, 
     timing = BANDWIDTH_TIMING[mode]
     E, T, k, d = case.num_experts, case.tokens, case.top_k, case.d_model
     with torch.no_grad():
-        _, routed = layer.router(x)
+        routed = layer.router(x)
         plan = ops.capacity_plan(routed.expert_ids, E, capacity)
         permuted = ops.permute(x, routed.expert_ids, E)
         buffer = ops.dispatch(x, routed.expert_ids, plan.slots, E, capacity)

@@ -174,3 +174,79 @@ def test_fused_ops_bad_input(gen):
         ops.grouped_mm_unpermute(h, b, offsets, weights[:, :1], row_index)
     with pytest.raises(RuntimeError, match="'expert_ids' must hold values in \\[0, 3\\)"):
         ops.permute_plan(torch.tensor([[0, 3]]), 3)
+
+
+# ------------------------------------------------------------------ CPU schedules of the fused ops and unusual plans
+
+def _fused_reference(x, b, h, weights, row_index, offsets):
+    """float64 (gather_grouped_mm, grouped_mm_unpermute) of any row plan, from the ops' definitions."""
+    N = row_index.numel()
+    rows = torch.zeros(N, x.shape[1], dtype=torch.float64)
+    for t in range(row_index.shape[0]):
+        for j in range(row_index.shape[1]):
+            if row_index[t, j] >= 0:
+                rows[row_index[t, j]] = x[t].double()
+    gathered = ref.grouped_mm(rows, b, offsets)
+    return gathered, ref.unpermute(ref.grouped_mm(h, b, offsets), weights, row_index)
+
+
+# Many small experts run side by side (one range of experts per thread); a few large ones one after the other.
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("T,E,k,K,M", [(40, 16, 3, 8, 6), (300, 3, 2, 96, 80)])
+def test_fused_ops_every_schedule_matches_reference(gen, threads, T, E, k, K, M):
+    x, b, h, weights, row_index, offsets, _, _ = _fused_inputs(T, E, k, K, M, True, torch.float64, "cpu", gen)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        gathered = ops.gather_grouped_mm(x, b, offsets, row_index)
+        y = ops.grouped_mm_unpermute(h, b, offsets, weights, row_index)
+        xg, bg, hg, wg = (t.clone().requires_grad_() for t in (x, b, h, weights))
+        grads = torch.autograd.grad(
+            (ops.gather_grouped_mm(xg, bg, offsets, row_index) ** 2).sum()
+            + (ops.grouped_mm_unpermute(hg, bg, offsets, wg, row_index) ** 2).sum(), (xg, bg, hg, wg))
+    finally:
+        torch.set_num_threads(previous)
+    expected_gathered, expected_y = _fused_reference(x, b, h, weights, row_index, offsets)
+    torch.testing.assert_close(gathered, expected_gathered, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(y, expected_y, rtol=1e-10, atol=1e-12)
+    xr, br, hr, wr = (t.clone().requires_grad_() for t in (x, b, h, weights))
+    rows = torch.zeros(T * k, K, dtype=torch.float64).index_copy(
+        0, row_index[row_index >= 0], xr[(row_index >= 0).nonzero()[:, 0]])
+    expected_grads = torch.autograd.grad(
+        (_grouped_mm_autograd(rows, br, offsets) ** 2).sum()
+        + (_unpermute_autograd(_grouped_mm_autograd(hr, br, offsets), wr, row_index) ** 2).sum(), (xr, br, hr, wr))
+    for got, want in zip(grads, expected_grads):
+        torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-10)
+
+
+def _grouped_mm_autograd(a, b, offsets):
+    """Differentiable float64 grouped GEMM built from torch ops: the reference for gradients."""
+    bounds = offsets.tolist()
+    pieces = [a[bounds[e]:bounds[e + 1]] @ b[e] for e in range(b.shape[0])]
+    pieces.append(a.new_zeros(a.shape[0] - bounds[-1], b.shape[2]))
+    return torch.cat(pieces)
+
+
+def _unpermute_autograd(rows, weights, row_index):
+    used = row_index >= 0
+    picked = rows[row_index.clamp(min=0)] * (weights * used).unsqueeze(-1)
+    return picked.sum(1)
+
+
+def test_fused_ops_plan_with_a_token_twice_in_one_segment(gen):
+    # Not what permute_plan makes (a token's experts are distinct), but a valid plan: both of token 0's rows sit
+    # in expert 0's segment, row 3 is in a segment but unassigned, and row 5 lies past offsets[E].
+    row_index = torch.tensor([[0, 1], [2, -1], [4, -1]])
+    offsets = torch.tensor([0, 3, 5])
+    x = torch.randn(3, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, 4, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    h = torch.randn(6, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+    weights = torch.rand(3, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    expected_gathered, expected_y = _fused_reference(x, b, h, weights, row_index, offsets)
+    gathered = ops.gather_grouped_mm(x, b, offsets, row_index)
+    torch.testing.assert_close(gathered, expected_gathered)
+    assert torch.equal(gathered[3], torch.zeros(3, dtype=torch.float64))
+    torch.testing.assert_close(ops.grouped_mm_unpermute(h, b, offsets, weights, row_index), expected_y)
+    assert torch.autograd.gradcheck(lambda x, b: ops.gather_grouped_mm(x, b, offsets, row_index), (x, b))
+    assert torch.autograd.gradcheck(
+        lambda h, b, w: ops.grouped_mm_unpermute(h, b, offsets, w, row_index), (h, b, weights))

@@ -13,8 +13,9 @@ at::Tensor grouped_mm(const at::Tensor& a, const at::Tensor& b, const at::Tensor
 std::tuple<at::Tensor, at::Tensor> grouped_mm_backward(const at::Tensor& grad_out, const at::Tensor& a,
                                                        const at::Tensor& b, const at::Tensor& offsets);
 
-// Dropless first projection with the permutation fused in: rows[row_index[t, j]] = x[t] are built transiently,
-// so only x (not the k-times larger permuted rows) is kept for backward. -> [T * k, M].
+// Dropless first projection with the permutation fused in: rows[row_index[t, j]] = x[t] are gathered one expert
+// segment at a time into a reused buffer, so neither pass builds nor keeps the k-times larger permuted rows.
+// -> [T * k, M].
 at::Tensor gather_grouped_mm(const at::Tensor& x, const at::Tensor& b, const at::Tensor& offsets,
                              const at::Tensor& row_index);
 // -> (grad_x [T, K], grad_b [E, K, M]).
@@ -22,7 +23,7 @@ std::tuple<at::Tensor, at::Tensor> gather_grouped_mm_backward(const at::Tensor& 
                                                               const at::Tensor& b, const at::Tensor& offsets,
                                                               const at::Tensor& row_index);
 // Dropless last projection with the weighted combine fused in: y[t] = sum_j weights[t, j] * (h @ b[e])[row_index[t, j]].
-// The expert output rows are transient; backward needs only h. -> [T, M].
+// The expert output rows live one segment at a time in a reused buffer; backward needs only h. -> [T, M].
 at::Tensor grouped_mm_unpermute(const at::Tensor& h, const at::Tensor& b, const at::Tensor& offsets,
                                 const at::Tensor& weights, const at::Tensor& row_index);
 // -> (grad_h [N, K], grad_b [E, K, M], grad_weights [T, k]).

@@ -1,10 +1,15 @@
-// CPU grouped GEMM: one batched GEMM over segments padded to the longest when the padding is cheap, else one
-// GEMM per non-empty expert segment looped in C++; no per-expert Python overhead either way.
+// CPU grouped GEMM: one GEMM per non-empty expert segment, exactly its rows (no padding), looped in C++. The fused
+// dropless ops move token rows through one reused segment-sized buffer, so no [T * k, d_model] tensor is built.
 #include "experts/grouped_mm.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <cstring>
 #include <vector>
 
 #include "common/checks.h"
@@ -42,44 +47,153 @@ void check_operands(const char* op, const at::Tensor& a, const at::Tensor& b) {
   check_same_device(op, {{"a", &a}, {"b", &b}});
 }
 
-// Segments padded to the longest one, as [E, C_max, cols]; used when that costs at most 2x the rows, so that the
-// whole group is one batched GEMM (one fork/join) instead of E small threaded GEMMs, each paying a barrier.
-bool pad_to_batch(const std::vector<int64_t>& bounds, int64_t* max_rows) {
-  const int64_t E = static_cast<int64_t>(bounds.size()) - 1;
+int64_t longest_segment(const std::vector<int64_t>& bounds) {
   int64_t longest = 0;
-  for (int64_t e = 0; e < E; ++e) longest = std::max(longest, bounds[e + 1] - bounds[e]);
-  *max_rows = longest;
-  return E > 1 && longest > 0 && E * longest <= 2 * bounds[E];
+  for (size_t e = 0; e + 1 < bounds.size(); ++e) longest = std::max(longest, bounds[e + 1] - bounds[e]);
+  return longest;
 }
 
-at::Tensor pack(const at::Tensor& rows, const std::vector<int64_t>& bounds, int64_t max_rows) {
+// How the experts' segments are spread over threads: slot s runs experts [first_expert[s], first_expert[s + 1]) one
+// after the other. Small GEMMs lose most of their time to each GEMM's own fork/join across threads, so when the
+// segments are many and small, each thread takes a contiguous range of experts holding about an equal share of the
+// rows and runs their GEMMs single-threaded (MKL and nested at::parallel_for run sequentially inside a parallel
+// region). Large GEMMs run one expert after the other, each threaded. The split depends only on the offsets and
+// the thread count, so results are deterministic for a given thread count.
+struct Schedule {
+  std::vector<int64_t> first_expert;
+  int64_t slots() const { return static_cast<int64_t>(first_expert.size()) - 1; }
+};
+
+// Below this many multiply-adds per GEMM on average, experts run side by side (one GEMM of 256 x 512 x 256 is
+// ~34M; a Mixtral-sized 512 x 1024 x 3584 one is ~1.9G and runs threaded).
+constexpr int64_t kSideBySideMacs = int64_t{1} << 26;
+
+Schedule schedule_segments(const std::vector<int64_t>& bounds, int64_t macs_per_row) {
   const int64_t E = static_cast<int64_t>(bounds.size()) - 1;
-  auto packed = at::zeros({E, max_rows, rows.size(1)}, rows.options());
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t n = bounds[e + 1] - bounds[e];
-    if (n > 0) packed.select(0, e).narrow(0, 0, n).copy_(rows.narrow(0, bounds[e], n));
+  const int64_t rows = bounds[E];
+  int64_t busy = 0;
+  for (int64_t e = 0; e < E; ++e) busy += bounds[e + 1] > bounds[e] ? 1 : 0;
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  Schedule schedule;
+  if (threads < 2 || busy < 2 * threads || rows * macs_per_row >= kSideBySideMacs * busy) {
+    schedule.first_expert = {0, E};
+    return schedule;
   }
-  return packed;
+  schedule.first_expert.assign(static_cast<size_t>(threads) + 1, E);
+  schedule.first_expert[0] = 0;
+  for (int64_t s = 1; s < threads; ++s) {
+    const int64_t target = rows * s / threads;
+    const int64_t e = std::lower_bound(bounds.begin(), bounds.begin() + E, target) - bounds.begin();
+    schedule.first_expert[s] = std::max(e, schedule.first_expert[s - 1]);
+  }
+  return schedule;
 }
 
-void unpack_into(at::Tensor& rows, const at::Tensor& packed, const std::vector<int64_t>& bounds) {
-  const int64_t E = static_cast<int64_t>(bounds.size()) - 1;
-  for (int64_t e = 0; e < E; ++e) {
-    const int64_t n = bounds[e + 1] - bounds[e];
-    if (n > 0) rows.narrow(0, bounds[e], n).copy_(packed.select(0, e).narrow(0, 0, n));
+// body(e, slot) for every expert e with rows, on the schedule.
+template <typename Body>
+void run_segments(const Schedule& schedule, const std::vector<int64_t>& bounds, const Body& body) {
+  auto run_slot = [&](int64_t slot) {
+    for (int64_t e = schedule.first_expert[slot]; e < schedule.first_expert[slot + 1]; ++e) {
+      if (bounds[e + 1] > bounds[e]) body(e, slot);
+    }
+  };
+  if (schedule.slots() == 1) {
+    run_slot(0);
+    return;
+  }
+  at::parallel_for(0, schedule.slots(), 1, [&](int64_t begin, int64_t end) {
+    for (int64_t slot = begin; slot < end; ++slot) run_slot(slot);
+  });
+}
+
+// Zero the gradient of experts without rows (run_segments skips them).
+void zero_empty_experts(at::Tensor& grad_b, const std::vector<int64_t>& bounds) {
+  for (size_t e = 0; e + 1 < bounds.size(); ++e) {
+    if (bounds[e + 1] == bounds[e]) grad_b.select(0, static_cast<int64_t>(e)).zero_();
   }
 }
 
-// out [N, M]: each segment of a (contiguous) times its expert's b[e] (any strides); rows past the end zero.
+// Per-slot accumulators [slots, rows, cols] summed in slot order.
+at::Tensor sum_slots(const at::Tensor& acc) { return acc.size(0) == 1 ? acc.select(0, 0) : acc.sum(0); }
+
+// Rows per parallel chunk so that a chunk moves at least ~32K elements.
+int64_t grain_for(int64_t row_elems) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(row_elems, 1)); }
+
+// The inverse of a [T, k] row plan: assignment_of_row[r] = t * k + j where row_index[t, j] == r, else -1.
+// The plan is checked to name distinct rows in [-1, num_rows) before this runs.
+std::vector<int64_t> assignment_of_rows(const at::Tensor& row_index, int64_t num_rows) {
+  const auto index = row_index.contiguous();
+  const int64_t* ip = index.data_ptr<int64_t>();
+  std::vector<int64_t> assignment(static_cast<size_t>(num_rows), -1);
+  for (int64_t a = 0; a < index.numel(); ++a) {
+    if (ip[a] >= 0) assignment[ip[a]] = a;
+  }
+  return assignment;
+}
+
+// True when two rows of one segment come from the same token, so that adding a segment's rows into per-token
+// outputs in parallel would race (a row plan from permute_plan never does this: a token's experts are distinct).
+bool segments_repeat_tokens(const std::vector<int64_t>& assignment, const std::vector<int64_t>& bounds, int64_t k,
+                            int64_t tokens) {
+  std::vector<int64_t> last_segment(static_cast<size_t>(tokens), -1);
+  for (size_t e = 0; e + 1 < bounds.size(); ++e) {
+    for (int64_t r = bounds[e]; r < bounds[e + 1]; ++r) {
+      const int64_t a = assignment[r];
+      if (a < 0) continue;
+      int64_t& last = last_segment[a / k];
+      if (last == static_cast<int64_t>(e)) return true;
+      last = static_cast<int64_t>(e);
+    }
+  }
+  return false;
+}
+
+// buf[i] = src[assignment[first + i] / k] for i < n (a zero row where the row is unassigned).
+template <typename scalar_t>
+void gather_segment(scalar_t* buf, const scalar_t* src, int64_t d, const int64_t* assignment, int64_t first, int64_t n,
+                    int64_t k) {
+  at::parallel_for(0, n, grain_for(d), [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t a = assignment[first + i];
+      scalar_t* out = buf + i * d;
+      if (a < 0) {
+        std::fill(out, out + d, scalar_t(0));
+      } else {
+        std::memcpy(out, src + (a / k) * d, sizeof(scalar_t) * d);
+      }
+    }
+  });
+}
+
+// acc[assignment[first + i] / k] += scale_i * buf[i] for assigned rows, scale_i = w[assignment] (1 when w is null).
+// Parallel over rows unless the segment may repeat a token.
+template <typename scalar_t, typename opmath_t>
+void add_segment(opmath_t* acc, const scalar_t* buf, int64_t d, const int64_t* assignment, int64_t first, int64_t n,
+                 int64_t k, const opmath_t* w, bool serial) {
+  auto body = [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t a = assignment[first + i];
+      if (a < 0) continue;
+      opmath_t* out = acc + (a / k) * d;
+      const scalar_t* row = buf + i * d;
+      const opmath_t scale = w == nullptr ? opmath_t(1) : w[a];
+      for (int64_t c = 0; c < d; ++c) out[c] += scale * static_cast<opmath_t>(row[c]);
+    }
+  };
+  if (serial) {
+    body(0, n);
+  } else {
+    at::parallel_for(0, n, grain_for(d), body);
+  }
+}
+
+at::ScalarType opmath_of(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
+
+// out [N, M]: each segment of a (contiguous) times its expert's b[e] (any strides); other rows zero.
 at::Tensor segment_mm(const at::Tensor& a, const at::Tensor& b, const std::vector<int64_t>& bounds) {
   const int64_t E = b.size(0);
   auto out = at::empty({a.size(0), b.size(2)}, a.options());
   if (bounds[E] < a.size(0)) out.narrow(0, bounds[E], a.size(0) - bounds[E]).zero_();
-  int64_t max_rows = 0;
-  if (pad_to_batch(bounds, &max_rows)) {
-    unpack_into(out, at::bmm(pack(a, bounds, max_rows), b), bounds);
-    return out;
-  }
   for (int64_t e = 0; e < E; ++e) {
     const int64_t n = bounds[e + 1] - bounds[e];
     if (n == 0) continue;
@@ -92,11 +206,6 @@ at::Tensor segment_mm(const at::Tensor& a, const at::Tensor& b, const std::vecto
 // [E, K, M]: sum over each segment of a[r]^T g[r] (zero for experts without rows).
 at::Tensor segment_weight_grad(const at::Tensor& a, const at::Tensor& g, const std::vector<int64_t>& bounds) {
   const int64_t E = static_cast<int64_t>(bounds.size()) - 1;
-  int64_t max_rows = 0;
-  if (pad_to_batch(bounds, &max_rows)) {
-    // Padding rows are zero, so they add nothing.
-    return at::bmm(pack(a, bounds, max_rows).transpose(1, 2), pack(g, bounds, max_rows));
-  }
   auto grad = at::empty({E, a.size(1), g.size(1)}, a.options());
   for (int64_t e = 0; e < E; ++e) {
     const int64_t n = bounds[e + 1] - bounds[e];
@@ -143,67 +252,202 @@ void check_row_plan(const char* op, const at::Tensor& row_index, int64_t tokens,
   check_unique_destinations(op, "row_index", row_index, num_rows);
 }
 
-}  // namespace
-
-at::Tensor gather_grouped_mm(const at::Tensor& x, const at::Tensor& b, const at::Tensor& offsets,
-                             const at::Tensor& row_index) {
-  constexpr const char* op = "gather_grouped_mm";
+// x [T, K] (the tokens) against b [E, K, M].
+void check_gather_operands(const char* op, const at::Tensor& x, const at::Tensor& b, const at::Tensor& row_index) {
   check_floating(op, "x", x);
   check_dim(op, "x", x, 2, "[T, K]");
+  check_floating(op, "b", b);
+  check_dim(op, "b", b, 3, "[E, K, M]");
+  TORCH_MOE_CHECK(x.scalar_type() == b.scalar_type(), "torch_moe.{}: arguments 'x' and 'b' must share a dtype, got {} and {}",
+                  op, dtype_name(x.scalar_type()), dtype_name(b.scalar_type()));
+  check_size(op, "b", b, 1, x.size(1), "columns of x");
+  check_same_device(op, {{"x", &x}, {"b", &b}, {"row_index", &row_index}});
   check_row_plan(op, row_index, x.size(0), row_index.numel());
-  return grouped_mm(scatter_rows(x, row_index, std::nullopt, row_index.numel()), b, offsets);
 }
 
-std::tuple<at::Tensor, at::Tensor> gather_grouped_mm_backward(const at::Tensor& grad_out, const at::Tensor& x,
+// What the fused ops share: the segment bounds, the inverse plan and whether segments repeat a token.
+struct SegmentPlan {
+  std::vector<int64_t> bounds;
+  std::vector<int64_t> assignment;  // [N]: t * k + j of the row, -1 when unassigned
+  int64_t k = 1;
+  bool repeats_tokens = false;
+};
+
+SegmentPlan segment_plan(const char* op, const at::Tensor& offsets, const at::Tensor& row_index, int64_t num_experts,
+                         int64_t num_rows) {
+  SegmentPlan plan;
+  plan.bounds = read_offsets(op, offsets, num_experts, num_rows);
+  plan.assignment = assignment_of_rows(row_index, num_rows);
+  plan.k = std::max<int64_t>(row_index.size(1), 1);
+  plan.repeats_tokens = segments_repeat_tokens(plan.assignment, plan.bounds, plan.k, row_index.size(0));
+  return plan;
+}
+
+}  // namespace
+
+at::Tensor gather_grouped_mm(const at::Tensor& x_in, const at::Tensor& b, const at::Tensor& offsets,
+                             const at::Tensor& row_index) {
+  constexpr const char* op = "gather_grouped_mm";
+  check_gather_operands(op, x_in, b, row_index);
+  const int64_t N = row_index.numel(), K = x_in.size(1), M = b.size(2), E = b.size(0);
+  const auto plan = segment_plan(op, offsets, row_index, E, N);
+  const auto schedule = schedule_segments(plan.bounds, K * M);
+  const auto x = x_in.contiguous();
+  auto out = at::empty({N, M}, x.options());
+  if (plan.bounds[E] < N) out.narrow(0, plan.bounds[E], N - plan.bounds[E]).zero_();
+  // Each segment's token rows are gathered into its slot's buffer right before its GEMM.
+  auto buffers = at::empty({schedule.slots(), longest_segment(plan.bounds), K}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "torch_moe_gather_grouped_mm", [&] {
+    run_segments(schedule, plan.bounds, [&](int64_t e, int64_t slot) {
+      const int64_t first = plan.bounds[e], n = plan.bounds[e + 1] - first;
+      auto rows = buffers.select(0, slot).narrow(0, 0, n);
+      gather_segment(rows.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), K, plan.assignment.data(), first, n, plan.k);
+      auto out_e = out.narrow(0, first, n);
+      at::mm_out(out_e, rows, b.select(0, e));
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> gather_grouped_mm_backward(const at::Tensor& grad_out_in, const at::Tensor& x_in,
                                                               const at::Tensor& b, const at::Tensor& offsets,
                                                               const at::Tensor& row_index) {
   constexpr const char* op = "_gather_grouped_mm_backward";
-  check_floating(op, "x", x);
-  check_dim(op, "x", x, 2, "[T, K]");
-  check_row_plan(op, row_index, x.size(0), row_index.numel());
-  // The permuted rows are rebuilt (a copy) rather than kept alive between forward and backward.
-  const auto rows = scatter_rows(x, row_index, std::nullopt, row_index.numel());
-  auto [grad_rows, grad_b] = grouped_mm_backward(grad_out, rows, b, offsets);
-  return {gather_rows(grad_rows, row_index, std::nullopt), grad_b};
+  check_gather_operands(op, x_in, b, row_index);
+  const int64_t N = row_index.numel(), T = x_in.size(0), K = x_in.size(1), M = b.size(2), E = b.size(0);
+  check_floating(op, "grad_out", grad_out_in);
+  check_dim(op, "grad_out", grad_out_in, 2, "[N, M]");
+  check_size(op, "grad_out", grad_out_in, 0, N, "rows of the plan");
+  check_size(op, "grad_out", grad_out_in, 1, M, "columns of b");
+  const auto plan = segment_plan(op, offsets, row_index, E, N);
+  const auto schedule = schedule_segments(plan.bounds, K * M);
+  const auto x = x_in.contiguous();
+  const auto grad_out = grad_out_in.to(x.scalar_type()).contiguous();
+  // grad_x sums a token's k row gradients: each slot adds its segments' rows (in expert order) into its own
+  // accumulator, and the slots are summed in order.
+  auto grad_x_acc = at::zeros({schedule.slots(), T, K}, x.options().dtype(opmath_of(x.scalar_type())));
+  auto grad_b = at::empty(b.sizes(), x.options());
+  zero_empty_experts(grad_b, plan.bounds);
+  const int64_t longest = longest_segment(plan.bounds);
+  auto x_buffers = at::empty({schedule.slots(), longest, K}, x.options());
+  auto grad_buffers = at::empty({schedule.slots(), longest, K}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "torch_moe_gather_grouped_mm_backward", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    run_segments(schedule, plan.bounds, [&](int64_t e, int64_t slot) {
+      const int64_t first = plan.bounds[e], n = plan.bounds[e + 1] - first;
+      const auto grad_out_e = grad_out.narrow(0, first, n);
+      auto x_rows = x_buffers.select(0, slot).narrow(0, 0, n);
+      gather_segment(x_rows.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), K, plan.assignment.data(), first, n, plan.k);
+      auto grad_b_e = grad_b.select(0, e);
+      at::mm_out(grad_b_e, x_rows.t(), grad_out_e);
+      auto grad_rows = grad_buffers.select(0, slot).narrow(0, 0, n);
+      at::mm_out(grad_rows, grad_out_e, b.select(0, e).t());
+      add_segment<scalar_t, opmath_t>(grad_x_acc.select(0, slot).data_ptr<opmath_t>(), grad_rows.data_ptr<scalar_t>(),
+                                      K, plan.assignment.data(), first, n, plan.k, nullptr, plan.repeats_tokens);
+    });
+  });
+  return {sum_slots(grad_x_acc).to(x.scalar_type()), grad_b};
 }
 
-at::Tensor grouped_mm_unpermute(const at::Tensor& h, const at::Tensor& b, const at::Tensor& offsets,
-                                const at::Tensor& weights, const at::Tensor& row_index) {
-  constexpr const char* op = "grouped_mm_unpermute";
-  check_floating(op, "weights", weights);
-  check_row_plan(op, row_index, weights.size(0), h.size(0));
-  check_same_shape(op, "weights", weights, "row_index", row_index);
-  return gather_rows(grouped_mm(h, b, offsets), row_index, weights);
-}
+namespace {
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_unpermute_backward(
-    const at::Tensor& grad_y, const at::Tensor& h, const at::Tensor& b, const at::Tensor& offsets,
-    const at::Tensor& weights, const at::Tensor& row_index) {
-  constexpr const char* op = "_grouped_mm_unpermute_backward";
+void check_unpermute_operands(const char* op, const at::Tensor& h, const at::Tensor& b, const at::Tensor& weights,
+                              const at::Tensor& row_index) {
   check_operands(op, h, b);
   check_floating(op, "weights", weights);
   check_row_plan(op, row_index, weights.size(0), h.size(0));
   check_same_shape(op, "weights", weights, "row_index", row_index);
-  check_floating(op, "grad_y", grad_y);
-  check_dim(op, "grad_y", grad_y, 2, "[T, M]");
-  const int64_t N = h.size(0);
-  // Per row r = row_index[t, j]: G[r] = grad_y[t] and its weight w[r] = weights[t, j] (0 for unused rows).
-  const auto G = scatter_rows(grad_y.to(h.scalar_type()), row_index, std::nullopt, N);
-  const auto w_row = scatter_rows(weights.reshape({-1, 1}).to(h.scalar_type()),
-                                  row_index.reshape({-1, 1}), std::nullopt, N);  // [N, 1]
-  // out[r] = h[r] @ b[e] contributes w[r] * out[r] to y: with P = G b^T,
-  // grad_h = w * P, grad_b[e] = h_e^T (w * G)_e, grad_weights[t, j] = <P[r], h[r]>.
-  // Scaling G (model width) rather than h (hidden width) and P in place keeps the transients small.
-  const auto bounds = read_offsets(op, offsets, b.size(0), h.size(0));
-  const auto h_c = h.contiguous();
-  auto P = segment_mm(G, b.transpose(1, 2), bounds);
-  auto grad_b = segment_weight_grad(h_c, G * w_row, bounds);
-  const auto opmath = h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const auto per_row_dot = (P.to(opmath) * h_c.to(opmath)).sum(1, /*keepdim=*/true);
-  auto grad_weights = gather_rows(per_row_dot, row_index.reshape({-1, 1}), std::nullopt)
-                          .reshape(weights.sizes())
-                          .to(weights.scalar_type());
-  return {P.mul_(w_row), grad_b, grad_weights};
+  check_same_device(op, {{"h", &h}, {"weights", &weights}, {"row_index", &row_index}});
+}
+
+}  // namespace
+
+at::Tensor grouped_mm_unpermute(const at::Tensor& h_in, const at::Tensor& b, const at::Tensor& offsets,
+                                const at::Tensor& weights_in, const at::Tensor& row_index) {
+  constexpr const char* op = "grouped_mm_unpermute";
+  check_unpermute_operands(op, h_in, b, weights_in, row_index);
+  const int64_t T = row_index.size(0), F = h_in.size(1), M = b.size(2), E = b.size(0);
+  const auto plan = segment_plan(op, offsets, row_index, E, h_in.size(0));
+  const auto schedule = schedule_segments(plan.bounds, F * M);
+  const auto h = h_in.contiguous();
+  const auto opmath = opmath_of(h.scalar_type());
+  const auto weights = weights_in.to(opmath).contiguous();
+  // y[t] = sum of w * (h @ b[e]) over t's rows; a segment's expert output lives only in its slot's buffer.
+  auto y_acc = at::zeros({schedule.slots(), T, M}, h.options().dtype(opmath));
+  auto out_buffers = at::empty({schedule.slots(), longest_segment(plan.bounds), M}, h.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "torch_moe_grouped_mm_unpermute", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    run_segments(schedule, plan.bounds, [&](int64_t e, int64_t slot) {
+      const int64_t first = plan.bounds[e], n = plan.bounds[e + 1] - first;
+      auto out_e = out_buffers.select(0, slot).narrow(0, 0, n);
+      at::mm_out(out_e, h.narrow(0, first, n), b.select(0, e));
+      add_segment<scalar_t, opmath_t>(y_acc.select(0, slot).data_ptr<opmath_t>(), out_e.data_ptr<scalar_t>(), M,
+                                      plan.assignment.data(), first, n, plan.k, weights.data_ptr<opmath_t>(),
+                                      plan.repeats_tokens);
+    });
+  });
+  return sum_slots(y_acc).to(h.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_unpermute_backward(
+    const at::Tensor& grad_y_in, const at::Tensor& h_in, const at::Tensor& b, const at::Tensor& offsets,
+    const at::Tensor& weights_in, const at::Tensor& row_index) {
+  constexpr const char* op = "_grouped_mm_unpermute_backward";
+  check_unpermute_operands(op, h_in, b, weights_in, row_index);
+  check_floating(op, "grad_y", grad_y_in);
+  check_dim(op, "grad_y", grad_y_in, 2, "[T, M]");
+  check_size(op, "grad_y", grad_y_in, 0, row_index.size(0), "tokens");
+  check_size(op, "grad_y", grad_y_in, 1, b.size(2), "columns of b");
+  const int64_t N = h_in.size(0), F = h_in.size(1), M = b.size(2), E = b.size(0);
+  const auto plan = segment_plan(op, offsets, row_index, E, N);
+  const auto schedule = schedule_segments(plan.bounds, F * M);
+  const auto h = h_in.contiguous();
+  const auto grad_y = grad_y_in.to(h.scalar_type()).contiguous();
+  const auto opmath = opmath_of(h.scalar_type());
+  const auto weights = weights_in.to(opmath).contiguous();
+  // Row r of segment e (assignment a = t * k + j, weight w = weights[a]) put w * (h[r] @ b[e]) into y[t]. With
+  // G[r] = grad_y[t] and P[r] = G[r] @ b[e]^T: grad_h[r] = w * P[r], grad_b[e] = sum_r h[r]^T (w * G[r]),
+  // grad_weights[a] = <P[r], h[r]>. G is formed per segment in its slot's buffer, P directly in grad_h.
+  auto grad_h = at::empty({N, F}, h.options());
+  if (plan.bounds[E] < N) grad_h.narrow(0, plan.bounds[E], N - plan.bounds[E]).zero_();
+  auto grad_b = at::empty(b.sizes(), h.options());
+  zero_empty_experts(grad_b, plan.bounds);
+  auto grad_weights_acc = at::zeros({row_index.numel()}, h.options().dtype(opmath));
+  auto grad_buffers = at::empty({schedule.slots(), longest_segment(plan.bounds), M}, h.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "torch_moe_grouped_mm_unpermute_backward", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    const opmath_t* wp = weights.data_ptr<opmath_t>();
+    opmath_t* gwp = grad_weights_acc.data_ptr<opmath_t>();
+    const int64_t* assignment = plan.assignment.data();
+    run_segments(schedule, plan.bounds, [&](int64_t e, int64_t slot) {
+      const int64_t first = plan.bounds[e], n = plan.bounds[e + 1] - first;
+      auto G = grad_buffers.select(0, slot).narrow(0, 0, n);
+      scalar_t* Gp = G.data_ptr<scalar_t>();
+      gather_segment(Gp, grad_y.data_ptr<scalar_t>(), M, assignment, first, n, plan.k);
+      auto P = grad_h.narrow(0, first, n);
+      at::mm_out(P, G, b.select(0, e).t());
+      scalar_t* Pp = P.data_ptr<scalar_t>();
+      const scalar_t* hp = h.data_ptr<scalar_t>() + first * F;
+      at::parallel_for(0, n, grain_for(F + M), [&](int64_t begin, int64_t end) {
+        for (int64_t i = begin; i < end; ++i) {
+          const int64_t a = assignment[first + i];
+          if (a < 0) continue;  // its G row is zero, so P's is too
+          scalar_t* p = Pp + i * F;
+          const scalar_t* hr = hp + i * F;
+          opmath_t dot = 0;
+          for (int64_t c = 0; c < F; ++c) dot += static_cast<opmath_t>(p[c]) * static_cast<opmath_t>(hr[c]);
+          gwp[a] = dot;
+          const opmath_t w = wp[a];
+          for (int64_t c = 0; c < F; ++c) p[c] = static_cast<scalar_t>(w * static_cast<opmath_t>(p[c]));
+          scalar_t* g = Gp + i * M;
+          for (int64_t c = 0; c < M; ++c) g[c] = static_cast<scalar_t>(w * static_cast<opmath_t>(g[c]));
+        }
+      });
+      auto grad_b_e = grad_b.select(0, e);
+      at::mm_out(grad_b_e, h.narrow(0, first, n).t(), G);
+    });
+  });
+  return {grad_h, grad_b, grad_weights_acc.reshape(weights_in.sizes()).to(weights_in.scalar_type())};
 }
 
 TORCH_LIBRARY_IMPL(torch_moe, CPU, m) {
