@@ -109,6 +109,44 @@ def measure_repeats(
     return benchmark.Measurement.merge(blocks)[0]
 
 
+def measure_interleaved(
+    fns: dict[str, Callable[[], None]],
+    threads: int,
+    min_run_time: float,
+    min_repeats: int,
+    max_run_time: Optional[float] = None,
+    block_s: float = 0.02,
+) -> dict[str, benchmark.Measurement]:
+    """Like :func:`measure_repeats` for several contenders at once, in rounds: each round times one block of every
+    contender, in an order rotated by one per round, so that a slow spell of a shared machine (other jobs, clock
+    changes) falls on all of them alike instead of on whichever ran then; the ratios of the medians are what
+    this makes trustworthy. Rounds go on until ``min_repeats`` rounds are done and every contender has spent
+    ``min_run_time``; ``max_run_time`` caps the whole loop's seconds once 3 rounds are done.
+    """
+    timers, numbers = {}, {}
+    for name, fn in fns.items():
+        start = time.perf_counter()
+        fn()
+        first = time.perf_counter() - start
+        numbers[name] = max(1, int(block_s / max(first, 1e-9)))
+        timers[name] = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=threads)
+    names = list(fns)
+    blocks: dict[str, list] = {name: [] for name in names}
+    spent = dict.fromkeys(names, 0.0)
+    started = time.perf_counter()
+    rounds = 0
+    while rounds < min_repeats or min(spent.values()) < min_run_time:
+        if max_run_time is not None and rounds >= 3 and time.perf_counter() - started >= max_run_time:
+            break
+        shift = rounds % len(names)
+        for name in names[shift:] + names[:shift]:
+            block = timers[name].timeit(numbers[name])
+            blocks[name].append(block)
+            spent[name] += block.raw_times[0]
+        rounds += 1
+    return {name: benchmark.Measurement.merge(blocks[name])[0] for name in names}
+
+
 def peak_memory_bytes(fn: Callable[[], None]) -> int:
     """Peak CPU memory allocated by ``fn()`` above the level at its start, in bytes.
 

@@ -15,9 +15,11 @@ Contenders, all in this process on the same input x [1, T, d]:
     (aten::index_add_ in a profiled forward), else the script aborts;
   - a dense SwiGLU FFN of hidden width k·d_ff, the same active FLOPs per token (its own random weights).
 
-Timing: torch.utils.benchmark Timer on torch.set_num_threads(--threads, default 2); after a warm-up call, blocks of
-at least 20 ms are timed until both a minimum number of blocks and a minimum total time are reached (calls of
-seconds stop after 3 blocks and 10 s); each cell is the median per call. "fwd" runs under no_grad; "fwd+bwd" is the
+Timing: torch.utils.benchmark Timer on torch.set_num_threads(--threads, default 2); after a warm-up call of each,
+the four contenders are timed in rounds, one block of at least 20 ms of each per round in an order rotated every
+round (so that a slow spell of the shared machine hits all of them, not whichever ran then), until a minimum number
+of rounds and a minimum time per contender are reached (slow cases stop after 3 rounds and 45 s); each cell is the
+median per call. "fwd" runs under no_grad; "fwd+bwd" is the
 forward plus torch.autograd.grad of a fixed random output gradient w.r.t. x and every parameter; for torch_moe the
 layer's aux_loss (load balancing + z-loss) is in that backward with gradient 1, as in training (the HF block returns
 no loss of its own: Mixtral computes it in the model, from the router logits of all layers).
@@ -57,7 +59,7 @@ from torch.profiler import ProfilerActivity, profile
 import torch_moe
 from torch_moe import ops
 from _common import (publish, DenseSwiGLU, check_peak_memory_method, forward_backward_fn, forward_fn, git_revision,
-                     load_average_check, machine_line, measure_repeats, peak_memory_bytes, quiet_profiler_log)
+                     load_average_check, machine_line, measure_interleaved, measure_repeats, peak_memory_bytes, quiet_profiler_log)
 
 try:
     import transformers
@@ -105,7 +107,7 @@ QUICK_CASES = {
 }
 # (min_run_time s, min blocks, max_run_time s) per timed cell: full runs stay under ~10 min on 2 idle cores, where
 # the largest calls (Mixtral-mini T=2048 fwd+bwd, ~270 GFLOP; the HF loop's backward on OLMoE-mini) take seconds.
-TIMING = {"full": (2.0, 5, 10.0), "quick": (0.05, 3, None)}
+TIMING = {"full": (2.0, 7, 45.0), "quick": (0.05, 3, None)}
 BANDWIDTH_TIMING = {"full": (0.5, 5, None), "quick": (0.02, 3, None)}
 
 DROPLESS, CAPACITY, HF, DENSE = ("torch_moe dropless", f"torch_moe capacity {CAPACITY_FACTOR}",
@@ -202,17 +204,18 @@ def bench_case(key: str, case: Case, threads: int, mode: str, progress) -> dict:
     dropped = capacity.stats.dropped_fraction.item()
 
     timing = TIMING[mode]
+    fwd_fns = {c.name: forward_fn(c.call, x) for c in contenders}
+    fwd_bwd_fns = {c.name: forward_backward_fn(c.call, x, grad_out, [x, *c.module.parameters()], c.aux_loss)
+                   for c in contenders}
+    fwd = measure_interleaved(fwd_fns, threads, *timing)
+    fwd_bwd = measure_interleaved(fwd_bwd_fns, threads, *timing)
     results = {}
     for c in contenders:
-        params = list(c.module.parameters())
-        fwd_bwd_fn = forward_backward_fn(c.call, x, grad_out, [x, *params], c.aux_loss)
-        fwd = measure_repeats(forward_fn(c.call, x), threads, *timing)
-        fwd_bwd = measure_repeats(fwd_bwd_fn, threads, *timing)
-        peak = peak_memory_bytes(fwd_bwd_fn)
+        peak = peak_memory_bytes(fwd_bwd_fns[c.name])
         peak_x = peak_memory_bytes(forward_backward_fn(c.call, x, grad_out, [x], c.aux_loss))
-        results[c.name] = Result(fwd, fwd_bwd, peak, peak_x)
-        _say(progress, f"  {key:<13} {c.name:<33} fwd {fwd.median * 1e3:9.2f} ms  "
-                       f"fwd+bwd {fwd_bwd.median * 1e3:9.2f} ms  "
+        results[c.name] = Result(fwd[c.name], fwd_bwd[c.name], peak, peak_x)
+        _say(progress, f"  {key:<13} {c.name:<33} fwd {fwd[c.name].median * 1e3:9.2f} ms  "
+                       f"fwd+bwd {fwd_bwd[c.name].median * 1e3:9.2f} ms  "
                        f"peak {peak / 2**20:8.1f} MiB ({peak_x / 2**20:.1f} w/o weight grads)")
         if progress is not None:
             progress.update(1)
@@ -322,9 +325,10 @@ def render(rows: list[dict], args, mode: str, revision: str, load_at_start, load
         f"- command: `{' '.join(['python benchmarks/bench_cpu.py', *sys.argv[1:]])}`",
         f"- HF block: transformers MixtralSparseMoeBlock, {rows[0]['hf_impl'] if rows else ''}; weights copied from "
         f"torch_moe; output matched torch_moe dropless within {MATCH_RTOL} relative before timing (per case below).",
-        f"- timing: torch.utils.benchmark Timer, one warm-up call, then ≥ {min_blocks} blocks of ≥ 20 ms and "
-        f"≥ {min_run_time} s per cell"
-        + (f" (slow calls: 3 blocks once {max_run_time:g} s are spent)" if max_run_time else "")
+        f"- timing: torch.utils.benchmark Timer, one warm-up call each, then the contenders interleaved in rounds "
+        f"(one block of ≥ 20 ms each per round, order rotated every round), ≥ {min_blocks} rounds and "
+        f"≥ {min_run_time} s per contender"
+        + (f" (slow cases: stop after 3 rounds once {max_run_time:g} s are spent)" if max_run_time else "")
         + "; median per call. fwd under no_grad; fwd+bwd = forward + autograd.grad w.r.t. "
         "x and all parameters of a fixed random output gradient (torch_moe: + its aux_loss with gradient 1).",
         "- speed-up = HF time / this time (above 1: faster than HF); ÷dense = this time / dense time; "

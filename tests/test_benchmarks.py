@@ -1,0 +1,31 @@
+"""Smoke test of benchmarks/bench_cpu.py: its --quick run on tiny shapes must complete and write a full report.
+
+Timings are not checked (they never go into tests); this keeps the benchmark script from rotting as the API moves.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+
+pytest.importorskip("transformers")
+
+
+def test_bench_cpu_quick_writes_every_row(tmp_path):
+    out = tmp_path / "quick.md"
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_cpu.py"), "--quick", "--out", str(out)],
+                            capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = out.read_text()
+    contenders = ("torch_moe dropless", "torch_moe capacity 1.25", "HF MixtralSparseMoeBlock (eager)",
+                  "dense SwiGLU k·d_ff")
+    table_rows = [line for line in report.splitlines() if line.startswith("| ") and "T=" in line]
+    # 4 cases x 4 contenders in the timing table, 4 cases x 2 pairs in the bandwidth table.
+    assert sum(any(f"| {c} |" in row for c in contenders) for row in table_rows) == 16
+    assert sum("| permute + unpermute |" in row or "| dispatch + combine |" in row for row in table_rows) == 8
+    assert report.count("HF vs dropless") == 4 and "## Issue 7 goals" in report
