@@ -6,6 +6,7 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -101,7 +102,11 @@ void run_segments(const Schedule& schedule, const std::vector<int64_t>& bounds, 
     run_slot(0);
     return;
   }
+  // The GEMMs are ATen calls on OpenMP worker threads: they must see the caller's dispatch state (below autograd
+  // when called from backward or an autograd Function's forward, profiler, grad mode).
+  const at::ThreadLocalState caller_state;
   at::parallel_for(0, schedule.slots(), 1, [&](int64_t begin, int64_t end) {
+    at::ThreadLocalStateGuard state_guard(caller_state);
     for (int64_t slot = begin; slot < end; ++slot) run_slot(slot);
   });
 }
