@@ -118,8 +118,27 @@ void zero_empty_experts(at::Tensor& grad_b, const std::vector<int64_t>& bounds) 
   }
 }
 
-// Per-slot accumulators [slots, rows, cols] summed in slot order.
-at::Tensor sum_slots(const at::Tensor& acc) { return acc.size(0) == 1 ? acc.select(0, 0) : acc.sum(0); }
+// Per-slot accumulators [rows, cols] (opmath): slot 0 is the result itself and the other slots are added into it in
+// slot order, so side-by-side runs cost one extra [rows, cols] per extra thread and no separate sum.
+class SlotSums {
+ public:
+  SlotSums(int64_t slots, int64_t rows, int64_t cols, const at::TensorOptions& options)
+      : result_(at::zeros({rows, cols}, options)),
+        extra_(slots > 1 ? at::zeros({slots - 1, rows, cols}, options) : at::Tensor()) {}
+  template <typename T>
+  T* slot(int64_t s) const {
+    return s == 0 ? result_.data_ptr<T>() : extra_.select(0, s - 1).data_ptr<T>();
+  }
+  at::Tensor sum() {
+    if (extra_.defined()) {
+      for (int64_t s = 0; s < extra_.size(0); ++s) result_.add_(extra_.select(0, s));
+    }
+    return result_;
+  }
+
+ private:
+  at::Tensor result_, extra_;
+};
 
 // Rows per parallel chunk so that a chunk moves at least ~32K elements.
 int64_t grain_for(int64_t row_elems) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(row_elems, 1)); }
@@ -330,7 +349,7 @@ std::tuple<at::Tensor, at::Tensor> gather_grouped_mm_backward(const at::Tensor& 
   const auto grad_out = grad_out_in.to(x.scalar_type()).contiguous();
   // grad_x sums a token's k row gradients: each slot adds its segments' rows (in expert order) into its own
   // accumulator, and the slots are summed in order.
-  auto grad_x_acc = at::zeros({schedule.slots(), T, K}, x.options().dtype(opmath_of(x.scalar_type())));
+  SlotSums grad_x_acc(schedule.slots(), T, K, x.options().dtype(opmath_of(x.scalar_type())));
   auto grad_b = at::empty(b.sizes(), x.options());
   zero_empty_experts(grad_b, plan.bounds);
   const int64_t longest = longest_segment(plan.bounds);
@@ -347,11 +366,11 @@ std::tuple<at::Tensor, at::Tensor> gather_grouped_mm_backward(const at::Tensor& 
       at::mm_out(grad_b_e, x_rows.t(), grad_out_e);
       auto grad_rows = grad_buffers.select(0, slot).narrow(0, 0, n);
       at::mm_out(grad_rows, grad_out_e, b.select(0, e).t());
-      add_segment<scalar_t, opmath_t>(grad_x_acc.select(0, slot).data_ptr<opmath_t>(), grad_rows.data_ptr<scalar_t>(),
+      add_segment<scalar_t, opmath_t>(grad_x_acc.slot<opmath_t>(slot), grad_rows.data_ptr<scalar_t>(),
                                       K, plan.assignment.data(), first, n, plan.k, nullptr, plan.repeats_tokens);
     });
   });
-  return {sum_slots(grad_x_acc).to(x.scalar_type()), grad_b};
+  return {grad_x_acc.sum().to(x.scalar_type()), grad_b};
 }
 
 namespace {
@@ -378,7 +397,7 @@ at::Tensor grouped_mm_unpermute(const at::Tensor& h_in, const at::Tensor& b, con
   const auto opmath = opmath_of(h.scalar_type());
   const auto weights = weights_in.to(opmath).contiguous();
   // y[t] = sum of w * (h @ b[e]) over t's rows; a segment's expert output lives only in its slot's buffer.
-  auto y_acc = at::zeros({schedule.slots(), T, M}, h.options().dtype(opmath));
+  SlotSums y_acc(schedule.slots(), T, M, h.options().dtype(opmath));
   auto out_buffers = at::empty({schedule.slots(), longest_segment(plan.bounds), M}, h.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "torch_moe_grouped_mm_unpermute", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
@@ -386,12 +405,12 @@ at::Tensor grouped_mm_unpermute(const at::Tensor& h_in, const at::Tensor& b, con
       const int64_t first = plan.bounds[e], n = plan.bounds[e + 1] - first;
       auto out_e = out_buffers.select(0, slot).narrow(0, 0, n);
       at::mm_out(out_e, h.narrow(0, first, n), b.select(0, e));
-      add_segment<scalar_t, opmath_t>(y_acc.select(0, slot).data_ptr<opmath_t>(), out_e.data_ptr<scalar_t>(), M,
+      add_segment<scalar_t, opmath_t>(y_acc.slot<opmath_t>(slot), out_e.data_ptr<scalar_t>(), M,
                                       plan.assignment.data(), first, n, plan.k, weights.data_ptr<opmath_t>(),
                                       plan.repeats_tokens);
     });
   });
-  return sum_slots(y_acc).to(h.scalar_type());
+  return y_acc.sum().to(h.scalar_type());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_unpermute_backward(
