@@ -8,6 +8,9 @@
 
 namespace torch_moe::cpu {
 
+// Rows per at::parallel_for task so that a task moves at least ~32K elements of row_elems each.
+int64_t grain_for(int64_t row_elems);
+
 // out [num_rows, d] zero-filled; out[index[t, j]] = w[t, j] * src[t] for every index >= 0 (w = 1 when absent).
 // Destinations must be distinct (callers check). Computed in opmath, stored in src's dtype.
 at::Tensor scatter_rows(const at::Tensor& src, const at::Tensor& index, const std::optional<at::Tensor>& weights,

@@ -13,14 +13,14 @@
 namespace torch_moe::cpu {
 namespace {
 
-int64_t grain_for(int64_t row_elems) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(row_elems, 1)); }
-
 at::Tensor weights_as(const std::optional<at::Tensor>& weights, at::ScalarType dtype) {
   if (!weights.has_value() || !weights->defined()) return at::Tensor();
   return weights->to(dtype).contiguous();
 }
 
 }  // namespace
+
+int64_t grain_for(int64_t row_elems) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(row_elems, 1)); }
 
 at::Tensor scatter_rows(const at::Tensor& src_in, const at::Tensor& index_in, const std::optional<at::Tensor>& weights,
                         int64_t num_rows) {

@@ -140,9 +140,6 @@ class SlotSums {
   at::Tensor result_, extra_;
 };
 
-// Rows per parallel chunk so that a chunk moves at least ~32K elements.
-int64_t grain_for(int64_t row_elems) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(row_elems, 1)); }
-
 // The inverse of a [T, k] row plan: assignment_of_row[r] = t * k + j where row_index[t, j] == r, else -1.
 // The plan is checked to name distinct rows in [-1, num_rows) before this runs.
 std::vector<int64_t> assignment_of_rows(const at::Tensor& row_index, int64_t num_rows) {
