@@ -1,5 +1,12 @@
-// The pybind11 face of torch_moe._C: build information only (the ops register themselves on load).
+// The pybind11 face of torch_moe._C: build information and the CPU block cache's controls (the ops register
+// themselves on load).
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <map>
+#include <string>
+
+#include "common/cpu_cache.h"
 
 #ifndef TORCH_MOE_WITH_CUDA
 #define TORCH_MOE_WITH_CUDA 0
@@ -35,4 +42,11 @@ PYBIND11_MODULE(_C, m) {
     return std::string();
 #endif
   }, "Path of this thread's last CUDA grouped_mm-family call: grouped_mm or per_expert_loop (empty before any).");
+  m.def("cpu_cache_stats", [] {
+    const auto s = torch_moe::cpu::cache_stats();
+    return std::map<std::string, int64_t>{{"in_use_bytes", s.in_use_bytes}, {"cached_bytes", s.cached_bytes},
+                                          {"limit_bytes", s.limit_bytes}, {"hits", s.hits}, {"misses", s.misses}};
+  }, "Counters of the CPU block cache (see csrc/common/cpu_cache.h).");
+  m.def("set_cpu_cache_limit", &torch_moe::cpu::set_cache_limit, "Most free bytes the CPU block cache keeps.");
+  m.def("empty_cpu_cache", &torch_moe::cpu::empty_cache, "Return the CPU block cache's free blocks to the system.");
 }

@@ -28,6 +28,7 @@ _C = _load_extension()
 from . import _fake  # noqa: E402  (fake kernels need the op schemas that _C registers)
 from . import ops  # noqa: E402
 from . import losses  # noqa: E402
+from . import memory  # noqa: E402
 from . import parallel  # noqa: E402
 from . import routing  # noqa: E402
 from .convert import moefy  # noqa: E402
@@ -51,4 +52,4 @@ def build_info() -> dict:
 
 
 __all__ = ["MoE", "SoftMoE", "Router", "Experts", "MoEStats", "MoETracker", "moefy", "aux_loss", "ops", "losses",
-           "routing", "parallel", "build_info"]
+           "memory", "routing", "parallel", "build_info"]

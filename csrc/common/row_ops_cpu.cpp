@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/cpu_cache.h"
 
 namespace torch_moe::cpu {
 namespace {
@@ -27,7 +28,7 @@ at::Tensor scatter_rows(const at::Tensor& src_in, const at::Tensor& index_in, co
   const auto src = src_in.contiguous();
   const auto index = index_in.contiguous();
   const int64_t d = src.size(1), k = index.size(1);
-  auto out = at::empty({num_rows, d}, src.options());
+  auto out = empty_cached({num_rows, d}, src.options());
   if (num_rows == 0 || d == 0) return out;
   // Destination-major: every output row is written exactly once (copied or zeroed), instead of zero-filling the
   // whole output and then copying over it.
@@ -70,7 +71,7 @@ at::Tensor gather_rows(const at::Tensor& src_in, const at::Tensor& index_in, con
   const auto src = src_in.contiguous();
   const auto index = index_in.contiguous();
   const int64_t T = index.size(0), k = index.size(1), d = src.size(1);
-  auto out = at::empty({T, d}, src.options());
+  auto out = empty_cached({T, d}, src.options());
   if (T == 0 || d == 0) return out.zero_();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, src.scalar_type(), "torch_moe_gather_rows", [&] {
     using opmath_t = at::opmath_type<scalar_t>;

@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/cpu_cache.h"
 #include "common/row_ops.h"
 
 namespace torch_moe::cpu {
@@ -123,8 +124,8 @@ void zero_empty_experts(at::Tensor& grad_b, const std::vector<int64_t>& bounds) 
 class SlotSums {
  public:
   SlotSums(int64_t slots, int64_t rows, int64_t cols, const at::TensorOptions& options)
-      : result_(at::zeros({rows, cols}, options)),
-        extra_(slots > 1 ? at::zeros({slots - 1, rows, cols}, options) : at::Tensor()) {}
+      : result_(zeros_cached({rows, cols}, options)),
+        extra_(slots > 1 ? zeros_cached({slots - 1, rows, cols}, options) : at::Tensor()) {}
   template <typename T>
   T* slot(int64_t s) const {
     return s == 0 ? result_.data_ptr<T>() : extra_.select(0, s - 1).data_ptr<T>();
@@ -213,7 +214,7 @@ at::ScalarType opmath_of(at::ScalarType dtype) { return dtype == at::kDouble ? a
 // out [N, M]: each segment of a (contiguous) times its expert's b[e] (any strides); other rows zero.
 at::Tensor segment_mm(const at::Tensor& a, const at::Tensor& b, const std::vector<int64_t>& bounds) {
   const int64_t E = b.size(0);
-  auto out = at::empty({a.size(0), b.size(2)}, a.options());
+  auto out = empty_cached({a.size(0), b.size(2)}, a.options());
   if (bounds[E] < a.size(0)) out.narrow(0, bounds[E], a.size(0) - bounds[E]).zero_();
   for (int64_t e = 0; e < E; ++e) {
     const int64_t n = bounds[e + 1] - bounds[e];
@@ -227,7 +228,7 @@ at::Tensor segment_mm(const at::Tensor& a, const at::Tensor& b, const std::vecto
 // [E, K, M]: sum over each segment of a[r]^T g[r] (zero for experts without rows).
 at::Tensor segment_weight_grad(const at::Tensor& a, const at::Tensor& g, const std::vector<int64_t>& bounds) {
   const int64_t E = static_cast<int64_t>(bounds.size()) - 1;
-  auto grad = at::empty({E, a.size(1), g.size(1)}, a.options());
+  auto grad = empty_cached({E, a.size(1), g.size(1)}, a.options());
   for (int64_t e = 0; e < E; ++e) {
     const int64_t n = bounds[e + 1] - bounds[e];
     auto grad_e = grad.select(0, e);
@@ -314,10 +315,10 @@ at::Tensor gather_grouped_mm(const at::Tensor& x_in, const at::Tensor& b, const 
   const auto plan = segment_plan(op, offsets, row_index, E, N);
   const auto schedule = schedule_segments(plan.bounds, K * M);
   const auto x = x_in.contiguous();
-  auto out = at::empty({N, M}, x.options());
+  auto out = empty_cached({N, M}, x.options());
   if (plan.bounds[E] < N) out.narrow(0, plan.bounds[E], N - plan.bounds[E]).zero_();
   // Each segment's token rows are gathered into its slot's buffer right before its GEMM.
-  auto buffers = at::empty({schedule.slots(), longest_segment(plan.bounds), K}, x.options());
+  auto buffers = empty_cached({schedule.slots(), longest_segment(plan.bounds), K}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "torch_moe_gather_grouped_mm", [&] {
     run_segments(schedule, plan.bounds, [&](int64_t e, int64_t slot) {
       const int64_t first = plan.bounds[e], n = plan.bounds[e + 1] - first;
@@ -347,11 +348,11 @@ std::tuple<at::Tensor, at::Tensor> gather_grouped_mm_backward(const at::Tensor& 
   // grad_x sums a token's k row gradients: each slot adds its segments' rows (in expert order) into its own
   // accumulator, and the slots are summed in order.
   SlotSums grad_x_acc(schedule.slots(), T, K, x.options().dtype(opmath_of(x.scalar_type())));
-  auto grad_b = at::empty(b.sizes(), x.options());
+  auto grad_b = empty_cached(b.sizes(), x.options());
   zero_empty_experts(grad_b, plan.bounds);
   const int64_t longest = longest_segment(plan.bounds);
-  auto x_buffers = at::empty({schedule.slots(), longest, K}, x.options());
-  auto grad_buffers = at::empty({schedule.slots(), longest, K}, x.options());
+  auto x_buffers = empty_cached({schedule.slots(), longest, K}, x.options());
+  auto grad_buffers = empty_cached({schedule.slots(), longest, K}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "torch_moe_gather_grouped_mm_backward", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     run_segments(schedule, plan.bounds, [&](int64_t e, int64_t slot) {
@@ -395,7 +396,7 @@ at::Tensor grouped_mm_unpermute(const at::Tensor& h_in, const at::Tensor& b, con
   const auto weights = weights_in.to(opmath).contiguous();
   // y[t] = sum of w * (h @ b[e]) over t's rows; a segment's expert output lives only in its slot's buffer.
   SlotSums y_acc(schedule.slots(), T, M, h.options().dtype(opmath));
-  auto out_buffers = at::empty({schedule.slots(), longest_segment(plan.bounds), M}, h.options());
+  auto out_buffers = empty_cached({schedule.slots(), longest_segment(plan.bounds), M}, h.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "torch_moe_grouped_mm_unpermute", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     run_segments(schedule, plan.bounds, [&](int64_t e, int64_t slot) {
@@ -429,12 +430,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_unpermute_backward(
   // Row r of segment e (assignment a = t * k + j, weight w = weights[a]) put w * (h[r] @ b[e]) into y[t]. With
   // G[r] = grad_y[t] and P[r] = G[r] @ b[e]^T: grad_h[r] = w * P[r], grad_b[e] = sum_r h[r]^T (w * G[r]),
   // grad_weights[a] = <P[r], h[r]>. G is formed per segment in its slot's buffer, P directly in grad_h.
-  auto grad_h = at::empty({N, F}, h.options());
+  auto grad_h = empty_cached({N, F}, h.options());
   if (plan.bounds[E] < N) grad_h.narrow(0, plan.bounds[E], N - plan.bounds[E]).zero_();
-  auto grad_b = at::empty(b.sizes(), h.options());
+  auto grad_b = empty_cached(b.sizes(), h.options());
   zero_empty_experts(grad_b, plan.bounds);
-  auto grad_weights_acc = at::zeros({row_index.numel()}, h.options().dtype(opmath));
-  auto grad_buffers = at::empty({schedule.slots(), longest_segment(plan.bounds), M}, h.options());
+  auto grad_weights_acc = zeros_cached({row_index.numel()}, h.options().dtype(opmath));
+  auto grad_buffers = empty_cached({schedule.slots(), longest_segment(plan.bounds), M}, h.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "torch_moe_grouped_mm_unpermute_backward", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const opmath_t* wp = weights.data_ptr<opmath_t>();
