@@ -41,7 +41,7 @@ def _problem(gen, k=2):
 def _run_all(ids, x, b, b2, weights):
     """Every CPU op with cached outputs, forward and backward; returns all result tensors."""
     k = ids.shape[1]
-    capacity = T * k // E // 2
+    capacity = T * k // E  # the crowded experts drop tokens, the others leave slots empty
     slots, _ = ops.capacity_plan(ids, E, capacity)[:2]
     buffer = ops.dispatch(x, ids, slots, E, capacity)
     combined = ops.combine(buffer, weights, ids, slots)
@@ -105,11 +105,12 @@ def test_limit_zero_keeps_nothing_and_empty_frees_all(gen, cache_limit):
     assert memory.cpu_cache_stats()["cached_bytes"] == 0
 
     memory.set_cpu_cache_limit(0)
+    in_use = memory.cpu_cache_stats()["in_use_bytes"]  # tensors other tests left alive may still hold blocks
     held = ops.permute(x, ids, E)[0]
-    assert memory.cpu_cache_stats()["in_use_bytes"] >= held.nbytes  # blocks in use are still counted
+    assert memory.cpu_cache_stats()["in_use_bytes"] >= in_use + held.nbytes  # blocks in use are still counted
     del held
     assert memory.cpu_cache_stats()["cached_bytes"] == 0
-    assert memory.cpu_cache_stats()["in_use_bytes"] == 0
+    assert memory.cpu_cache_stats()["in_use_bytes"] == in_use
 
 
 def test_lowering_the_limit_trims_the_cache(gen, cache_limit):
