@@ -6,6 +6,7 @@
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "common/checks.h"
@@ -81,18 +82,29 @@ at::Tensor gather_rows(const at::Tensor& src_in, const at::Tensor& index_in, con
     const int64_t* ip = index.data_ptr<int64_t>();
     scalar_t* op = out.data_ptr<scalar_t>();
     at::parallel_for(0, T, grain_for(d * k), [&](int64_t begin, int64_t end) {
-      std::vector<opmath_t> acc(d);
+      // float and double accumulate in the output row itself; half types in an opmath row, converted once.
+      constexpr bool in_place = std::is_same_v<opmath_t, scalar_t>;
+      std::vector<opmath_t> scratch(in_place ? 0 : d);
       for (int64_t t = begin; t < end; ++t) {
-        std::fill(acc.begin(), acc.end(), opmath_t(0));
+        scalar_t* o = op + t * d;
+        opmath_t* acc = in_place ? reinterpret_cast<opmath_t*>(o) : scratch.data();
+        bool first = true;
         for (int64_t j = 0; j < k; ++j) {
           const int64_t from = ip[t * k + j];
           if (from < 0) continue;
           const scalar_t* row = sp + from * d;
           const opmath_t scale = wp == nullptr ? opmath_t(1) : wp[t * k + j];
-          for (int64_t c = 0; c < d; ++c) acc[c] += scale * static_cast<opmath_t>(row[c]);
+          if (first) {
+            for (int64_t c = 0; c < d; ++c) acc[c] = scale * static_cast<opmath_t>(row[c]);
+            first = false;
+          } else {
+            for (int64_t c = 0; c < d; ++c) acc[c] += scale * static_cast<opmath_t>(row[c]);
+          }
         }
-        scalar_t* o = op + t * d;
-        for (int64_t c = 0; c < d; ++c) o[c] = static_cast<scalar_t>(acc[c]);
+        if (first) std::fill(acc, acc + d, opmath_t(0));
+        if constexpr (!in_place) {
+          for (int64_t c = 0; c < d; ++c) o[c] = static_cast<scalar_t>(acc[c]);
+        }
       }
     });
   });

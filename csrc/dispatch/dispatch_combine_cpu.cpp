@@ -11,19 +11,30 @@
 namespace torch_moe::cpu {
 namespace {
 
-// expert_ids/slots [T, k] -> flat row e * C + s of the [E * C, d] buffer, or -1 when not kept.
-at::Tensor flat_slot_index(const char* op, const at::Tensor& expert_ids, const at::Tensor& slots, int64_t num_experts,
-                           int64_t capacity) {
-  check_dtype(op, "expert_ids", expert_ids, at::kLong);
-  check_dim(op, "expert_ids", expert_ids, 2, "[T, k]");
-  check_dtype(op, "slots", slots, at::kLong);
-  check_same_shape(op, "slots", slots, "expert_ids", expert_ids);
-  check_same_device(op, {{"expert_ids", &expert_ids}, {"slots", &slots}});
-  check_index_range(op, "slots", slots, -1, capacity);
+// expert_ids/slots [T, k] -> flat row e * C + s of the [E * C, d] buffer, or -1 when not kept. Raw loops rather than
+// ATen ops: on small moves the ten or so elementwise ops this took cost more than moving the rows.
+at::Tensor flat_slot_index(const char* op, const at::Tensor& expert_ids_in, const at::Tensor& slots_in,
+                           int64_t num_experts, int64_t capacity) {
+  check_dtype(op, "expert_ids", expert_ids_in, at::kLong);
+  check_dim(op, "expert_ids", expert_ids_in, 2, "[T, k]");
+  check_dtype(op, "slots", slots_in, at::kLong);
+  check_same_shape(op, "slots", slots_in, "expert_ids", expert_ids_in);
+  check_same_device(op, {{"expert_ids", &expert_ids_in}, {"slots", &slots_in}});
+  check_index_range(op, "slots", slots_in, -1, capacity);
+  const auto expert_ids = expert_ids_in.contiguous();
+  const auto slots = slots_in.contiguous();
+  const int64_t n = slots.numel();
+  const int64_t* ep = expert_ids.data_ptr<int64_t>();
+  const int64_t* sp = slots.data_ptr<int64_t>();
   // Only kept assignments must name a real expert.
-  const auto kept = slots.ge(0);
-  check_index_range(op, "expert_ids", expert_ids.masked_fill(kept.logical_not(), 0), 0, num_experts);
-  auto index = at::where(kept, expert_ids * capacity + slots, at::full({}, -1, slots.options()));
+  for (int64_t a = 0; a < n; ++a) {
+    TORCH_MOE_CHECK(sp[a] < 0 || (ep[a] >= 0 && ep[a] < num_experts),
+                    "torch_moe.{}: argument '{}' must hold values in [{}, {}), got {} at flat index {}", op,
+                    "expert_ids", 0, num_experts, ep[a], a);
+  }
+  auto index = at::empty(slots.sizes(), slots.options());
+  int64_t* ip = index.data_ptr<int64_t>();
+  for (int64_t a = 0; a < n; ++a) ip[a] = sp[a] >= 0 ? ep[a] * capacity + sp[a] : -1;
   check_unique_destinations(op, "slots", index, num_experts * capacity);
   return index;
 }
