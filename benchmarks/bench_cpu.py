@@ -36,7 +36,8 @@ the profiling started" is about a free of such an earlier tensor (the layer's pr
 
 Bandwidth: forward of torch_moe.ops.permute + unpermute and of dispatch + combine on the case's routing (the
 dropless layer's router on x, capacity 1.25 for dispatch), against a contiguous Tensor.copy_ and an index_select of
-randomly permuted rows moving the same bytes: 4·d·2·T·(1+k) (x read and y written once, each of the T·k assignment
+randomly permuted rows moving the same bytes (all seven timed interleaved in rotating rounds, as the layers
+are): 4·d·2·T·(1+k) (x read and y written once, each of the T·k assignment
 rows written once and read once). The fraction is the baseline's time over the pair's. copy_ writes into a buffer
 that already exists; the ops are out of place: their outputs of 1 MiB and more come from torch_moe's CPU block cache
 (torch_moe.memory), which hands a repeated call the block its previous output freed. `clone()` (a plain copy into a
@@ -66,7 +67,7 @@ from torch.profiler import ProfilerActivity, profile
 import torch_moe
 from torch_moe import ops
 from _common import (publish, DenseSwiGLU, check_peak_memory_method, forward_backward_fn, forward_fn, git_revision,
-                     load_average_check, machine_line, measure_interleaved, measure_repeats, peak_memory_bytes, quiet_profiler_log)
+                     load_average_check, machine_line, measure_interleaved, peak_memory_bytes, quiet_profiler_log)
 
 try:
     import transformers
@@ -253,24 +254,29 @@ def bench_bandwidth(case: Case, layer: torch_moe.MoE, x: Tensor, capacity: int, 
     dst = torch.empty_like(src)
     shuffled = torch.randperm(rows_moved)
 
-    def timed(fn):
+    def no_grad(fn):
         def run():
             with torch.no_grad():
                 fn()
-        return measure_repeats(run, threads, *timing).median
+        return run
 
-    copy_s = timed(lambda: dst.copy_(src))
-    clone_s = timed(lambda: src.clone())
-    index_select_s = timed(lambda: torch.index_select(src, 0, shuffled, out=dst))
+    # All seven timed in rotating rounds, as the layers are: a slow spell of the shared machine falls on the
+    # baselines and the ops alike.
+    fns = {
+        "copy_": lambda: dst.copy_(src),
+        "clone": lambda: src.clone(),
+        "index_select": lambda: torch.index_select(src, 0, shuffled, out=dst),
+        "permute": lambda: ops.permute(x, routed.expert_ids, E),
+        "unpermute": lambda: ops.unpermute(permuted.rows, routed.weights, permuted.row_index),
+        "dispatch": lambda: ops.dispatch(x, routed.expert_ids, plan.slots, E, capacity),
+        "combine": lambda: ops.combine(buffer, routed.weights, routed.expert_ids, plan.slots),
+    }
+    times = {name: m.median for name, m in measure_interleaved({n: no_grad(f) for n, f in fns.items()}, threads,
+                                                               *timing).items()}
+    copy_s, clone_s, index_select_s = times["copy_"], times["clone"], times["index_select"]
     pairs = {
-        "permute + unpermute": (
-            timed(lambda: ops.permute(x, routed.expert_ids, E)),
-            timed(lambda: ops.unpermute(permuted.rows, routed.weights, permuted.row_index)),
-        ),
-        "dispatch + combine": (
-            timed(lambda: ops.dispatch(x, routed.expert_ids, plan.slots, E, capacity)),
-            timed(lambda: ops.combine(buffer, routed.weights, routed.expert_ids, plan.slots)),
-        ),
+        "permute + unpermute": (times["permute"], times["unpermute"]),
+        "dispatch + combine": (times["dispatch"], times["combine"]),
     }
     out = {}
     for name, (first_s, second_s) in pairs.items():
