@@ -162,3 +162,30 @@ def test_bad_environment_fails_at_import():
     done = _import_with_env("lots")
     assert done.returncode != 0
     assert "TORCH_MOE_CPU_CACHE_MB must be a non-negative integer" in done.stderr
+
+
+_OUT_OF_MEMORY = """
+import resource, torch, torch_moe
+from torch_moe import memory, ops
+torch.set_num_threads(1)  # no new threads (and malloc arenas) once the address space is capped
+def vm_bytes():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+tokens = torch.arange(8192)
+x = torch.randn(8192, 1024)
+held = [ops.permute(x, torch.stack([tokens % 8, (tokens + 1) % 8], 1), 8).rows for _ in range(3)]
+del held  # three 64 MiB blocks are now cached
+assert memory.cpu_cache_stats()["cached_bytes"] >= 192 << 20
+limit = vm_bytes() + (150 << 20)
+resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+rows = ops.permute(x, torch.stack([(tokens + j) % 8 for j in range(6)], 1), 8).rows  # 192 MiB
+assert memory.cpu_cache_stats()["cached_bytes"] == 0
+print("served", rows.shape[0])
+"""
+
+
+def test_cached_blocks_are_given_back_when_the_system_refuses():
+    """A request the system refuses is retried once the cached (free) blocks are given back."""
+    done = subprocess.run([sys.executable, "-c", _OUT_OF_MEMORY], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "served 49152"

@@ -58,7 +58,7 @@ class CachingCpuAllocator final : public c10::Allocator {
         ++misses_;
       }
     }
-    if (block == nullptr) block = new Block{c10::alloc_cpu(size), size};
+    if (block == nullptr) block = new Block{system_alloc(size), size};
     report(block, /*allocated=*/true);
     return c10::DataPtr(block->ptr, block, &CachingCpuAllocator::release, device);
   }
@@ -84,6 +84,16 @@ class CachingCpuAllocator final : public c10::Allocator {
 
  private:
   static void release(void* ctx);
+
+  // When the system refuses, the cached blocks (free by definition) are given back and the request tried once more.
+  void* system_alloc(size_t size) {
+    try {
+      return c10::alloc_cpu(size);
+    } catch (const c10::Error&) {
+      empty();
+      return c10::alloc_cpu(size);
+    }
+  }
 
   void give_back(Block* block) {
     report(block, /*allocated=*/false);
