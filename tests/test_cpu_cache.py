@@ -189,3 +189,19 @@ def test_cached_blocks_are_given_back_when_the_system_refuses():
     done = subprocess.run([sys.executable, "-c", _OUT_OF_MEMORY], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "served 49152"
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_child_uses_the_cache(gen, cache_limit):
+    x = torch.randn(T, K, generator=gen)
+    ids = ref.distinct_expert_ids(T, E, 2, gen)
+    expected = ops.permute(x, ids, E).rows  # leaves cached blocks behind in the parent
+    ops.permute(x, ids, E)
+    pid = os.fork()
+    if pid == 0:  # the child: same results from the inherited cache, then leave without running pytest's teardown
+        # One thread, as DataLoader workers do: libgomp's pool does not survive fork (torch's own ops hang too).
+        torch.set_num_threads(1)
+        ok = torch.equal(ops.permute(x, ids, E).rows, expected) and memory.cpu_cache_stats()["hits"] > 0
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0

@@ -7,9 +7,12 @@
 #include <c10/core/impl/alloc_cpu.h>
 #include <c10/util/Exception.h>
 
+#include <pthread.h>
+
 #include <cstdlib>
 #include <map>
 #include <mutex>
+#include <new>
 #include <string>
 
 namespace torch_moe::cpu {
@@ -32,6 +35,9 @@ int64_t default_limit() {
   return int64_t{1} << 30;
 }
 
+class CachingCpuAllocator;
+CachingCpuAllocator& cache();
+
 struct Block {
   void* ptr;
   size_t size;
@@ -39,7 +45,10 @@ struct Block {
 
 class CachingCpuAllocator final : public c10::Allocator {
  public:
-  CachingCpuAllocator() : limit_(default_limit()) {}
+  CachingCpuAllocator() : limit_(default_limit()) {
+    // A child forked while another thread held the lock (a DataLoader worker, say) would wait on it forever.
+    pthread_atfork(nullptr, nullptr, [] { new (&cache().mutex_) std::mutex(); });
+  }
 
   c10::DataPtr allocate(size_t nbytes) override {
     const c10::Device device(c10::DeviceType::CPU);
