@@ -7,6 +7,7 @@
 #include "common/checks.h"
 #include "common/row_ops.h"
 #include "dispatch/capacity_plan.h"
+#include "dispatch/dispatch_checks.h"
 
 namespace torch_moe::cpu {
 namespace {
@@ -15,12 +16,7 @@ namespace {
 // ATen ops: on small moves the ten or so elementwise ops this took cost more than moving the rows.
 at::Tensor flat_slot_index(const char* op, const at::Tensor& expert_ids_in, const at::Tensor& slots_in,
                            int64_t num_experts, int64_t capacity) {
-  check_dtype(op, "expert_ids", expert_ids_in, at::kLong);
-  check_dim(op, "expert_ids", expert_ids_in, 2, "[T, k]");
-  check_dtype(op, "slots", slots_in, at::kLong);
-  check_same_shape(op, "slots", slots_in, "expert_ids", expert_ids_in);
-  check_same_device(op, {{"expert_ids", &expert_ids_in}, {"slots", &slots_in}});
-  check_index_range(op, "slots", slots_in, -1, capacity);
+  check_slot_plan(op, expert_ids_in, slots_in, capacity);
   const auto expert_ids = expert_ids_in.contiguous();
   const auto slots = slots_in.contiguous();
   const int64_t n = slots.numel();
@@ -37,31 +33,6 @@ at::Tensor flat_slot_index(const char* op, const at::Tensor& expert_ids_in, cons
   for (int64_t a = 0; a < n; ++a) ip[a] = sp[a] >= 0 ? ep[a] * capacity + sp[a] : -1;
   check_unique_destinations(op, "slots", index, num_experts * capacity);
   return index;
-}
-
-void check_row_index(const char* op, const at::Tensor& row_index, int64_t num_rows) {
-  check_dtype(op, "row_index", row_index, at::kLong);
-  check_dim(op, "row_index", row_index, 2, "[T, k]");
-  check_index_range(op, "row_index", row_index, -1, num_rows);
-}
-
-void check_weights(const char* op, const at::Tensor& weights, const at::Tensor& index, const char* index_name) {
-  check_floating(op, "weights", weights);
-  check_dim(op, "weights", weights, 2, "[T, k]");
-  check_same_shape(op, "weights", weights, index_name, index);
-  check_same_device(op, {{index_name, &index}, {"weights", &weights}});
-}
-
-void check_tokens(const char* op, const char* name, const at::Tensor& t, int64_t T, int64_t d) {
-  check_floating(op, name, t);
-  check_dim(op, name, t, 2, "[T, d]");
-  check_size(op, name, t, 0, T, "tokens");
-  if (d >= 0) check_size(op, name, t, 1, d, "model width");
-}
-
-void check_buffer(const char* op, const char* name, const at::Tensor& buffer) {
-  check_floating(op, name, buffer);
-  check_dim(op, name, buffer, 3, "[E, C, d]");
 }
 
 }  // namespace

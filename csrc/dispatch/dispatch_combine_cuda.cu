@@ -7,6 +7,7 @@
 #include "common/checks.h"
 #include "common/row_ops_cuda.h"
 #include "dispatch/capacity_plan.h"
+#include "dispatch/dispatch_checks.h"
 #include "dispatch/capacity_plan_cuda.h"
 
 namespace torch_moe::cuda {
@@ -15,12 +16,7 @@ namespace {
 // expert_ids/slots [T, k] -> flat row e * C + s of the [E * C, d] buffer, or -1 when not kept.
 at::Tensor flat_slot_index(const char* op, const at::Tensor& expert_ids, const at::Tensor& slots, int64_t num_experts,
                            int64_t capacity) {
-  check_dtype(op, "expert_ids", expert_ids, at::kLong);
-  check_dim(op, "expert_ids", expert_ids, 2, "[T, k]");
-  check_dtype(op, "slots", slots, at::kLong);
-  check_same_shape(op, "slots", slots, "expert_ids", expert_ids);
-  check_same_device(op, {{"expert_ids", &expert_ids}, {"slots", &slots}});
-  check_index_range(op, "slots", slots, -1, capacity);
+  check_slot_plan(op, expert_ids, slots, capacity);
   // Only kept assignments must name a real expert.
   const auto kept = slots.ge(0);
   check_index_range(op, "expert_ids", expert_ids.masked_fill(kept.logical_not(), 0), 0, num_experts);
@@ -30,31 +26,6 @@ at::Tensor flat_slot_index(const char* op, const at::Tensor& expert_ids, const a
   auto index = at::where(usable, expert_ids * capacity + slots, at::scalar_tensor(-1, slots.options()));
   check_unique_destinations(op, "slots", index, num_experts * capacity);
   return index;
-}
-
-void check_row_index(const char* op, const at::Tensor& row_index, int64_t num_rows) {
-  check_dtype(op, "row_index", row_index, at::kLong);
-  check_dim(op, "row_index", row_index, 2, "[T, k]");
-  check_index_range(op, "row_index", row_index, -1, num_rows);
-}
-
-void check_weights(const char* op, const at::Tensor& weights, const at::Tensor& index, const char* index_name) {
-  check_floating(op, "weights", weights);
-  check_dim(op, "weights", weights, 2, "[T, k]");
-  check_same_shape(op, "weights", weights, index_name, index);
-  check_same_device(op, {{index_name, &index}, {"weights", &weights}});
-}
-
-void check_tokens(const char* op, const char* name, const at::Tensor& t, int64_t T, int64_t d) {
-  check_floating(op, name, t);
-  check_dim(op, name, t, 2, "[T, d]");
-  check_size(op, name, t, 0, T, "tokens");
-  if (d >= 0) check_size(op, name, t, 1, d, "model width");
-}
-
-void check_buffer(const char* op, const char* name, const at::Tensor& buffer) {
-  check_floating(op, name, buffer);
-  check_dim(op, name, buffer, 3, "[E, C, d]");
 }
 
 }  // namespace
