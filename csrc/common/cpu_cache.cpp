@@ -5,6 +5,7 @@
 #include <ATen/ops/empty.h>
 #include <c10/core/Allocator.h>
 #include <c10/core/impl/alloc_cpu.h>
+#include <c10/util/accumulate.h>
 #include <c10/util/Exception.h>
 
 #include <pthread.h>
@@ -171,10 +172,9 @@ void CachingCpuAllocator::release(void* ctx) { cache().give_back(static_cast<Blo
 
 at::Tensor empty_cached(at::IntArrayRef sizes, const at::TensorOptions& options) {
   TORCH_INTERNAL_ASSERT(options.device().is_cpu(), "empty_cached: CPU tensors only");
-  int64_t numel = 1;
-  for (const int64_t s : sizes) numel *= s;
   const auto dtype = c10::typeMetaToScalarType(options.dtype());
-  if (numel * static_cast<int64_t>(c10::elementSize(dtype)) < kCachedMinBytes) return at::empty(sizes, options);
+  const int64_t nbytes = c10::multiply_integers(sizes) * static_cast<int64_t>(c10::elementSize(dtype));
+  if (nbytes < kCachedMinBytes) return at::empty(sizes, options);
   return at::detail::empty_generic(sizes, &cache(), c10::DispatchKeySet(c10::DispatchKey::CPU), dtype,
                                    c10::MemoryFormat::Contiguous);
 }
