@@ -63,6 +63,14 @@ TORCH_LIBRARY(torch_moe, m) {
   // Backward of gather_grouped_mm -> (grad_x [T, K], grad_b [E, K, M]).
   m.def("_gather_grouped_mm_backward(Tensor grad_out, Tensor x, Tensor b, Tensor offsets, Tensor row_index) "
         "-> (Tensor, Tensor)");
+  // Gated first half of a SwiGLU/GeGLU expert on the permuted tokens: gate = rows @ w_gate[e], up = rows @ w_up[e],
+  // act = f(gate) * up with f = silu | gelu (exact) | gelu_tanh -> (act, gate, up) [T*k, M]; gate and up are kept
+  // for backward and are not differentiable outputs.
+  m.def("gather_grouped_glu(Tensor x, Tensor w_gate, Tensor w_up, Tensor offsets, Tensor row_index, "
+        "str activation=\"silu\") -> (Tensor act, Tensor gate, Tensor up)");
+  // Backward of gather_grouped_glu -> (grad_x [T, K], grad_w_gate [E, K, M], grad_w_up [E, K, M]).
+  m.def("_gather_grouped_glu_backward(Tensor grad_act, Tensor x, Tensor w_gate, Tensor w_up, Tensor gate, "
+        "Tensor up, Tensor offsets, Tensor row_index, str activation) -> (Tensor, Tensor, Tensor)");
   // grouped_mm then unpermute, without keeping the expert outputs: y[t] = sum_j weights[t, j] * (h @ b[e])[row].
   m.def("grouped_mm_unpermute(Tensor h, Tensor b, Tensor offsets, Tensor weights, Tensor row_index) -> Tensor");
   // Backward of grouped_mm_unpermute -> (grad_h [N, K], grad_b [E, K, M], grad_weights [T, k]).

@@ -271,6 +271,28 @@ def test_fused_dropless_ops_agree(dtype):
         torch.testing.assert_close(cuda_value.cpu().double(), cpu_value.double(), **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("activation", ["silu", "gelu"])
+def test_gather_grouped_glu_agrees(dtype, activation):
+    g = _gen(9)
+    T, E, k, K, M = 200, 8, 2, 32, 16
+    ids = ref.distinct_expert_ids(T, 6, k, g)  # experts 6 and 7 empty
+    x = torch.randn(T, K, generator=g).to(dtype)
+    w_gate = torch.randn(E, K, M, generator=g).to(dtype)
+    w_up = torch.randn(E, K, M, generator=g).to(dtype)
+    upstream = torch.randn(T * k, M, generator=g).to(dtype)
+    res = {}
+    for device in ("cpu", CUDA):
+        xd, wgd, wud = (t.to(device).requires_grad_() for t in (x, w_gate, w_up))
+        plan = ops.permute_plan(ids.to(device), E)
+        act = ops.gather_grouped_glu(xd, wgd, wud, plan.offsets, plan.row_index, activation)
+        act.backward(upstream.to(device))
+        res[device] = (act.detach(), xd.grad, wgd.grad, wud.grad)
+    tol = dict(rtol=5e-2, atol=5e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
+    for cuda_value, cpu_value in zip(res[CUDA], res["cpu"]):
+        torch.testing.assert_close(cuda_value.cpu().double(), cpu_value.double(), **tol)
+
+
 # ---------------------------------------------------------------------------------------------- router_losses
 
 

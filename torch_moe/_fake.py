@@ -151,6 +151,18 @@ def _gather_grouped_mm_backward(grad_out, x, b, offsets, row_index):
     return torch.empty_like(x), torch.empty_like(b)
 
 
+@torch.library.register_fake(_lib + "gather_grouped_glu")
+def _gather_grouped_glu(x, w_gate, w_up, offsets, row_index, activation="silu"):
+    _check(activation in ("silu", "gelu", "gelu_tanh"),
+           f"torch_moe.gather_grouped_glu: argument 'activation' must be \"silu\", \"gelu\" or \"gelu_tanh\", got \"{activation}\"")
+    return tuple(x.new_empty((row_index.numel(), w_gate.shape[2])) for _ in range(3))
+
+
+@torch.library.register_fake(_lib + "_gather_grouped_glu_backward")
+def _gather_grouped_glu_backward(grad_act, x, w_gate, w_up, gate, up, offsets, row_index, activation):
+    return torch.empty_like(x), torch.empty_like(w_gate), torch.empty_like(w_up)
+
+
 @torch.library.register_fake(_lib + "grouped_mm_unpermute")
 def _grouped_mm_unpermute(h, b, offsets, weights, row_index):
     return h.new_empty((row_index.shape[0], b.shape[2]))

@@ -29,6 +29,7 @@ __all__ = [
     "grouped_mm",
     "permute_plan",
     "gather_grouped_mm",
+    "gather_grouped_glu",
     "grouped_mm_unpermute",
     "last_grouped_mm_path",
 ]
@@ -192,6 +193,20 @@ def gather_grouped_mm(x: Tensor, b: Tensor, offsets: Tensor, row_index: Tensor) 
     so the memory of a dropless first projection is that of a dense layer's.
     """
     return torch.ops.torch_moe.gather_grouped_mm(x, b, offsets, row_index)
+
+
+def gather_grouped_glu(
+    x: Tensor, w_gate: Tensor, w_up: Tensor, offsets: Tensor, row_index: Tensor, activation: str = "silu"
+) -> Tensor:
+    """The gated first half of a SwiGLU / GeGLU expert on the permuted tokens, in one op.
+
+    ``f(gather_grouped_mm(x, w_gate, ...)) * gather_grouped_mm(x, w_up, ...)`` with f = ``"silu"`` (SwiGLU),
+    ``"gelu"`` (exact, GeGLU) or ``"gelu_tanh"``. x: [T, K], w_gate and w_up: [E, K, M], row_index [T, k] and
+    offsets [E + 1] from :func:`permute_plan` -> [T*k, M]. On the CPU the token rows are gathered once per expert
+    for both projections and the activation is formed while the expert's projections are in cache; backward keeps
+    x and the two projections, as a dense gated FFN does.
+    """
+    return torch.ops.torch_moe.gather_grouped_glu(x, w_gate, w_up, offsets, row_index, activation)[0]
 
 
 def grouped_mm_unpermute(h: Tensor, b: Tensor, offsets: Tensor, weights: Tensor, row_index: Tensor) -> Tensor:

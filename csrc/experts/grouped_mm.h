@@ -2,6 +2,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
 
 #include <tuple>
 
@@ -22,6 +23,19 @@ at::Tensor gather_grouped_mm(const at::Tensor& x, const at::Tensor& b, const at:
 std::tuple<at::Tensor, at::Tensor> gather_grouped_mm_backward(const at::Tensor& grad_out, const at::Tensor& x,
                                                               const at::Tensor& b, const at::Tensor& offsets,
                                                               const at::Tensor& row_index);
+// The gated first half of a SwiGLU / GeGLU expert with the permutation fused in: gate = rows @ w_gate[e],
+// up = rows @ w_up[e], act = f(gate) * up for rows gathered as in gather_grouped_mm, one segment at a time, so the
+// rows are gathered once and the activation is formed while its segment is in cache. -> (act, gate, up), each
+// [T * k, M]; gate and up are what backward needs.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_grouped_glu(const at::Tensor& x, const at::Tensor& w_gate,
+                                                                  const at::Tensor& w_up, const at::Tensor& offsets,
+                                                                  const at::Tensor& row_index,
+                                                                  c10::string_view activation);
+// -> (grad_x [T, K], grad_w_gate [E, K, M], grad_w_up [E, K, M]).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_grouped_glu_backward(
+    const at::Tensor& grad_act, const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w_up,
+    const at::Tensor& gate, const at::Tensor& up, const at::Tensor& offsets, const at::Tensor& row_index,
+    c10::string_view activation);
 // Dropless last projection with the weighted combine fused in: y[t] = sum_j weights[t, j] * (h @ b[e])[row_index[t, j]].
 // The expert output rows live one segment at a time in a reused buffer; backward needs only h. -> [T, M].
 at::Tensor grouped_mm_unpermute(const at::Tensor& h, const at::Tensor& b, const at::Tensor& offsets,

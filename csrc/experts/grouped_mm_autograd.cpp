@@ -1,7 +1,10 @@
-// Autograd of grouped_mm: gradients to both operands; offsets are an integer plan.
+// Autograd of the grouped_mm family: gradients to the float operands; offsets and row plans are integers.
 #include <torch/library.h>
 
 #include "common/autograd_utils.h"
+
+#include <string>
+#include <tuple>
 
 namespace torch_moe {
 namespace {
@@ -46,6 +49,33 @@ class GatherGroupedMmFunction : public torch::autograd::Function<GatherGroupedMm
   }
 };
 
+class GatherGroupedGluFunction : public torch::autograd::Function<GatherGroupedGluFunction> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& w_gate,
+                               const at::Tensor& w_up, const at::Tensor& offsets, const at::Tensor& row_index,
+                               c10::string_view activation) {
+    static const auto op = op_handle<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+        c10::string_view)>("torch_moe::gather_grouped_glu");
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [act, gate, up] = op.call(x, w_gate, w_up, offsets, row_index, activation);
+    ctx->save_for_backward({x, w_gate, w_up, gate, up, offsets, row_index});
+    ctx->saved_data["activation"] = std::string(activation);
+    ctx->mark_non_differentiable({gate, up});
+    return {act, gate, up};
+  }
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    static const auto op = op_handle<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::string_view)>(
+        "torch_moe::_gather_grouped_glu_backward");
+    const auto s = ctx->get_saved_variables();
+    const auto activation = ctx->saved_data["activation"].toStringRef();
+    auto [grad_x, grad_w_gate, grad_w_up] = op.call(grads[0], s[0], s[1], s[2], s[3], s[4], s[5], s[6], activation);
+    return {grad_x, grad_w_gate, grad_w_up, at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
 class GroupedMmUnpermuteFunction : public torch::autograd::Function<GroupedMmUnpermuteFunction> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& h, const at::Tensor& b,
@@ -76,6 +106,16 @@ at::Tensor gather_grouped_mm_autograd(const at::Tensor& x, const at::Tensor& b, 
   return GatherGroupedMmFunction::apply(x, b, offsets, row_index)[0];
 }
 
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_grouped_glu_autograd(const at::Tensor& x,
+                                                                           const at::Tensor& w_gate,
+                                                                           const at::Tensor& w_up,
+                                                                           const at::Tensor& offsets,
+                                                                           const at::Tensor& row_index,
+                                                                           c10::string_view activation) {
+  auto out = GatherGroupedGluFunction::apply(x, w_gate, w_up, offsets, row_index, activation);
+  return {out[0], out[1], out[2]};
+}
+
 at::Tensor grouped_mm_unpermute_autograd(const at::Tensor& h, const at::Tensor& b, const at::Tensor& offsets,
                                          const at::Tensor& weights, const at::Tensor& row_index) {
   return GroupedMmUnpermuteFunction::apply(h, b, offsets, weights, row_index)[0];
@@ -86,9 +126,11 @@ at::Tensor grouped_mm_unpermute_autograd(const at::Tensor& h, const at::Tensor& 
 TORCH_LIBRARY_IMPL(torch_moe, Autograd, m) {
   m.impl("grouped_mm", &grouped_mm_autograd);
   m.impl("gather_grouped_mm", &gather_grouped_mm_autograd);
+  m.impl("gather_grouped_glu", &gather_grouped_glu_autograd);
   m.impl("grouped_mm_unpermute", &grouped_mm_unpermute_autograd);
   m.impl("_grouped_mm_backward", refuse_double_backward());
   m.impl("_gather_grouped_mm_backward", refuse_double_backward());
+  m.impl("_gather_grouped_glu_backward", refuse_double_backward());
   m.impl("_grouped_mm_unpermute_backward", refuse_double_backward());
 }
 

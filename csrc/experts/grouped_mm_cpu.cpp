@@ -16,6 +16,7 @@
 #include "common/checks.h"
 #include "common/cpu_cache.h"
 #include "common/row_ops.h"
+#include "experts/glu.h"
 
 namespace torch_moe::cpu {
 namespace {
@@ -274,16 +275,17 @@ void check_row_plan(const char* op, const at::Tensor& row_index, int64_t tokens,
   check_unique_destinations(op, "row_index", row_index, num_rows);
 }
 
-// x [T, K] (the tokens) against b [E, K, M].
-void check_gather_operands(const char* op, const at::Tensor& x, const at::Tensor& b, const at::Tensor& row_index) {
+// x [T, K] (the tokens) against the weights b [E, K, M], named b_name in messages.
+void check_gather_operands(const char* op, const at::Tensor& x, const at::Tensor& b, const at::Tensor& row_index,
+                           const char* b_name = "b") {
   check_floating(op, "x", x);
   check_dim(op, "x", x, 2, "[T, K]");
-  check_floating(op, "b", b);
-  check_dim(op, "b", b, 3, "[E, K, M]");
-  TORCH_MOE_CHECK(x.scalar_type() == b.scalar_type(), "torch_moe.{}: arguments 'x' and 'b' must share a dtype, got {} and {}",
-                  op, dtype_name(x.scalar_type()), dtype_name(b.scalar_type()));
-  check_size(op, "b", b, 1, x.size(1), "columns of x");
-  check_same_device(op, {{"x", &x}, {"b", &b}, {"row_index", &row_index}});
+  check_floating(op, b_name, b);
+  check_dim(op, b_name, b, 3, "[E, K, M]");
+  TORCH_MOE_CHECK(x.scalar_type() == b.scalar_type(), "torch_moe.{}: arguments 'x' and '{}' must share a dtype, got {} and {}",
+                  op, b_name, dtype_name(x.scalar_type()), dtype_name(b.scalar_type()));
+  check_size(op, b_name, b, 1, x.size(1), "columns of x");
+  check_same_device(op, {{"x", &x}, {b_name, &b}, {"row_index", &row_index}});
   check_row_plan(op, row_index, x.size(0), row_index.numel());
 }
 
@@ -369,6 +371,101 @@ std::tuple<at::Tensor, at::Tensor> gather_grouped_mm_backward(const at::Tensor& 
     });
   });
   return {grad_x_acc.sum().to(x.scalar_type()), grad_b};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_grouped_glu(const at::Tensor& x_in, const at::Tensor& w_gate,
+                                                                  const at::Tensor& w_up, const at::Tensor& offsets,
+                                                                  const at::Tensor& row_index,
+                                                                  c10::string_view activation) {
+  constexpr const char* op = "gather_grouped_glu";
+  const auto kind = parse_glu_activation(op, activation);
+  check_gather_operands(op, x_in, w_gate, row_index, "w_gate");
+  check_glu_weights(op, w_gate, w_up);
+  const int64_t N = row_index.numel(), K = x_in.size(1), M = w_gate.size(2), E = w_gate.size(0);
+  const auto plan = segment_plan(op, offsets, row_index, E, N);
+  const auto schedule = schedule_segments(plan.bounds, K * M);
+  const auto x = x_in.contiguous();
+  auto act = empty_cached({N, M}, x.options());
+  auto gate = empty_cached({N, M}, x.options());
+  auto up = empty_cached({N, M}, x.options());
+  for (auto* t : {&act, &gate, &up}) {
+    if (plan.bounds[E] < N) t->narrow(0, plan.bounds[E], N - plan.bounds[E]).zero_();
+  }
+  // A segment's rows are gathered once for both projections, and its activation is formed while the two
+  // projections are still in cache.
+  auto buffers = empty_cached({schedule.slots(), longest_segment(plan.bounds), K}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "torch_moe_gather_grouped_glu", [&] {
+    run_segments(schedule, plan.bounds, [&](int64_t e, int64_t slot) {
+      const int64_t first = plan.bounds[e], n = plan.bounds[e + 1] - first;
+      auto rows = buffers.select(0, slot).narrow(0, 0, n);
+      gather_segment(rows.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), K, plan.assignment.data(), first, n, plan.k);
+      auto gate_e = gate.narrow(0, first, n);
+      auto up_e = up.narrow(0, first, n);
+      auto act_e = act.narrow(0, first, n);
+      at::mm_out(gate_e, rows, w_gate.select(0, e));
+      at::mm_out(up_e, rows, w_up.select(0, e));
+      glu_forward_out(act_e, gate_e, up_e, kind);
+    });
+  });
+  return {act, gate, up};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_grouped_glu_backward(
+    const at::Tensor& grad_act_in, const at::Tensor& x_in, const at::Tensor& w_gate, const at::Tensor& w_up,
+    const at::Tensor& gate_in, const at::Tensor& up_in, const at::Tensor& offsets, const at::Tensor& row_index,
+    c10::string_view activation) {
+  constexpr const char* op = "_gather_grouped_glu_backward";
+  const auto kind = parse_glu_activation(op, activation);
+  check_gather_operands(op, x_in, w_gate, row_index, "w_gate");
+  check_glu_weights(op, w_gate, w_up);
+  const int64_t N = row_index.numel(), T = x_in.size(0), K = x_in.size(1), M = w_gate.size(2), E = w_gate.size(0);
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"grad_act", &grad_act_in},
+                                {"gate", &gate_in}, {"up", &up_in}}) {
+    check_floating(op, name, *t);
+    check_dim(op, name, *t, 2, "[N, M]");
+    check_size(op, name, *t, 0, N, "rows of the plan");
+    check_size(op, name, *t, 1, M, "columns of w_gate");
+  }
+  const auto plan = segment_plan(op, offsets, row_index, E, N);
+  const auto schedule = schedule_segments(plan.bounds, K * M);
+  const auto x = x_in.contiguous();
+  const auto grad_act = grad_act_in.to(x.scalar_type()).contiguous();
+  const auto gate = gate_in.to(x.scalar_type()).contiguous();
+  const auto up = up_in.to(x.scalar_type()).contiguous();
+  // Per segment: the gate/up gradients live in the slot's buffers, the token rows are gathered once, and one
+  // [n, K] row gradient (from both projections) is added into the slot's grad_x accumulator.
+  SlotSums grad_x_acc(schedule.slots(), T, K, x.options().dtype(opmath_of(x.scalar_type())));
+  auto grad_w_gate = empty_cached(w_gate.sizes(), x.options());
+  auto grad_w_up = empty_cached(w_up.sizes(), x.options());
+  zero_empty_experts(grad_w_gate, plan.bounds);
+  zero_empty_experts(grad_w_up, plan.bounds);
+  const int64_t longest = longest_segment(plan.bounds);
+  auto x_buffers = empty_cached({schedule.slots(), longest, K}, x.options());
+  auto grad_row_buffers = empty_cached({schedule.slots(), longest, K}, x.options());
+  auto grad_gate_buffers = empty_cached({schedule.slots(), longest, M}, x.options());
+  auto grad_up_buffers = empty_cached({schedule.slots(), longest, M}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "torch_moe_gather_grouped_glu_backward", [&] {
+    using opmath_t = at::opmath_type<scalar_t>;
+    run_segments(schedule, plan.bounds, [&](int64_t e, int64_t slot) {
+      const int64_t first = plan.bounds[e], n = plan.bounds[e + 1] - first;
+      auto grad_gate = grad_gate_buffers.select(0, slot).narrow(0, 0, n);
+      auto grad_up = grad_up_buffers.select(0, slot).narrow(0, 0, n);
+      glu_backward_out(grad_gate, grad_up, grad_act.narrow(0, first, n), gate.narrow(0, first, n),
+                       up.narrow(0, first, n), kind);
+      auto x_rows = x_buffers.select(0, slot).narrow(0, 0, n);
+      gather_segment(x_rows.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), K, plan.assignment.data(), first, n, plan.k);
+      auto grad_w_gate_e = grad_w_gate.select(0, e);
+      auto grad_w_up_e = grad_w_up.select(0, e);
+      at::mm_out(grad_w_gate_e, x_rows.t(), grad_gate);
+      at::mm_out(grad_w_up_e, x_rows.t(), grad_up);
+      auto grad_rows = grad_row_buffers.select(0, slot).narrow(0, 0, n);
+      at::mm_out(grad_rows, grad_gate, w_gate.select(0, e).t());
+      at::addmm_out(grad_rows, grad_rows, grad_up, w_up.select(0, e).t());
+      add_segment<scalar_t, opmath_t>(grad_x_acc.slot<opmath_t>(slot), grad_rows.data_ptr<scalar_t>(),
+                                      K, plan.assignment.data(), first, n, plan.k, nullptr, plan.repeats_tokens);
+    });
+  });
+  return {grad_x_acc.sum().to(x.scalar_type()), grad_w_gate, grad_w_up};
 }
 
 namespace {
@@ -477,6 +574,8 @@ TORCH_LIBRARY_IMPL(torch_moe, CPU, m) {
   m.impl("_grouped_mm_backward", &grouped_mm_backward);
   m.impl("gather_grouped_mm", &gather_grouped_mm);
   m.impl("_gather_grouped_mm_backward", &gather_grouped_mm_backward);
+  m.impl("gather_grouped_glu", &gather_grouped_glu);
+  m.impl("_gather_grouped_glu_backward", &gather_grouped_glu_backward);
   m.impl("grouped_mm_unpermute", &grouped_mm_unpermute);
   m.impl("_grouped_mm_unpermute_backward", &grouped_mm_unpermute_backward);
 }

@@ -11,11 +11,13 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <tuple>
 #include <vector>
 
 #include "common/checks.h"
 #include "common/cuda_utils.cuh"
 #include "common/row_ops_cuda.h"
+#include "experts/glu.h"
 
 namespace torch_moe::cuda {
 namespace {
@@ -235,11 +237,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_unpermute_backward(
   return {P.mul_(w_row), grad_b, grad_weights};
 }
 
+// The gated first half as the composite of the gathers above and ATen's activation kernels: correct, but it
+// gathers the token rows once per projection and writes the activation in separate passes.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_grouped_glu(const at::Tensor& x, const at::Tensor& w_gate,
+                                                                  const at::Tensor& w_up, const at::Tensor& offsets,
+                                                                  const at::Tensor& row_index,
+                                                                  c10::string_view activation) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  return gather_grouped_glu_composite(&gather_grouped_mm, x, w_gate, w_up, offsets, row_index, activation);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_grouped_glu_backward(
+    const at::Tensor& grad_act, const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w_up,
+    const at::Tensor& gate, const at::Tensor& up, const at::Tensor& offsets, const at::Tensor& row_index,
+    c10::string_view activation) {
+  const c10::cuda::CUDAGuard guard(x.device());
+  return gather_grouped_glu_backward_composite(&gather_grouped_mm_backward, grad_act, x, w_gate, w_up, gate, up,
+                                               offsets, row_index, activation);
+}
+
 TORCH_LIBRARY_IMPL(torch_moe, CUDA, m) {
   m.impl("grouped_mm", &grouped_mm);
   m.impl("_grouped_mm_backward", &grouped_mm_backward);
   m.impl("gather_grouped_mm", &gather_grouped_mm);
   m.impl("_gather_grouped_mm_backward", &gather_grouped_mm_backward);
+  m.impl("gather_grouped_glu", &gather_grouped_glu);
+  m.impl("_gather_grouped_glu_backward", &gather_grouped_glu_backward);
   m.impl("grouped_mm_unpermute", &grouped_mm_unpermute);
   m.impl("_grouped_mm_unpermute_backward", &grouped_mm_unpermute_backward);
 }

@@ -1,0 +1,43 @@
+// Gated expert FFN input half (SwiGLU / GeGLU): the activation math shared by the CPU kernel and the composite
+// used on CUDA, on whole tensors or on one expert segment at a time.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
+
+#include <tuple>
+
+namespace torch_moe {
+
+enum class GluActivation { kSilu, kGelu, kGeluTanh };
+
+// "silu" (SwiGLU), "gelu" (exact erf gelu, GeGLU) or "gelu_tanh"; anything else is a user error naming `op`.
+GluActivation parse_glu_activation(const char* op, c10::string_view activation);
+
+// w_up must match w_gate [E, K, M] in shape, dtype and device.
+void check_glu_weights(const char* op, const at::Tensor& w_gate, const at::Tensor& w_up);
+
+// act = f(gate) * up, written into act (same shape as gate and up; may not alias them).
+void glu_forward_out(at::Tensor& act, const at::Tensor& gate, const at::Tensor& up, GluActivation activation);
+
+// grad_gate = grad_act * up * f'(gate), grad_up = grad_act * f(gate), written into the first two arguments.
+void glu_backward_out(at::Tensor& grad_gate, at::Tensor& grad_up, const at::Tensor& grad_act, const at::Tensor& gate,
+                      const at::Tensor& up, GluActivation activation);
+
+// gather_grouped_glu from a backend's gather_grouped_mm and its backward: each projection's rows are gathered
+// separately and the gathered gate/up projections are whole [N, M] tensors. The CUDA kernels use it.
+using GatherGroupedMmFn = at::Tensor (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&);
+using GatherGroupedMmBackwardFn = std::tuple<at::Tensor, at::Tensor> (*)(const at::Tensor&, const at::Tensor&,
+                                                                         const at::Tensor&, const at::Tensor&,
+                                                                         const at::Tensor&);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_grouped_glu_composite(
+    GatherGroupedMmFn gather_grouped_mm, const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w_up,
+    const at::Tensor& offsets, const at::Tensor& row_index, c10::string_view activation);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_grouped_glu_backward_composite(
+    GatherGroupedMmBackwardFn gather_grouped_mm_backward, const at::Tensor& grad_act, const at::Tensor& x,
+    const at::Tensor& w_gate, const at::Tensor& w_up, const at::Tensor& gate, const at::Tensor& up,
+    const at::Tensor& offsets, const at::Tensor& row_index, c10::string_view activation);
+
+}  // namespace torch_moe
