@@ -332,6 +332,32 @@ def test_no_grad_and_inference_mode(mode):
     assert_close(y_inference, y.detach())
 
 
+@pytest.mark.parametrize("expert,activation,bias", EXPERT_VARIANTS[:4], ids=EXPERT_IDS[:4])
+def test_dropless_inference_takes_the_fused_gated_op(expert, activation, bias, monkeypatch):
+    # Gated experts in dropless mode: inference runs both projections in one op (gather_grouped_glu), training
+    # keeps them separate; both must give the same output.
+    layer = make_layer(make_config(top_k=2, expert=expert, activation=activation, bias=bias, capacity_factor=None))
+    calls = []
+    fused = torch_moe.ops.gather_grouped_glu
+
+    def counting(*args):
+        calls.append(args[-1])
+        return fused(*args)
+
+    monkeypatch.setattr(torch_moe.experts.ops, "gather_grouped_glu", counting)
+    x = random_x((2, 9))
+    y = layer(x)
+    assert calls == []
+    with torch.no_grad():
+        y_no_grad = layer(x)
+    assert calls == ["silu" if expert == "swiglu" else "gelu"]
+    with torch.inference_mode():
+        y_inference = layer(x)
+    assert len(calls) == 2
+    assert_close(y_no_grad, y.detach(), rtol=1e-12, atol=1e-12)
+    assert_close(y_inference, y.detach(), rtol=1e-12, atol=1e-12)
+
+
 # --------------------------------------------------------------------------------------------------
 # padding mask
 

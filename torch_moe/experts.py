@@ -120,8 +120,8 @@ class Experts(nn.Module):
     def forward_dropless(self, x: Tensor, weights: Tensor, row_index: Tensor, offsets: Tensor) -> Tensor:
         """Dropless mode from tokens to output: x [T, d_model], weights/row_index [T, k], offsets [E + 1] -> [T, d_model].
 
-        The permutation is fused into the first projections (one op for both halves of a gated expert) and the
-        weighted combine into the last one, so backward keeps x and the hidden activations (as a dense FFN does),
+        The permutation is fused into the first projections (in inference one op for both halves of a gated
+        expert) and the weighted combine into the last one, so backward keeps x and the hidden activations (as a dense FFN does),
         not k permuted copies of the tokens and of the expert outputs. Biases ride along as an extra input column of ones.
         """
         w1, w3, w2 = self.w1, self.w3, self.w2
@@ -130,10 +130,17 @@ class Experts(nn.Module):
             w1 = torch.cat([w1, self.b1.unsqueeze(1)], dim=1)
             if w3 is not None:
                 w3 = torch.cat([w3, w3.new_zeros(w3.shape[0], 1, w3.shape[2])], dim=1)
-        if self.gated:
+        if self.gated and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, w3))):
+            # Inference: one op for both gated projections (rows gathered once, activation formed in cache).
+            # Training keeps the projections as separate ops: autograd then frees each one's activations before
+            # the next weight gradient is allocated, where the fused op's backward needs both projections, their
+            # output gradient and both weight gradients at once (+27 MiB peak, +0.26x of the dense FFN's, on
+            # OLMoE-mini T=2048, for ~5% less time; benchmarks/NOTES.md section 11).
             h = ops.gather_grouped_glu(x, w1, w3, offsets, row_index, "silu" if self.expert == "swiglu" else "gelu")
         else:
             h = self._act(ops.gather_grouped_mm(x, w1, offsets, row_index))
+            if self.gated:
+                h = h * ops.gather_grouped_mm(x, w3, offsets, row_index)
         if self.b2 is not None:
             h = torch.cat([h, h.new_ones(h.shape[0], 1)], dim=1)
             w2 = torch.cat([w2, self.b2.unsqueeze(1)], dim=1)

@@ -62,9 +62,12 @@ class GatherGroupedGluFunction : public torch::autograd::Function<GatherGroupedG
     ctx->save_for_backward({x, w_gate, w_up, gate, up, offsets, row_index});
     ctx->saved_data["activation"] = std::string(activation);
     ctx->mark_non_differentiable({gate, up});
+    // No [N, M] zero gradients for the non-differentiable gate and up.
+    ctx->set_materialize_grads(false);
     return {act, gate, up};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
     static const auto op = op_handle<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
         const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
         const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::string_view)>(
