@@ -4,6 +4,7 @@
 #include <ATen/ATen.h>
 
 #include <string>
+#include <utility>
 
 #include "common/checks.h"
 
@@ -19,12 +20,25 @@ GluActivation parse_glu_activation(const char* op, c10::string_view activation) 
 }
 
 void check_glu_weights(const char* op, const at::Tensor& w_gate, const at::Tensor& w_up) {
+  check_floating(op, "w_gate", w_gate);
+  check_dim(op, "w_gate", w_gate, 3, "[E, K, M]");
   check_floating(op, "w_up", w_up);
   check_same_shape(op, "w_up", w_up, "w_gate", w_gate);
   TORCH_MOE_CHECK(w_up.scalar_type() == w_gate.scalar_type(),
                   "torch_moe.{}: arguments 'w_gate' and 'w_up' must share a dtype, got {} and {}", op,
                   dtype_name(w_gate.scalar_type()), dtype_name(w_up.scalar_type()));
   check_same_device(op, {{"w_gate", &w_gate}, {"w_up", &w_up}});
+}
+
+void check_glu_projections(const char* op, int64_t N, int64_t M, const at::Tensor& grad_act, const at::Tensor& gate,
+                           const at::Tensor& up) {
+  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"grad_act", &grad_act}, {"gate", &gate},
+                                {"up", &up}}) {
+    check_floating(op, name, *t);
+    check_dim(op, name, *t, 2, "[N, M]");
+    check_size(op, name, *t, 0, N, "rows of the plan");
+    check_size(op, name, *t, 1, M, "columns of w_gate");
+  }
 }
 
 namespace {
@@ -82,9 +96,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_grouped_glu_backward_compo
   constexpr const char* op = "_gather_grouped_glu_backward";
   const auto kind = parse_glu_activation(op, activation);
   check_glu_weights(op, w_gate, w_up);
-  check_floating(op, "grad_act", grad_act_in);
-  check_same_shape(op, "grad_act", grad_act_in, "gate", gate);
-  check_same_shape(op, "up", up, "gate", gate);
+  check_glu_projections(op, row_index.numel(), w_gate.size(2), grad_act_in, gate, up);
   const auto grad_act = grad_act_in.to(gate.scalar_type());
   auto grad_gate = at::empty_like(gate);
   auto grad_up = at::empty_like(up);

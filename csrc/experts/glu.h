@@ -14,8 +14,12 @@ enum class GluActivation { kSilu, kGelu, kGeluTanh };
 // "silu" (SwiGLU), "gelu" (exact erf gelu, GeGLU) or "gelu_tanh"; anything else is a user error naming `op`.
 GluActivation parse_glu_activation(const char* op, c10::string_view activation);
 
-// w_up must match w_gate [E, K, M] in shape, dtype and device.
+// w_gate [E, K, M] floating, and w_up matching it in shape, dtype and device.
 void check_glu_weights(const char* op, const at::Tensor& w_gate, const at::Tensor& w_up);
+
+// The backward's [N, M] operands: grad_act, gate and up, floating, N rows of the plan and M columns of w_gate.
+void check_glu_projections(const char* op, int64_t N, int64_t M, const at::Tensor& grad_act, const at::Tensor& gate,
+                           const at::Tensor& up);
 
 // act = f(gate) * up, written into act (same shape as gate and up; may not alias them).
 void glu_forward_out(at::Tensor& act, const at::Tensor& gate, const at::Tensor& up, GluActivation activation);

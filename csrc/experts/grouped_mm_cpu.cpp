@@ -419,13 +419,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_grouped_glu_backward(
   check_gather_operands(op, x_in, w_gate, row_index, "w_gate");
   check_glu_weights(op, w_gate, w_up);
   const int64_t N = row_index.numel(), T = x_in.size(0), K = x_in.size(1), M = w_gate.size(2), E = w_gate.size(0);
-  for (const auto& [name, t] : {std::pair<const char*, const at::Tensor*>{"grad_act", &grad_act_in},
-                                {"gate", &gate_in}, {"up", &up_in}}) {
-    check_floating(op, name, *t);
-    check_dim(op, name, *t, 2, "[N, M]");
-    check_size(op, name, *t, 0, N, "rows of the plan");
-    check_size(op, name, *t, 1, M, "columns of w_gate");
-  }
+  check_glu_projections(op, N, M, grad_act_in, gate_in, up_in);
   const auto plan = segment_plan(op, offsets, row_index, E, N);
   const auto schedule = schedule_segments(plan.bounds, K * M);
   const auto x = x_in.contiguous();

@@ -201,4 +201,15 @@ TEST_CASE("gather_grouped_glu: the fused CPU kernel equals the composite the CUD
   CHECK_THROWS_WITH(torch_moe::gather_grouped_glu_composite(&torch_moe::cpu::gather_grouped_mm, x, w_gate, w_up,
                                                             offsets, row_index, "relu"),
                     Catch::Contains("argument 'activation' must be \"silu\", \"gelu\" or \"gelu_tanh\""));
+  // The composite checks the backward's operands with the CPU kernel's checks and messages.
+  torch::NoGradGuard no_grad;
+  auto [act, gate, up] = glu.call(x, w_gate, w_up, offsets, row_index, "silu");
+  CHECK_THROWS_WITH(torch_moe::gather_grouped_glu_backward_composite(&torch_moe::cpu::gather_grouped_mm_backward,
+                                                                     grad_act, x, w_gate, w_up, gate.narrow(0, 1, T * k - 1),
+                                                                     up, offsets, row_index, "silu"),
+                    Catch::Contains("argument 'gate' must have size 80 (rows of the plan) in dim 0"));
+  CHECK_THROWS_WITH(torch_moe::gather_grouped_glu_backward_composite(&torch_moe::cpu::gather_grouped_mm_backward,
+                                                                     grad_act, x, w_gate.select(0, 0), w_up, gate, up,
+                                                                     offsets, row_index, "silu"),
+                    Catch::Contains("argument 'w_gate' must be a 3-D tensor"));
 }
