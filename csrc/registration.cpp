@@ -53,16 +53,18 @@ TORCH_LIBRARY(torch_moe, m) {
   // Grouped GEMM: out[offsets[e]:offsets[e+1]] = a[offsets[e]:offsets[e+1]] @ b[e] for a [N, K], b [E, K, M];
   // rows past offsets[E] are zero. The dropless expert compute.
   m.def("grouped_mm(Tensor a, Tensor b, Tensor offsets) -> Tensor");
-  // Backward of grouped_mm -> (grad_a [N, K], grad_b [E, K, M]).
-  m.def("_grouped_mm_backward(Tensor grad_out, Tensor a, Tensor b, Tensor offsets) -> (Tensor, Tensor)");
+  // Backward of grouped_mm -> (grad_a [N, K], grad_b [E, K, M]); an output whose output_mask entry is false is not
+  // computed and comes back undefined (None), as aten's convolution_backward does. The same for every backward below.
+  m.def("_grouped_mm_backward(Tensor grad_out, Tensor a, Tensor b, Tensor offsets, bool[2] output_mask=[True, True]) "
+        "-> (Tensor, Tensor)");
   // Dropless plan alone: (row_index [T, k], offsets [E + 1]) as permute gives them, without moving any row.
   m.def("permute_plan(Tensor expert_ids, int num_experts, Tensor? valid_mask=None) "
         "-> (Tensor row_index, Tensor offsets)");
   // grouped_mm of the permuted tokens without keeping them: rows[row_index[t, j]] = x[t], x [T, K] -> [T*k, M].
   m.def("gather_grouped_mm(Tensor x, Tensor b, Tensor offsets, Tensor row_index) -> Tensor");
   // Backward of gather_grouped_mm -> (grad_x [T, K], grad_b [E, K, M]).
-  m.def("_gather_grouped_mm_backward(Tensor grad_out, Tensor x, Tensor b, Tensor offsets, Tensor row_index) "
-        "-> (Tensor, Tensor)");
+  m.def("_gather_grouped_mm_backward(Tensor grad_out, Tensor x, Tensor b, Tensor offsets, Tensor row_index, "
+        "bool[2] output_mask=[True, True]) -> (Tensor, Tensor)");
   // Gated first half of a SwiGLU/GeGLU expert on the permuted tokens: gate = rows @ w_gate[e], up = rows @ w_up[e],
   // act = f(gate) * up with f = silu | gelu (exact) | gelu_tanh -> (act, gate, up) [T*k, M]; gate and up are kept
   // for backward and are not differentiable outputs.
@@ -70,12 +72,13 @@ TORCH_LIBRARY(torch_moe, m) {
         "str activation=\"silu\") -> (Tensor act, Tensor gate, Tensor up)");
   // Backward of gather_grouped_glu -> (grad_x [T, K], grad_w_gate [E, K, M], grad_w_up [E, K, M]).
   m.def("_gather_grouped_glu_backward(Tensor grad_act, Tensor x, Tensor w_gate, Tensor w_up, Tensor gate, "
-        "Tensor up, Tensor offsets, Tensor row_index, str activation) -> (Tensor, Tensor, Tensor)");
+        "Tensor up, Tensor offsets, Tensor row_index, str activation, bool[3] output_mask=[True, True, True]) "
+        "-> (Tensor, Tensor, Tensor)");
   // grouped_mm then unpermute, without keeping the expert outputs: y[t] = sum_j weights[t, j] * (h @ b[e])[row].
   m.def("grouped_mm_unpermute(Tensor h, Tensor b, Tensor offsets, Tensor weights, Tensor row_index) -> Tensor");
   // Backward of grouped_mm_unpermute -> (grad_h [N, K], grad_b [E, K, M], grad_weights [T, k]).
   m.def("_grouped_mm_unpermute_backward(Tensor grad_y, Tensor h, Tensor b, Tensor offsets, Tensor weights, "
-        "Tensor row_index) -> (Tensor, Tensor, Tensor)");
+        "Tensor row_index, bool[3] output_mask=[True, True, True]) -> (Tensor, Tensor, Tensor)");
 
   // Aux losses over valid tokens: (Switch load-balancing loss, router z-loss, router entropy (not differentiable)).
   m.def("router_losses(Tensor logits, Tensor expert_ids, Tensor? valid_mask=None) "

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import reference as ref
 from torch_moe import ops
@@ -250,3 +253,75 @@ def test_fused_ops_plan_with_a_token_twice_in_one_segment(gen):
     assert torch.autograd.gradcheck(lambda x, b: ops.gather_grouped_mm(x, b, offsets, row_index), (x, b))
     assert torch.autograd.gradcheck(
         lambda h, b, w: ops.grouped_mm_unpermute(h, b, offsets, w, row_index), (h, b, weights))
+
+
+# ------------------------------------------------------------------ output masks of the backward ops
+
+def _backward_cases(gen):
+    """(backward op, its arguments without the mask, number of outputs) for every grouped_mm-family backward."""
+    x, b, h, weights, row_index, offsets, _, _ = _fused_inputs(9, 6, 2, 5, 3, True, torch.float64, "cpu", gen)
+    a = torch.randn(row_index.numel(), 5, generator=gen, dtype=torch.float64)
+    w_up = torch.randn_like(b)
+    _, gate, up = torch.ops.torch_moe.gather_grouped_glu(x, b, w_up, offsets, row_index)
+    grad_rows = torch.randn(row_index.numel(), 3, generator=gen, dtype=torch.float64)
+    grad_y = torch.randn(9, 3, generator=gen, dtype=torch.float64)
+    tm = torch.ops.torch_moe
+    return [
+        (tm._grouped_mm_backward.default, (grad_rows, a, b, offsets), 2),
+        (tm._gather_grouped_mm_backward.default, (grad_rows, x, b, offsets, row_index), 2),
+        (tm._gather_grouped_glu_backward.default, (grad_rows, x, b, w_up, gate, up, offsets, row_index, "silu"), 3),
+        (tm._grouped_mm_unpermute_backward.default, (grad_y, h, b, offsets, weights, row_index), 3),
+    ]
+
+
+def test_backward_output_masks_compute_only_what_is_asked(device, gen):
+    # Every mask against the full CPU call: the outputs asked for are the same, the others None.
+    for op, args, n in _backward_cases(gen):
+        full = op(*args)
+        assert all(t is not None for t in full)
+        on_device = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
+        for mask in itertools.product([True, False], repeat=n):
+            got = op(*on_device, list(mask))
+            for wanted, g, f in zip(mask, got, full):
+                if wanted:
+                    torch.testing.assert_close(g.cpu(), f, rtol=1e-12, atol=1e-14, msg=lambda m: f"{op} {mask}: {m}")
+                else:
+                    assert g is None, f"{op} {mask}: an output not asked for came back"
+            torch.library.opcheck(op, (*on_device, list(mask)), test_utils=("test_schema", "test_faketensor"))
+
+
+class _RecordOutputMasks(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.masks = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.name()
+        if name.startswith("torch_moe::_") and name.endswith("_backward"):
+            self.masks[name.split("::")[1]] = list(args[-1])
+        return func(*args, **(kwargs or {}))
+
+
+def test_frozen_experts_skip_their_weight_gradients(gen):
+    # With the expert weights frozen, autograd asks the backward ops for the token gradients only: the weight
+    # gradients (E times the dense FFN's) are neither computed nor allocated.
+    x, b, h, weights, row_index, offsets, _, _ = _fused_inputs(9, 6, 2, 5, 3, True, torch.float64, "cpu", gen)
+    w_up = torch.randn_like(b)
+    x.requires_grad_()
+    b2 = torch.randn(6, 3, 5, generator=gen, dtype=torch.float64)
+    with _RecordOutputMasks() as recorded:
+        act = ops.gather_grouped_glu(x, b, w_up, offsets, row_index)
+        y = ops.grouped_mm_unpermute(act + ops.gather_grouped_mm(x, b, offsets, row_index), b2, offsets, weights,
+                                     row_index)
+        (grad_x,) = torch.autograd.grad(y.sum(), (x,))
+    assert recorded.masks == {
+        "_grouped_mm_unpermute_backward": [True, False, False],
+        "_gather_grouped_mm_backward": [True, False],
+        "_gather_grouped_glu_backward": [True, False, False],
+    }
+    xr = x.detach().clone().requires_grad_()
+    act_r = ops.gather_grouped_glu(xr, b.clone().requires_grad_(), w_up.clone().requires_grad_(), offsets, row_index)
+    y_r = ops.grouped_mm_unpermute(act_r + ops.gather_grouped_mm(xr, b.clone().requires_grad_(), offsets, row_index),
+                                   b2.clone().requires_grad_(), offsets, weights.clone().requires_grad_(), row_index)
+    (grad_x_full,) = torch.autograd.grad(y_r.sum(), (xr,))
+    torch.testing.assert_close(grad_x, grad_x_full, rtol=1e-12, atol=1e-14)

@@ -125,6 +125,11 @@ def _unpermute_backward(grad_y, rows, weights, row_index):
     return torch.empty_like(rows), torch.empty_like(weights)
 
 
+def _masked(output_mask, *like):
+    """Gradients shaped like `like`, None where output_mask is false (the kernels return undefined tensors)."""
+    return tuple(torch.empty_like(t) if wanted else None for wanted, t in zip(output_mask, like))
+
+
 @torch.library.register_fake(_lib + "grouped_mm")
 def _grouped_mm(a, b, offsets):
     _check(a.dim() == 2 and b.dim() == 3, "torch_moe.grouped_mm: arguments 'a' [N, K] and 'b' [E, K, M] expected")
@@ -132,8 +137,8 @@ def _grouped_mm(a, b, offsets):
 
 
 @torch.library.register_fake(_lib + "_grouped_mm_backward")
-def _grouped_mm_backward(grad_out, a, b, offsets):
-    return torch.empty_like(a), torch.empty_like(b)
+def _grouped_mm_backward(grad_out, a, b, offsets, output_mask=(True, True)):
+    return _masked(output_mask, a, b)
 
 
 @torch.library.register_fake(_lib + "permute_plan")
@@ -147,8 +152,8 @@ def _gather_grouped_mm(x, b, offsets, row_index):
 
 
 @torch.library.register_fake(_lib + "_gather_grouped_mm_backward")
-def _gather_grouped_mm_backward(grad_out, x, b, offsets, row_index):
-    return torch.empty_like(x), torch.empty_like(b)
+def _gather_grouped_mm_backward(grad_out, x, b, offsets, row_index, output_mask=(True, True)):
+    return _masked(output_mask, x, b)
 
 
 @torch.library.register_fake(_lib + "gather_grouped_glu")
@@ -159,8 +164,9 @@ def _gather_grouped_glu(x, w_gate, w_up, offsets, row_index, activation="silu"):
 
 
 @torch.library.register_fake(_lib + "_gather_grouped_glu_backward")
-def _gather_grouped_glu_backward(grad_act, x, w_gate, w_up, gate, up, offsets, row_index, activation):
-    return torch.empty_like(x), torch.empty_like(w_gate), torch.empty_like(w_up)
+def _gather_grouped_glu_backward(grad_act, x, w_gate, w_up, gate, up, offsets, row_index, activation,
+                                 output_mask=(True, True, True)):
+    return _masked(output_mask, x, w_gate, w_up)
 
 
 @torch.library.register_fake(_lib + "grouped_mm_unpermute")
@@ -169,8 +175,8 @@ def _grouped_mm_unpermute(h, b, offsets, weights, row_index):
 
 
 @torch.library.register_fake(_lib + "_grouped_mm_unpermute_backward")
-def _grouped_mm_unpermute_backward(grad_y, h, b, offsets, weights, row_index):
-    return torch.empty_like(h), torch.empty_like(b), torch.empty_like(weights)
+def _grouped_mm_unpermute_backward(grad_y, h, b, offsets, weights, row_index, output_mask=(True, True, True)):
+    return _masked(output_mask, h, b, weights)
 
 
 @torch.library.register_fake(_lib + "router_losses")

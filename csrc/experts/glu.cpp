@@ -92,7 +92,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_grouped_glu_composite(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_grouped_glu_backward_composite(
     GatherGroupedMmBackwardFn gather_grouped_mm_backward, const at::Tensor& grad_act_in, const at::Tensor& x,
     const at::Tensor& w_gate, const at::Tensor& w_up, const at::Tensor& gate, const at::Tensor& up,
-    const at::Tensor& offsets, const at::Tensor& row_index, c10::string_view activation) {
+    const at::Tensor& offsets, const at::Tensor& row_index, c10::string_view activation,
+    std::array<bool, 3> output_mask) {
   constexpr const char* op = "_gather_grouped_glu_backward";
   const auto kind = parse_glu_activation(op, activation);
   check_glu_weights(op, w_gate, w_up);
@@ -101,9 +102,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_grouped_glu_backward_compo
   auto grad_gate = at::empty_like(gate);
   auto grad_up = at::empty_like(up);
   glu_backward_out(grad_gate, grad_up, grad_act, gate, up, kind);
-  auto [grad_x, grad_w_gate] = gather_grouped_mm_backward(grad_gate, x, w_gate, offsets, row_index);
-  auto [grad_x_up, grad_w_up] = gather_grouped_mm_backward(grad_up, x, w_up, offsets, row_index);
-  return {grad_x.add_(grad_x_up), grad_w_gate, grad_w_up};
+  auto [grad_x, grad_w_gate] =
+      gather_grouped_mm_backward(grad_gate, x, w_gate, offsets, row_index, {output_mask[0], output_mask[1]});
+  auto [grad_x_up, grad_w_up] =
+      gather_grouped_mm_backward(grad_up, x, w_up, offsets, row_index, {output_mask[0], output_mask[2]});
+  if (grad_x.defined()) grad_x.add_(grad_x_up);
+  return {grad_x, grad_w_gate, grad_w_up};
 }
 
 }  // namespace torch_moe

@@ -5,6 +5,7 @@
 #include <ATen/core/Tensor.h>
 #include <c10/util/string_view.h>
 
+#include <array>
 #include <tuple>
 
 namespace torch_moe {
@@ -33,7 +34,7 @@ void glu_backward_out(at::Tensor& grad_gate, at::Tensor& grad_up, const at::Tens
 using GatherGroupedMmFn = at::Tensor (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&);
 using GatherGroupedMmBackwardFn = std::tuple<at::Tensor, at::Tensor> (*)(const at::Tensor&, const at::Tensor&,
                                                                          const at::Tensor&, const at::Tensor&,
-                                                                         const at::Tensor&);
+                                                                         const at::Tensor&, std::array<bool, 2>);
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_grouped_glu_composite(
     GatherGroupedMmFn gather_grouped_mm, const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w_up,
@@ -42,6 +43,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_grouped_glu_composite(
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_grouped_glu_backward_composite(
     GatherGroupedMmBackwardFn gather_grouped_mm_backward, const at::Tensor& grad_act, const at::Tensor& x,
     const at::Tensor& w_gate, const at::Tensor& w_up, const at::Tensor& gate, const at::Tensor& up,
-    const at::Tensor& offsets, const at::Tensor& row_index, c10::string_view activation);
+    const at::Tensor& offsets, const at::Tensor& row_index, c10::string_view activation,
+    std::array<bool, 3> output_mask);
 
 }  // namespace torch_moe

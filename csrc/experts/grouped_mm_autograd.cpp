@@ -3,6 +3,7 @@
 
 #include "common/autograd_utils.h"
 
+#include <array>
 #include <string>
 #include <tuple>
 
@@ -20,11 +21,12 @@ class GroupedMmFunction : public torch::autograd::Function<GroupedMmFunction> {
     return {op.call(a, b, offsets)};
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
-    static const auto op = op_handle<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                        const at::Tensor&, const at::Tensor&)>(
+    static const auto op = op_handle<std::tuple<at::Tensor, at::Tensor>(
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, std::array<bool, 2>)>(
         "torch_moe::_grouped_mm_backward");
     const auto s = ctx->get_saved_variables();
-    auto [grad_a, grad_b] = op.call(grads[0], s[0], s[1], s[2]);
+    auto [grad_a, grad_b] =
+        op.call(grads[0], s[0], s[1], s[2], {ctx->needs_input_grad(0), ctx->needs_input_grad(1)});
     return {grad_a, grad_b, at::Tensor()};
   }
 };
@@ -41,10 +43,11 @@ class GatherGroupedMmFunction : public torch::autograd::Function<GatherGroupedMm
   }
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto op = op_handle<std::tuple<at::Tensor, at::Tensor>(
-        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&)>(
-        "torch_moe::_gather_grouped_mm_backward");
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+        std::array<bool, 2>)>("torch_moe::_gather_grouped_mm_backward");
     const auto s = ctx->get_saved_variables();
-    auto [grad_x, grad_b] = op.call(grads[0], s[0], s[1], s[2], s[3]);
+    auto [grad_x, grad_b] =
+        op.call(grads[0], s[0], s[1], s[2], s[3], {ctx->needs_input_grad(0), ctx->needs_input_grad(1)});
     return {grad_x, grad_b, at::Tensor(), at::Tensor()};
   }
 };
@@ -70,11 +73,13 @@ class GatherGroupedGluFunction : public torch::autograd::Function<GatherGroupedG
     if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
     static const auto op = op_handle<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
         const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-        const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::string_view)>(
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::string_view, std::array<bool, 3>)>(
         "torch_moe::_gather_grouped_glu_backward");
     const auto s = ctx->get_saved_variables();
     const auto activation = ctx->saved_data["activation"].toStringRef();
-    auto [grad_x, grad_w_gate, grad_w_up] = op.call(grads[0], s[0], s[1], s[2], s[3], s[4], s[5], s[6], activation);
+    auto [grad_x, grad_w_gate, grad_w_up] =
+        op.call(grads[0], s[0], s[1], s[2], s[3], s[4], s[5], s[6], activation,
+                {ctx->needs_input_grad(0), ctx->needs_input_grad(1), ctx->needs_input_grad(2)});
     return {grad_x, grad_w_gate, grad_w_up, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
@@ -93,9 +98,11 @@ class GroupedMmUnpermuteFunction : public torch::autograd::Function<GroupedMmUnp
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     static const auto op = op_handle<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
         const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
-        const at::Tensor&)>("torch_moe::_grouped_mm_unpermute_backward");
+        const at::Tensor&, std::array<bool, 3>)>("torch_moe::_grouped_mm_unpermute_backward");
     const auto s = ctx->get_saved_variables();
-    auto [grad_h, grad_b, grad_weights] = op.call(grads[0], s[0], s[1], s[2], s[3], s[4]);
+    auto [grad_h, grad_b, grad_weights] =
+        op.call(grads[0], s[0], s[1], s[2], s[3], s[4],
+                {ctx->needs_input_grad(0), ctx->needs_input_grad(1), ctx->needs_input_grad(3)});
     return {grad_h, grad_b, at::Tensor(), grad_weights, at::Tensor()};
   }
 };

@@ -10,7 +10,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cstring>
+#include <optional>
 #include <vector>
 
 #include "common/checks.h"
@@ -252,7 +254,8 @@ at::Tensor grouped_mm(const at::Tensor& a_in, const at::Tensor& b, const at::Ten
 }
 
 std::tuple<at::Tensor, at::Tensor> grouped_mm_backward(const at::Tensor& grad_out_in, const at::Tensor& a_in,
-                                                       const at::Tensor& b, const at::Tensor& offsets) {
+                                                       const at::Tensor& b, const at::Tensor& offsets,
+                                                       std::array<bool, 2> output_mask) {
   constexpr const char* op = "_grouped_mm_backward";
   check_operands(op, a_in, b);
   check_floating(op, "grad_out", grad_out_in);
@@ -261,7 +264,8 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward(const at::Tensor& grad_ou
   check_size(op, "grad_out", grad_out_in, 1, b.size(2), "columns of b");
   const auto bounds = read_offsets(op, offsets, b.size(0), a_in.size(0));
   const auto grad_out = grad_out_in.to(a_in.scalar_type()).contiguous();
-  return {segment_mm(grad_out, b.transpose(1, 2), bounds), segment_weight_grad(a_in.contiguous(), grad_out, bounds)};
+  return {output_mask[0] ? segment_mm(grad_out, b.transpose(1, 2), bounds) : at::Tensor(),
+          output_mask[1] ? segment_weight_grad(a_in.contiguous(), grad_out, bounds) : at::Tensor()};
 }
 
 namespace {
@@ -335,7 +339,8 @@ at::Tensor gather_grouped_mm(const at::Tensor& x_in, const at::Tensor& b, const 
 
 std::tuple<at::Tensor, at::Tensor> gather_grouped_mm_backward(const at::Tensor& grad_out_in, const at::Tensor& x_in,
                                                               const at::Tensor& b, const at::Tensor& offsets,
-                                                              const at::Tensor& row_index) {
+                                                              const at::Tensor& row_index,
+                                                              std::array<bool, 2> output_mask) {
   constexpr const char* op = "_gather_grouped_mm_backward";
   check_gather_operands(op, x_in, b, row_index);
   const int64_t N = row_index.numel(), T = x_in.size(0), K = x_in.size(1), M = b.size(2), E = b.size(0);
@@ -347,30 +352,40 @@ std::tuple<at::Tensor, at::Tensor> gather_grouped_mm_backward(const at::Tensor& 
   const auto schedule = schedule_segments(plan.bounds, K * M);
   const auto x = x_in.contiguous();
   const auto grad_out = grad_out_in.to(x.scalar_type()).contiguous();
+  const auto [want_x, want_b] = output_mask;
   // grad_x sums a token's k row gradients: each slot adds its segments' rows (in expert order) into its own
   // accumulator, and the slots are summed in order.
-  SlotSums grad_x_acc(schedule.slots(), T, K, x.options().dtype(opmath_of(x.scalar_type())));
-  auto grad_b = empty_cached(b.sizes(), x.options());
-  zero_empty_experts(grad_b, plan.bounds);
+  std::optional<SlotSums> grad_x_acc;
+  if (want_x) grad_x_acc.emplace(schedule.slots(), T, K, x.options().dtype(opmath_of(x.scalar_type())));
+  at::Tensor grad_b;
+  if (want_b) {
+    grad_b = empty_cached(b.sizes(), x.options());
+    zero_empty_experts(grad_b, plan.bounds);
+  }
   const int64_t longest = longest_segment(plan.bounds);
-  auto x_buffers = empty_cached({schedule.slots(), longest, K}, x.options());
-  auto grad_buffers = empty_cached({schedule.slots(), longest, K}, x.options());
+  const auto x_buffers = want_b ? empty_cached({schedule.slots(), longest, K}, x.options()) : at::Tensor();
+  const auto grad_buffers = want_x ? empty_cached({schedule.slots(), longest, K}, x.options()) : at::Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "torch_moe_gather_grouped_mm_backward", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     run_segments(schedule, plan.bounds, [&](int64_t e, int64_t slot) {
       const int64_t first = plan.bounds[e], n = plan.bounds[e + 1] - first;
       const auto grad_out_e = grad_out.narrow(0, first, n);
-      auto x_rows = x_buffers.select(0, slot).narrow(0, 0, n);
-      gather_segment(x_rows.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), K, plan.assignment.data(), first, n, plan.k);
-      auto grad_b_e = grad_b.select(0, e);
-      at::mm_out(grad_b_e, x_rows.t(), grad_out_e);
-      auto grad_rows = grad_buffers.select(0, slot).narrow(0, 0, n);
-      at::mm_out(grad_rows, grad_out_e, b.select(0, e).t());
-      add_segment<scalar_t, opmath_t>(grad_x_acc.slot<opmath_t>(slot), grad_rows.data_ptr<scalar_t>(),
-                                      K, plan.assignment.data(), first, n, plan.k, nullptr, plan.repeats_tokens);
+      if (want_b) {
+        auto x_rows = x_buffers.select(0, slot).narrow(0, 0, n);
+        gather_segment(x_rows.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), K, plan.assignment.data(), first, n,
+                       plan.k);
+        auto grad_b_e = grad_b.select(0, e);
+        at::mm_out(grad_b_e, x_rows.t(), grad_out_e);
+      }
+      if (want_x) {
+        auto grad_rows = grad_buffers.select(0, slot).narrow(0, 0, n);
+        at::mm_out(grad_rows, grad_out_e, b.select(0, e).t());
+        add_segment<scalar_t, opmath_t>(grad_x_acc->slot<opmath_t>(slot), grad_rows.data_ptr<scalar_t>(), K,
+                                        plan.assignment.data(), first, n, plan.k, nullptr, plan.repeats_tokens);
+      }
     });
   });
-  return {grad_x_acc.sum().to(x.scalar_type()), grad_b};
+  return {want_x ? grad_x_acc->sum().to(x.scalar_type()) : at::Tensor(), grad_b};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_grouped_glu(const at::Tensor& x_in, const at::Tensor& w_gate,
@@ -413,7 +428,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_grouped_glu(const at::Tens
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_grouped_glu_backward(
     const at::Tensor& grad_act_in, const at::Tensor& x_in, const at::Tensor& w_gate, const at::Tensor& w_up,
     const at::Tensor& gate_in, const at::Tensor& up_in, const at::Tensor& offsets, const at::Tensor& row_index,
-    c10::string_view activation) {
+    c10::string_view activation, std::array<bool, 3> output_mask) {
   constexpr const char* op = "_gather_grouped_glu_backward";
   const auto kind = parse_glu_activation(op, activation);
   check_gather_operands(op, x_in, w_gate, row_index, "w_gate");
@@ -428,14 +443,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_grouped_glu_backward(
   const auto up = up_in.to(x.scalar_type()).contiguous();
   // Per segment: the gate/up gradients live in the slot's buffers, the token rows are gathered once, and one
   // [n, K] row gradient (from both projections) is added into the slot's grad_x accumulator.
-  SlotSums grad_x_acc(schedule.slots(), T, K, x.options().dtype(opmath_of(x.scalar_type())));
-  auto grad_w_gate = empty_cached(w_gate.sizes(), x.options());
-  auto grad_w_up = empty_cached(w_up.sizes(), x.options());
-  zero_empty_experts(grad_w_gate, plan.bounds);
-  zero_empty_experts(grad_w_up, plan.bounds);
+  const auto [want_x, want_gate, want_up] = output_mask;
+  std::optional<SlotSums> grad_x_acc;
+  if (want_x) grad_x_acc.emplace(schedule.slots(), T, K, x.options().dtype(opmath_of(x.scalar_type())));
+  at::Tensor grad_w_gate, grad_w_up;
+  if (want_gate) {
+    grad_w_gate = empty_cached(w_gate.sizes(), x.options());
+    zero_empty_experts(grad_w_gate, plan.bounds);
+  }
+  if (want_up) {
+    grad_w_up = empty_cached(w_up.sizes(), x.options());
+    zero_empty_experts(grad_w_up, plan.bounds);
+  }
   const int64_t longest = longest_segment(plan.bounds);
-  auto x_buffers = empty_cached({schedule.slots(), longest, K}, x.options());
-  auto grad_row_buffers = empty_cached({schedule.slots(), longest, K}, x.options());
+  const auto x_buffers = want_gate || want_up ? empty_cached({schedule.slots(), longest, K}, x.options()) : at::Tensor();
+  const auto grad_row_buffers = want_x ? empty_cached({schedule.slots(), longest, K}, x.options()) : at::Tensor();
   auto grad_gate_buffers = empty_cached({schedule.slots(), longest, M}, x.options());
   auto grad_up_buffers = empty_cached({schedule.slots(), longest, M}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "torch_moe_gather_grouped_glu_backward", [&] {
@@ -446,20 +468,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_grouped_glu_backward(
       auto grad_up = grad_up_buffers.select(0, slot).narrow(0, 0, n);
       glu_backward_out(grad_gate, grad_up, grad_act.narrow(0, first, n), gate.narrow(0, first, n),
                        up.narrow(0, first, n), kind);
-      auto x_rows = x_buffers.select(0, slot).narrow(0, 0, n);
-      gather_segment(x_rows.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), K, plan.assignment.data(), first, n, plan.k);
-      auto grad_w_gate_e = grad_w_gate.select(0, e);
-      auto grad_w_up_e = grad_w_up.select(0, e);
-      at::mm_out(grad_w_gate_e, x_rows.t(), grad_gate);
-      at::mm_out(grad_w_up_e, x_rows.t(), grad_up);
-      auto grad_rows = grad_row_buffers.select(0, slot).narrow(0, 0, n);
-      at::mm_out(grad_rows, grad_gate, w_gate.select(0, e).t());
-      at::addmm_out(grad_rows, grad_rows, grad_up, w_up.select(0, e).t());
-      add_segment<scalar_t, opmath_t>(grad_x_acc.slot<opmath_t>(slot), grad_rows.data_ptr<scalar_t>(),
-                                      K, plan.assignment.data(), first, n, plan.k, nullptr, plan.repeats_tokens);
+      if (want_gate || want_up) {
+        auto x_rows = x_buffers.select(0, slot).narrow(0, 0, n);
+        gather_segment(x_rows.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), K, plan.assignment.data(), first, n,
+                       plan.k);
+        if (want_gate) {
+          auto grad_w_gate_e = grad_w_gate.select(0, e);
+          at::mm_out(grad_w_gate_e, x_rows.t(), grad_gate);
+        }
+        if (want_up) {
+          auto grad_w_up_e = grad_w_up.select(0, e);
+          at::mm_out(grad_w_up_e, x_rows.t(), grad_up);
+        }
+      }
+      if (want_x) {
+        auto grad_rows = grad_row_buffers.select(0, slot).narrow(0, 0, n);
+        at::mm_out(grad_rows, grad_gate, w_gate.select(0, e).t());
+        at::addmm_out(grad_rows, grad_rows, grad_up, w_up.select(0, e).t());
+        add_segment<scalar_t, opmath_t>(grad_x_acc->slot<opmath_t>(slot), grad_rows.data_ptr<scalar_t>(), K,
+                                        plan.assignment.data(), first, n, plan.k, nullptr, plan.repeats_tokens);
+      }
     });
   });
-  return {grad_x_acc.sum().to(x.scalar_type()), grad_w_gate, grad_w_up};
+  return {want_x ? grad_x_acc->sum().to(x.scalar_type()) : at::Tensor(), grad_w_gate, grad_w_up};
 }
 
 namespace {
@@ -504,7 +535,7 @@ at::Tensor grouped_mm_unpermute(const at::Tensor& h_in, const at::Tensor& b, con
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_unpermute_backward(
     const at::Tensor& grad_y_in, const at::Tensor& h_in, const at::Tensor& b, const at::Tensor& offsets,
-    const at::Tensor& weights_in, const at::Tensor& row_index) {
+    const at::Tensor& weights_in, const at::Tensor& row_index, std::array<bool, 3> output_mask) {
   constexpr const char* op = "_grouped_mm_unpermute_backward";
   check_unpermute_operands(op, h_in, b, weights_in, row_index);
   check_floating(op, "grad_y", grad_y_in);
@@ -520,47 +551,71 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_unpermute_backward(
   const auto weights = weights_in.to(opmath).contiguous();
   // Row r of segment e (assignment a = t * k + j, weight w = weights[a]) put w * (h[r] @ b[e]) into y[t]. With
   // G[r] = grad_y[t] and P[r] = G[r] @ b[e]^T: grad_h[r] = w * P[r], grad_b[e] = sum_r h[r]^T (w * G[r]),
-  // grad_weights[a] = <P[r], h[r]>. G is formed per segment in its slot's buffer, P directly in grad_h.
-  auto grad_h = empty_cached({N, F}, h.options());
-  if (plan.bounds[E] < N) grad_h.narrow(0, plan.bounds[E], N - plan.bounds[E]).zero_();
-  auto grad_b = empty_cached(b.sizes(), h.options());
-  zero_empty_experts(grad_b, plan.bounds);
-  auto grad_weights_acc = zeros_cached({row_index.numel()}, h.options().dtype(opmath));
-  auto grad_buffers = empty_cached({schedule.slots(), longest_segment(plan.bounds), M}, h.options());
+  // grad_weights[a] = <P[r], h[r]>. G is formed per segment in its slot's buffer, P directly in grad_h (in a slot
+  // buffer when only grad_weights needs it).
+  const auto [want_h, want_b, want_weights] = output_mask;
+  const int64_t longest = longest_segment(plan.bounds);
+  at::Tensor grad_h, grad_b, grad_weights_acc, p_buffers;
+  if (want_h) {
+    grad_h = empty_cached({N, F}, h.options());
+    if (plan.bounds[E] < N) grad_h.narrow(0, plan.bounds[E], N - plan.bounds[E]).zero_();
+  } else if (want_weights) {
+    p_buffers = empty_cached({schedule.slots(), longest, F}, h.options());
+  }
+  if (want_b) {
+    grad_b = empty_cached(b.sizes(), h.options());
+    zero_empty_experts(grad_b, plan.bounds);
+  }
+  if (want_weights) grad_weights_acc = zeros_cached({row_index.numel()}, h.options().dtype(opmath));
+  auto grad_buffers = empty_cached({schedule.slots(), longest, M}, h.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "torch_moe_grouped_mm_unpermute_backward", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     const opmath_t* wp = weights.data_ptr<opmath_t>();
-    opmath_t* gwp = grad_weights_acc.data_ptr<opmath_t>();
+    opmath_t* gwp = want_weights ? grad_weights_acc.data_ptr<opmath_t>() : nullptr;
     const int64_t* assignment = plan.assignment.data();
     run_segments(schedule, plan.bounds, [&](int64_t e, int64_t slot) {
       const int64_t first = plan.bounds[e], n = plan.bounds[e + 1] - first;
       auto G = grad_buffers.select(0, slot).narrow(0, 0, n);
       scalar_t* Gp = G.data_ptr<scalar_t>();
       gather_segment(Gp, grad_y.data_ptr<scalar_t>(), M, assignment, first, n, plan.k);
-      auto P = grad_h.narrow(0, first, n);
-      at::mm_out(P, G, b.select(0, e).t());
-      scalar_t* Pp = P.data_ptr<scalar_t>();
+      scalar_t* Pp = nullptr;
+      if (want_h || want_weights) {
+        auto P = want_h ? grad_h.narrow(0, first, n) : p_buffers.select(0, slot).narrow(0, 0, n);
+        at::mm_out(P, G, b.select(0, e).t());
+        Pp = P.data_ptr<scalar_t>();
+      }
       const scalar_t* hp = h.data_ptr<scalar_t>() + first * F;
       at::parallel_for(0, n, grain_for(F + M), [&](int64_t begin, int64_t end) {
         for (int64_t i = begin; i < end; ++i) {
           const int64_t a = assignment[first + i];
           if (a < 0) continue;  // its G row is zero, so P's is too
-          scalar_t* p = Pp + i * F;
-          const scalar_t* hr = hp + i * F;
-          opmath_t dot = 0;
-          for (int64_t c = 0; c < F; ++c) dot += static_cast<opmath_t>(p[c]) * static_cast<opmath_t>(hr[c]);
-          gwp[a] = dot;
           const opmath_t w = wp[a];
-          for (int64_t c = 0; c < F; ++c) p[c] = static_cast<scalar_t>(w * static_cast<opmath_t>(p[c]));
-          scalar_t* g = Gp + i * M;
-          for (int64_t c = 0; c < M; ++c) g[c] = static_cast<scalar_t>(w * static_cast<opmath_t>(g[c]));
+          if (Pp != nullptr) {
+            scalar_t* p = Pp + i * F;
+            if (want_weights) {
+              const scalar_t* hr = hp + i * F;
+              opmath_t dot = 0;
+              for (int64_t c = 0; c < F; ++c) dot += static_cast<opmath_t>(p[c]) * static_cast<opmath_t>(hr[c]);
+              gwp[a] = dot;
+            }
+            if (want_h) {
+              for (int64_t c = 0; c < F; ++c) p[c] = static_cast<scalar_t>(w * static_cast<opmath_t>(p[c]));
+            }
+          }
+          if (want_b) {
+            scalar_t* g = Gp + i * M;
+            for (int64_t c = 0; c < M; ++c) g[c] = static_cast<scalar_t>(w * static_cast<opmath_t>(g[c]));
+          }
         }
       });
-      auto grad_b_e = grad_b.select(0, e);
-      at::mm_out(grad_b_e, h.narrow(0, first, n).t(), G);
+      if (want_b) {
+        auto grad_b_e = grad_b.select(0, e);
+        at::mm_out(grad_b_e, h.narrow(0, first, n).t(), G);
+      }
     });
   });
-  return {grad_h, grad_b, grad_weights_acc.reshape(weights_in.sizes()).to(weights_in.scalar_type())};
+  return {grad_h, grad_b,
+          want_weights ? grad_weights_acc.reshape(weights_in.sizes()).to(weights_in.scalar_type()) : at::Tensor()};
 }
 
 TORCH_LIBRARY_IMPL(torch_moe, CPU, m) {

@@ -10,6 +10,7 @@
 
 #include <cstdlib>
 #include <cstring>
+#include <array>
 #include <limits>
 #include <tuple>
 #include <vector>
@@ -162,7 +163,8 @@ at::Tensor grouped_mm(const at::Tensor& a_in, const at::Tensor& b, const at::Ten
 }
 
 std::tuple<at::Tensor, at::Tensor> grouped_mm_backward(const at::Tensor& grad_out_in, const at::Tensor& a_in,
-                                                       const at::Tensor& b, const at::Tensor& offsets) {
+                                                       const at::Tensor& b, const at::Tensor& offsets,
+                                                       std::array<bool, 2> output_mask) {
   constexpr const char* op = "_grouped_mm_backward";
   check_operands(op, a_in, b);
   check_floating(op, "grad_out", grad_out_in);
@@ -172,7 +174,8 @@ std::tuple<at::Tensor, at::Tensor> grouped_mm_backward(const at::Tensor& grad_ou
   check_offsets(op, offsets, b.size(0), a_in.size(0));
   const c10::cuda::CUDAGuard guard(a_in.device());
   const auto grad_out = grad_out_in.to(a_in.scalar_type()).contiguous();
-  return {segment_mm(grad_out, b.transpose(1, 2), offsets), segment_weight_grad(a_in.contiguous(), grad_out, offsets)};
+  return {output_mask[0] ? segment_mm(grad_out, b.transpose(1, 2), offsets) : at::Tensor(),
+          output_mask[1] ? segment_weight_grad(a_in.contiguous(), grad_out, offsets) : at::Tensor()};
 }
 
 at::Tensor gather_grouped_mm(const at::Tensor& x, const at::Tensor& b, const at::Tensor& offsets,
@@ -187,15 +190,16 @@ at::Tensor gather_grouped_mm(const at::Tensor& x, const at::Tensor& b, const at:
 
 std::tuple<at::Tensor, at::Tensor> gather_grouped_mm_backward(const at::Tensor& grad_out, const at::Tensor& x,
                                                               const at::Tensor& b, const at::Tensor& offsets,
-                                                              const at::Tensor& row_index) {
+                                                              const at::Tensor& row_index,
+                                                              std::array<bool, 2> output_mask) {
   constexpr const char* op = "_gather_grouped_mm_backward";
   check_floating(op, "x", x);
   check_dim(op, "x", x, 2, "[T, K]");
   check_row_plan(op, row_index, x.size(0), row_index.numel());
   const c10::cuda::CUDAGuard guard(x.device());
   const auto rows = scatter_rows(x, row_index, std::nullopt, row_index.numel());
-  auto [grad_rows, grad_b] = grouped_mm_backward(grad_out, rows, b, offsets);
-  return {gather_rows(grad_rows, row_index, std::nullopt), grad_b};
+  auto [grad_rows, grad_b] = grouped_mm_backward(grad_out, rows, b, offsets, output_mask);
+  return {output_mask[0] ? gather_rows(grad_rows, row_index, std::nullopt) : at::Tensor(), grad_b};
 }
 
 at::Tensor grouped_mm_unpermute(const at::Tensor& h, const at::Tensor& b, const at::Tensor& offsets,
@@ -210,7 +214,7 @@ at::Tensor grouped_mm_unpermute(const at::Tensor& h, const at::Tensor& b, const 
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_unpermute_backward(
     const at::Tensor& grad_y, const at::Tensor& h, const at::Tensor& b, const at::Tensor& offsets,
-    const at::Tensor& weights, const at::Tensor& row_index) {
+    const at::Tensor& weights, const at::Tensor& row_index, std::array<bool, 3> output_mask) {
   constexpr const char* op = "_grouped_mm_unpermute_backward";
   check_operands(op, h, b);
   check_floating(op, "weights", weights);
@@ -227,14 +231,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_unpermute_backward(
   const auto w_row = scatter_rows(weights.reshape({-1, 1}).to(h.scalar_type()), row_index.reshape({-1, 1}),
                                   std::nullopt, N);  // [N, 1]
   const auto h_c = h.contiguous();
-  auto P = segment_mm(G, b.transpose(1, 2), offsets);
-  auto grad_b = segment_weight_grad(h_c, (G * w_row).contiguous(), offsets);
-  const auto opmath = h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const auto per_row_dot = (P.to(opmath) * h_c.to(opmath)).sum(1, /*keepdim=*/true);
-  auto grad_weights = gather_rows(per_row_dot, row_index.reshape({-1, 1}), std::nullopt)
-                          .reshape(weights.sizes())
-                          .to(weights.scalar_type());
-  return {P.mul_(w_row), grad_b, grad_weights};
+  const auto [want_h, want_b, want_weights] = output_mask;
+  at::Tensor grad_h, grad_b, grad_weights;
+  if (want_b) grad_b = segment_weight_grad(h_c, (G * w_row).contiguous(), offsets);
+  if (want_h || want_weights) {
+    auto P = segment_mm(G, b.transpose(1, 2), offsets);
+    if (want_weights) {
+      const auto opmath = h.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+      const auto per_row_dot = (P.to(opmath) * h_c.to(opmath)).sum(1, /*keepdim=*/true);
+      grad_weights = gather_rows(per_row_dot, row_index.reshape({-1, 1}), std::nullopt)
+                         .reshape(weights.sizes())
+                         .to(weights.scalar_type());
+    }
+    if (want_h) grad_h = P.mul_(w_row);
+  }
+  return {grad_h, grad_b, grad_weights};
 }
 
 // The gated first half as the composite of the gathers above and ATen's activation kernels: correct, but it
@@ -250,10 +261,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_grouped_glu(const at::Tens
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_grouped_glu_backward(
     const at::Tensor& grad_act, const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w_up,
     const at::Tensor& gate, const at::Tensor& up, const at::Tensor& offsets, const at::Tensor& row_index,
-    c10::string_view activation) {
+    c10::string_view activation, std::array<bool, 3> output_mask) {
   const c10::cuda::CUDAGuard guard(x.device());
   return gather_grouped_glu_backward_composite(&gather_grouped_mm_backward, grad_act, x, w_gate, w_up, gate, up,
-                                               offsets, row_index, activation);
+                                               offsets, row_index, activation, output_mask);
 }
 
 TORCH_LIBRARY_IMPL(torch_moe, CUDA, m) {

@@ -193,10 +193,17 @@ TEST_CASE("gather_grouped_glu: the fused CPU kernel equals the composite the CUD
     CHECK(torch::allclose(up, c_up, 1e-12, 1e-12));
     auto [c_grad_x, c_grad_gate, c_grad_up] = torch_moe::gather_grouped_glu_backward_composite(
         &torch_moe::cpu::gather_grouped_mm_backward, grad_act, x, w_gate, w_up, c_gate, c_up, offsets, row_index,
-        activation);
+        activation, {true, true, true});
     CHECK(torch::allclose(grads[0], c_grad_x, 1e-10, 1e-12));
     CHECK(torch::allclose(grads[1], c_grad_gate, 1e-10, 1e-12));
     CHECK(torch::allclose(grads[2], c_grad_up, 1e-10, 1e-12));
+    // With an output mask, only what is asked for comes back.
+    auto [m_grad_x, m_grad_gate, m_grad_up] = torch_moe::gather_grouped_glu_backward_composite(
+        &torch_moe::cpu::gather_grouped_mm_backward, grad_act, x, w_gate, w_up, c_gate, c_up, offsets, row_index,
+        activation, {true, false, true});
+    CHECK(torch::allclose(grads[0], m_grad_x, 1e-10, 1e-12));
+    CHECK_FALSE(m_grad_gate.defined());
+    CHECK(torch::allclose(grads[2], m_grad_up, 1e-10, 1e-12));
   }
   CHECK_THROWS_WITH(torch_moe::gather_grouped_glu_composite(&torch_moe::cpu::gather_grouped_mm, x, w_gate, w_up,
                                                             offsets, row_index, "relu"),
@@ -206,10 +213,10 @@ TEST_CASE("gather_grouped_glu: the fused CPU kernel equals the composite the CUD
   auto [act, gate, up] = glu.call(x, w_gate, w_up, offsets, row_index, "silu");
   CHECK_THROWS_WITH(torch_moe::gather_grouped_glu_backward_composite(&torch_moe::cpu::gather_grouped_mm_backward,
                                                                      grad_act, x, w_gate, w_up, gate.narrow(0, 1, T * k - 1),
-                                                                     up, offsets, row_index, "silu"),
+                                                                     up, offsets, row_index, "silu", {true, true, true}),
                     Catch::Contains("argument 'gate' must have size 80 (rows of the plan) in dim 0"));
   CHECK_THROWS_WITH(torch_moe::gather_grouped_glu_backward_composite(&torch_moe::cpu::gather_grouped_mm_backward,
                                                                      grad_act, x, w_gate.select(0, 0), w_up, gate, up,
-                                                                     offsets, row_index, "silu"),
+                                                                     offsets, row_index, "silu", {true, true, true}),
                     Catch::Contains("argument 'w_gate' must be a 3-D tensor"));
 }
