@@ -11,6 +11,7 @@
 
 #include "common/checks.h"
 #include "common/cpu_cache.h"
+#include "common/row_math.h"
 
 namespace torch_moe::cpu {
 namespace {
@@ -59,8 +60,7 @@ at::Tensor scatter_rows(const at::Tensor& src_in, const at::Tensor& index_in, co
         if (wp == nullptr) {
           std::copy(row, row + d, o);
         } else {
-          const opmath_t scale = wp[a];
-          for (int64_t c = 0; c < d; ++c) o[c] = static_cast<scalar_t>(scale * static_cast<opmath_t>(row[c]));
+          scale_row(o, row, wp[a], d);
         }
       }
     });
@@ -95,10 +95,10 @@ at::Tensor gather_rows(const at::Tensor& src_in, const at::Tensor& index_in, con
           const scalar_t* row = sp + from * d;
           const opmath_t scale = wp == nullptr ? opmath_t(1) : wp[t * k + j];
           if (first) {
-            for (int64_t c = 0; c < d; ++c) acc[c] = scale * static_cast<opmath_t>(row[c]);
+            scale_row(acc, row, scale, d);
             first = false;
           } else {
-            for (int64_t c = 0; c < d; ++c) acc[c] += scale * static_cast<opmath_t>(row[c]);
+            add_scaled_row(acc, row, scale, d);
           }
         }
         if (first) std::fill(acc, acc + d, opmath_t(0));

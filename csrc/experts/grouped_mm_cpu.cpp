@@ -17,6 +17,7 @@
 
 #include "common/checks.h"
 #include "common/cpu_cache.h"
+#include "common/row_math.h"
 #include "common/row_ops.h"
 #include "experts/glu.h"
 
@@ -202,7 +203,7 @@ void add_segment(opmath_t* acc, const scalar_t* buf, int64_t d, const int64_t* a
       opmath_t* out = acc + (a / k) * d;
       const scalar_t* row = buf + i * d;
       const opmath_t scale = w == nullptr ? opmath_t(1) : w[a];
-      for (int64_t c = 0; c < d; ++c) out[c] += scale * static_cast<opmath_t>(row[c]);
+      add_scaled_row(out, row, scale, d);
     }
   };
   if (serial) {
@@ -598,14 +599,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_unpermute_backward(
               for (int64_t c = 0; c < F; ++c) dot += static_cast<opmath_t>(p[c]) * static_cast<opmath_t>(hr[c]);
               gwp[a] = dot;
             }
-            if (want_h) {
-              for (int64_t c = 0; c < F; ++c) p[c] = static_cast<scalar_t>(w * static_cast<opmath_t>(p[c]));
-            }
+            if (want_h) scale_row_in_place(p, w, F);
           }
-          if (want_b) {
-            scalar_t* g = Gp + i * M;
-            for (int64_t c = 0; c < M; ++c) g[c] = static_cast<scalar_t>(w * static_cast<opmath_t>(g[c]));
-          }
+          if (want_b) scale_row_in_place(Gp + i * M, w, M);
         }
       });
       if (want_b) {

@@ -1,0 +1,48 @@
+// The simd row loops of row_math.h. The build targets baseline x86-64 (SSE2, 4 floats a step); on x86-64 with GCC or
+// Clang each loop is also compiled for AVX2 and AVX-512 and the widest one the CPU has is picked at load time
+// (target_clones: a GNU ifunc). The weighted combine of token rows is bound by these loops, not by memory.
+#include "common/row_math.h"
+
+// ifuncs need an ELF target and glibc's loader (<cstdint>, through row_math.h, brings in glibc's features.h).
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__CUDACC__) && defined(__ELF__) && defined(__GLIBC__)
+#define TORCH_MOE_ROW_LOOP __attribute__((target_clones("avx512f", "avx2", "default")))
+#else
+#define TORCH_MOE_ROW_LOOP
+#endif
+
+namespace torch_moe::cpu::simd {
+namespace {
+
+template <typename T>
+inline void scale_row_impl(T* __restrict__ out, const T* __restrict__ in, T scale, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) out[c] = scale * in[c];
+}
+
+template <typename T>
+inline void add_scaled_row_impl(T* __restrict__ out, const T* __restrict__ in, T scale, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) out[c] += scale * in[c];
+}
+
+template <typename T>
+inline void scale_row_in_place_impl(T* __restrict__ x, T scale, int64_t n) {
+  for (int64_t c = 0; c < n; ++c) x[c] *= scale;
+}
+
+}  // namespace
+
+TORCH_MOE_ROW_LOOP void scale_row(float* out, const float* in, float scale, int64_t n) {
+  scale_row_impl(out, in, scale, n);
+}
+TORCH_MOE_ROW_LOOP void scale_row(double* out, const double* in, double scale, int64_t n) {
+  scale_row_impl(out, in, scale, n);
+}
+TORCH_MOE_ROW_LOOP void add_scaled_row(float* out, const float* in, float scale, int64_t n) {
+  add_scaled_row_impl(out, in, scale, n);
+}
+TORCH_MOE_ROW_LOOP void add_scaled_row(double* out, const double* in, double scale, int64_t n) {
+  add_scaled_row_impl(out, in, scale, n);
+}
+TORCH_MOE_ROW_LOOP void scale_row_in_place(float* x, float scale, int64_t n) { scale_row_in_place_impl(x, scale, n); }
+TORCH_MOE_ROW_LOOP void scale_row_in_place(double* x, double scale, int64_t n) { scale_row_in_place_impl(x, scale, n); }
+
+}  // namespace torch_moe::cpu::simd
