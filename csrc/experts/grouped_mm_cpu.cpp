@@ -123,6 +123,12 @@ void zero_empty_experts(at::Tensor& grad_b, const std::vector<int64_t>& bounds) 
   }
 }
 
+// Zero the rows of t [N, ...] past the last segment (padding rows no expert computes).
+void zero_rows_past_segments(at::Tensor& t, const std::vector<int64_t>& bounds) {
+  const int64_t end = bounds.back();
+  if (end < t.size(0)) t.narrow(0, end, t.size(0) - end).zero_();
+}
+
 // Per-slot accumulators [rows, cols] (opmath): slot 0 is the result itself and the other slots are added into it in
 // slot order, so side-by-side runs cost one extra [rows, cols] per extra thread and no separate sum.
 class SlotSums {
@@ -219,7 +225,7 @@ at::ScalarType opmath_of(at::ScalarType dtype) { return dtype == at::kDouble ? a
 at::Tensor segment_mm(const at::Tensor& a, const at::Tensor& b, const std::vector<int64_t>& bounds) {
   const int64_t E = b.size(0);
   auto out = empty_cached({a.size(0), b.size(2)}, a.options());
-  if (bounds[E] < a.size(0)) out.narrow(0, bounds[E], a.size(0) - bounds[E]).zero_();
+  zero_rows_past_segments(out, bounds);
   for (int64_t e = 0; e < E; ++e) {
     const int64_t n = bounds[e + 1] - bounds[e];
     if (n == 0) continue;
@@ -312,6 +318,22 @@ SegmentPlan segment_plan(const char* op, const at::Tensor& offsets, const at::Te
   return plan;
 }
 
+// body(e, first, n, rows) for every expert e with rows, on the schedule: rows [n, K] are the segment's token rows
+// of x [T, K] (contiguous), gathered into its slot's buffer right before the body runs.
+template <typename Body>
+void run_gathered_segments(const at::Tensor& x, const SegmentPlan& plan, const Schedule& schedule, const Body& body) {
+  const int64_t K = x.size(1);
+  const auto buffers = empty_cached({schedule.slots(), longest_segment(plan.bounds), K}, x.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "torch_moe_gather_segments", [&] {
+    run_segments(schedule, plan.bounds, [&](int64_t e, int64_t slot) {
+      const int64_t first = plan.bounds[e], n = plan.bounds[e + 1] - first;
+      const auto rows = buffers.select(0, slot).narrow(0, 0, n);
+      gather_segment(rows.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), K, plan.assignment.data(), first, n, plan.k);
+      body(e, first, n, rows);
+    });
+  });
+}
+
 }  // namespace
 
 at::Tensor gather_grouped_mm(const at::Tensor& x_in, const at::Tensor& b, const at::Tensor& offsets,
@@ -323,17 +345,10 @@ at::Tensor gather_grouped_mm(const at::Tensor& x_in, const at::Tensor& b, const 
   const auto schedule = schedule_segments(plan.bounds, K * M);
   const auto x = x_in.contiguous();
   auto out = empty_cached({N, M}, x.options());
-  if (plan.bounds[E] < N) out.narrow(0, plan.bounds[E], N - plan.bounds[E]).zero_();
-  // Each segment's token rows are gathered into its slot's buffer right before its GEMM.
-  auto buffers = empty_cached({schedule.slots(), longest_segment(plan.bounds), K}, x.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "torch_moe_gather_grouped_mm", [&] {
-    run_segments(schedule, plan.bounds, [&](int64_t e, int64_t slot) {
-      const int64_t first = plan.bounds[e], n = plan.bounds[e + 1] - first;
-      auto rows = buffers.select(0, slot).narrow(0, 0, n);
-      gather_segment(rows.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), K, plan.assignment.data(), first, n, plan.k);
-      auto out_e = out.narrow(0, first, n);
-      at::mm_out(out_e, rows, b.select(0, e));
-    });
+  zero_rows_past_segments(out, plan.bounds);
+  run_gathered_segments(x, plan, schedule, [&](int64_t e, int64_t first, int64_t n, const at::Tensor& rows) {
+    auto out_e = out.narrow(0, first, n);
+    at::mm_out(out_e, rows, b.select(0, e));
   });
   return out;
 }
@@ -404,24 +419,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_grouped_glu(const at::Tens
   auto act = empty_cached({N, M}, x.options());
   auto gate = empty_cached({N, M}, x.options());
   auto up = empty_cached({N, M}, x.options());
-  for (auto* t : {&act, &gate, &up}) {
-    if (plan.bounds[E] < N) t->narrow(0, plan.bounds[E], N - plan.bounds[E]).zero_();
-  }
+  for (auto* t : {&act, &gate, &up}) zero_rows_past_segments(*t, plan.bounds);
   // A segment's rows are gathered once for both projections, and its activation is formed while the two
   // projections are still in cache.
-  auto buffers = empty_cached({schedule.slots(), longest_segment(plan.bounds), K}, x.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "torch_moe_gather_grouped_glu", [&] {
-    run_segments(schedule, plan.bounds, [&](int64_t e, int64_t slot) {
-      const int64_t first = plan.bounds[e], n = plan.bounds[e + 1] - first;
-      auto rows = buffers.select(0, slot).narrow(0, 0, n);
-      gather_segment(rows.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), K, plan.assignment.data(), first, n, plan.k);
-      auto gate_e = gate.narrow(0, first, n);
-      auto up_e = up.narrow(0, first, n);
-      auto act_e = act.narrow(0, first, n);
-      at::mm_out(gate_e, rows, w_gate.select(0, e));
-      at::mm_out(up_e, rows, w_up.select(0, e));
-      glu_forward_out(act_e, gate_e, up_e, kind);
-    });
+  run_gathered_segments(x, plan, schedule, [&](int64_t e, int64_t first, int64_t n, const at::Tensor& rows) {
+    auto gate_e = gate.narrow(0, first, n);
+    auto up_e = up.narrow(0, first, n);
+    auto act_e = act.narrow(0, first, n);
+    at::mm_out(gate_e, rows, w_gate.select(0, e));
+    at::mm_out(up_e, rows, w_up.select(0, e));
+    glu_forward_out(act_e, gate_e, up_e, kind);
   });
   return {act, gate, up};
 }
@@ -559,7 +566,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_unpermute_backward(
   at::Tensor grad_h, grad_b, grad_weights_acc, p_buffers;
   if (want_h) {
     grad_h = empty_cached({N, F}, h.options());
-    if (plan.bounds[E] < N) grad_h.narrow(0, plan.bounds[E], N - plan.bounds[E]).zero_();
+    zero_rows_past_segments(grad_h, plan.bounds);
   } else if (want_weights) {
     p_buffers = empty_cached({schedule.slots(), longest, F}, h.options());
   }
