@@ -185,10 +185,10 @@ def test_permute_unpermute_agree(dtype):
         xd = x.to(device).requires_grad_()
         wd = weights.to(device).requires_grad_()
         rows, row_index, offsets = ops.permute(xd, ids.to(device), E, valid.to(device))
-        plan = ops.permute_plan(ids.to(device), E, valid.to(device))
+        plan_row_index, plan_offsets = ops.permute_plan(ids.to(device), E, valid.to(device))
         y = ops.unpermute(rows * 2.0, wd, row_index)
         y.backward(torch.ones_like(y))
-        res[device] = (rows.detach(), row_index, offsets, plan.row_index, plan.offsets, y.detach(), xd.grad, wd.grad)
+        res[device] = (rows.detach(), row_index, offsets, plan_row_index, plan_offsets, y.detach(), xd.grad, wd.grad)
     for i, (a, b) in enumerate(zip(res[CUDA], res["cpu"])):
         if i in (1, 2, 3, 4):
             _equal(a, b)
@@ -261,9 +261,9 @@ def test_fused_dropless_ops_agree(dtype):
     res = {}
     for device in ("cpu", CUDA):
         xd, b1d, b2d, wd = (t.to(device).requires_grad_() for t in (x, b1, b2, weights))
-        plan = ops.permute_plan(ids.to(device), E)
-        h = ops.gather_grouped_mm(xd, b1d, plan.offsets, plan.row_index)
-        y = ops.grouped_mm_unpermute(torch.relu(h), b2d, plan.offsets, wd, plan.row_index)
+        row_index, offsets = ops.permute_plan(ids.to(device), E)
+        h = ops.gather_grouped_mm(xd, b1d, offsets, row_index)
+        y = ops.grouped_mm_unpermute(torch.relu(h), b2d, offsets, wd, row_index)
         y.backward(torch.ones_like(y))
         res[device] = (y.detach(), xd.grad, b1d.grad, b2d.grad, wd.grad)
     tol = dict(rtol=5e-2, atol=5e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
@@ -284,8 +284,8 @@ def test_gather_grouped_glu_agrees(dtype, activation):
     res = {}
     for device in ("cpu", CUDA):
         xd, wgd, wud = (t.to(device).requires_grad_() for t in (x, w_gate, w_up))
-        plan = ops.permute_plan(ids.to(device), E)
-        act = ops.gather_grouped_glu(xd, wgd, wud, plan.offsets, plan.row_index, activation)
+        row_index, offsets = ops.permute_plan(ids.to(device), E)
+        act = ops.gather_grouped_glu(xd, wgd, wud, offsets, row_index, activation)
         act.backward(upstream.to(device))
         res[device] = (act.detach(), xd.grad, wgd.grad, wud.grad)
     tol = dict(rtol=5e-2, atol=5e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
