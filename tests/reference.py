@@ -263,6 +263,21 @@ def distinct_expert_ids(T: int, E: int, k: int, generator: torch.Generator) -> T
     return torch.rand(T, E, generator=generator).argsort(dim=1)[:, :k].contiguous()
 
 
+def random_row_plan(
+    T: int, E: int, k: int, masked: bool, generator: torch.Generator
+) -> tuple[Tensor, Optional[Tensor], Tensor, Tensor]:
+    """A dropless plan of k distinct random experts per token, from the reference permute: -> (expert_ids [T, k],
+    valid_mask [T] (about 30% padding, token 0 always) or None when not masked or T = 0, row_index [T, k],
+    offsets [E + 1])."""
+    ids = distinct_expert_ids(T, E, k, generator)
+    valid = None
+    if masked and T > 0:
+        valid = torch.rand(T, generator=generator) < 0.7
+        valid[0] = False
+    _, row_index, offsets = permute(torch.zeros(T, 0), ids, E, valid)
+    return ids, valid, row_index, offsets
+
+
 def separated_logits(T: int, E: int, generator: torch.Generator, spacing: float = 0.375) -> Tensor:
     """[T, E] float64 logits whose sorted values in each row are at least `spacing` apart, so no rounding
     to a lower precision (bf16/fp16 included) can swap two experts: a random permutation of a spaced grid plus

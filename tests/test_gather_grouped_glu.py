@@ -22,12 +22,7 @@ CASES = [(9, 6, 2, 5, 3, False), (8, 4, 4, 3, 6, True), (0, 3, 2, 4, 2, False), 
 
 
 def _inputs(T, E, k, K, M, masked, dtype, device, gen, requires_grad=False):
-    ids = ref.distinct_expert_ids(T, E, k, gen)
-    valid = None
-    if masked and T > 0:
-        valid = torch.rand(T, generator=gen) < 0.7
-        valid[0] = False
-    row_index, offsets = ops.permute_plan(ids, E, valid)
+    _, _, row_index, offsets = ref.random_row_plan(T, E, k, masked, gen)
     x = torch.randn(T, K, generator=gen, dtype=torch.float64).to(dtype)
     w_gate = (torch.randn(E, K, M, generator=gen, dtype=torch.float64) / K**0.5).to(dtype)
     w_up = (torch.randn(E, K, M, generator=gen, dtype=torch.float64) / K**0.5).to(dtype)

@@ -113,12 +113,7 @@ FUSED_CASES = [(9, 6, 2, 5, 3, False), (8, 4, 4, 3, 6, True), (0, 3, 2, 4, 2, Fa
 
 
 def _fused_inputs(T, E, k, K, M, masked, dtype, device, gen, requires_grad=False):
-    ids = ref.distinct_expert_ids(T, E, k, gen)
-    valid = None
-    if masked and T > 0:
-        valid = torch.rand(T, generator=gen) < 0.7
-        valid[0] = False
-    row_index, offsets = ops.permute_plan(ids, E, valid)
+    ids, valid, row_index, offsets = ref.random_row_plan(T, E, k, masked, gen)
     x = torch.randn(T, K, generator=gen, dtype=torch.float64).to(dtype)
     b = (torch.randn(E, K, M, generator=gen, dtype=torch.float64) / K**0.5).to(dtype)
     h = torch.randn(T * k, K, generator=gen, dtype=torch.float64).to(dtype)
@@ -129,8 +124,12 @@ def _fused_inputs(T, E, k, K, M, masked, dtype, device, gen, requires_grad=False
 
 @pytest.mark.parametrize("T,E,k,K,M,masked", FUSED_CASES)
 def test_permute_plan_matches_permute(device, gen, T, E, k, K, M, masked):
+    # The inputs' plan comes from the reference permute; permute_plan and permute must both give it.
     x, _, _, _, row_index, offsets, ids, valid = _fused_inputs(T, E, k, K, M, masked, torch.float64, device, gen)
-    expected = ops.permute(x, ids.to(device), E, None if valid is None else valid.to(device))
+    valid_d = None if valid is None else valid.to(device)
+    plan_row_index, plan_offsets = ops.permute_plan(ids.to(device), E, valid_d)
+    expected = ops.permute(x, ids.to(device), E, valid_d)
+    assert torch.equal(plan_row_index, row_index) and torch.equal(plan_offsets, offsets)
     assert torch.equal(row_index, expected.row_index) and torch.equal(offsets, expected.offsets)
 
 
