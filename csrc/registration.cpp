@@ -74,6 +74,11 @@ TORCH_LIBRARY(torch_moe, m) {
   m.def("_gather_grouped_glu_backward(Tensor grad_act, Tensor x, Tensor w_gate, Tensor w_up, Tensor gate, "
         "Tensor up, Tensor offsets, Tensor row_index, str activation, bool[3] output_mask=[True, True, True]) "
         "-> (Tensor, Tensor, Tensor)");
+  // Gated activation on whole tensors: act = f(gate) * up, f = silu | gelu (exact) | gelu_tanh, gate and up [N, M].
+  m.def("glu(Tensor gate, Tensor up, str activation=\"silu\") -> Tensor");
+  // Backward of glu -> (grad_gate, grad_up) [N, M].
+  m.def("_glu_backward(Tensor grad_act, Tensor gate, Tensor up, str activation, bool[2] output_mask=[True, True]) "
+        "-> (Tensor, Tensor)");
   // grouped_mm then unpermute, without keeping the expert outputs: y[t] = sum_j weights[t, j] * (h @ b[e])[row].
   m.def("grouped_mm_unpermute(Tensor h, Tensor b, Tensor offsets, Tensor weights, Tensor row_index) -> Tensor");
   // Backward of grouped_mm_unpermute -> (grad_h [N, K], grad_b [E, K, M], grad_weights [T, k]).

@@ -169,6 +169,21 @@ def _gather_grouped_glu_backward(grad_act, x, w_gate, w_up, gate, up, offsets, r
     return _masked(output_mask, x, w_gate, w_up)
 
 
+@torch.library.register_fake(_lib + "glu")
+def _glu(gate, up, activation="silu"):
+    _check(activation in ("silu", "gelu", "gelu_tanh"),
+           f"torch_moe.glu: argument 'activation' must be \"silu\", \"gelu\" or \"gelu_tanh\", got \"{activation}\"")
+    _check(gate.shape == up.shape, f"torch_moe.glu: argument 'up' must have the shape of 'gate', "
+                                   f"got {list(up.shape)} and {list(gate.shape)}")
+    return gate.new_empty(gate.shape)
+
+
+@torch.library.register_fake(_lib + "_glu_backward")
+def _glu_backward(grad_act, gate, up, activation, output_mask=(True, True)):
+    # Contiguous whatever the strides of gate and up, as the kernels return them.
+    return tuple(gate.new_empty(gate.shape) if wanted else None for wanted in output_mask)
+
+
 @torch.library.register_fake(_lib + "grouped_mm_unpermute")
 def _grouped_mm_unpermute(h, b, offsets, weights, row_index):
     return h.new_empty((row_index.shape[0], b.shape[2]))

@@ -30,6 +30,7 @@ __all__ = [
     "permute_plan",
     "gather_grouped_mm",
     "gather_grouped_glu",
+    "glu",
     "grouped_mm_unpermute",
     "last_grouped_mm_path",
 ]
@@ -207,6 +208,16 @@ def gather_grouped_glu(
     x and the two projections, as a dense gated FFN does.
     """
     return torch.ops.torch_moe.gather_grouped_glu(x, w_gate, w_up, offsets, row_index, activation)[0]
+
+
+def glu(gate: Tensor, up: Tensor, activation: str = "silu") -> Tensor:
+    """The gated activation ``f(gate) * up`` of a SwiGLU / GeGLU FFN, f = ``"silu"``, ``"gelu"`` (exact) or
+    ``"gelu_tanh"``; gate and up of one shape, e.g. [N, M].
+
+    The same numbers as ``F.silu(gate) * up``; backward keeps gate and up (not f(gate) as well) and forms both
+    gradients in one op. On the CPU it runs in cache-sized chunks and its outputs come from torch_moe's block cache.
+    """
+    return torch.ops.torch_moe.glu(gate, up, activation)
 
 
 def grouped_mm_unpermute(h: Tensor, b: Tensor, offsets: Tensor, weights: Tensor, row_index: Tensor) -> Tensor:

@@ -15,6 +15,9 @@ void add_scaled_row(float* out, const float* in, float scale, int64_t n);
 void add_scaled_row(double* out, const double* in, double scale, int64_t n);
 void scale_row_in_place(float* x, float scale, int64_t n);
 void scale_row_in_place(double* x, double scale, int64_t n);
+// sum of a[c] * b[c] for c < n, in 16 interleaved partial sums added in a fixed order.
+float dot_row(const float* a, const float* b, int64_t n);
+double dot_row(const double* a, const double* b, int64_t n);
 }  // namespace simd
 
 // Rows whose element and accumulation type are one, float or double, take the simd loops.
@@ -48,6 +51,18 @@ inline void scale_row_in_place(T* x, opmath_t scale, int64_t n) {
     simd::scale_row_in_place(x, scale, n);
   } else {
     for (int64_t c = 0; c < n; ++c) x[c] = static_cast<T>(scale * static_cast<opmath_t>(x[c]));
+  }
+}
+
+// sum of a[c] * b[c] for c < n, in opmath_t.
+template <typename T, typename opmath_t>
+inline opmath_t dot_row(const T* a, const T* b, int64_t n) {
+  if constexpr (kSimdRow<T, opmath_t>) {
+    return simd::dot_row(a, b, n);
+  } else {
+    opmath_t sum = 0;
+    for (int64_t c = 0; c < n; ++c) sum += static_cast<opmath_t>(a[c]) * static_cast<opmath_t>(b[c]);
+    return sum;
   }
 }
 

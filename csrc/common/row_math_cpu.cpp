@@ -28,6 +28,22 @@ inline void scale_row_in_place_impl(T* __restrict__ x, T scale, int64_t n) {
   for (int64_t c = 0; c < n; ++c) x[c] *= scale;
 }
 
+// Lane l sums the products at c = l (mod 16): independent partial sums the compiler may keep in vector registers
+// without reassociating anything, so every clone adds the same terms in the same order.
+template <typename T>
+inline T dot_row_impl(const T* __restrict__ a, const T* __restrict__ b, int64_t n) {
+  constexpr int64_t kLanes = 16;
+  T lanes[kLanes] = {};
+  const int64_t body = n - n % kLanes;
+  for (int64_t c = 0; c < body; c += kLanes) {
+    for (int64_t l = 0; l < kLanes; ++l) lanes[l] += a[c + l] * b[c + l];
+  }
+  for (int64_t c = body; c < n; ++c) lanes[c - body] += a[c] * b[c];
+  T sum = 0;
+  for (int64_t l = 0; l < kLanes; ++l) sum += lanes[l];
+  return sum;
+}
+
 }  // namespace
 
 TORCH_MOE_ROW_LOOP void scale_row(float* out, const float* in, float scale, int64_t n) {
@@ -44,5 +60,8 @@ TORCH_MOE_ROW_LOOP void add_scaled_row(double* out, const double* in, double sca
 }
 TORCH_MOE_ROW_LOOP void scale_row_in_place(float* x, float scale, int64_t n) { scale_row_in_place_impl(x, scale, n); }
 TORCH_MOE_ROW_LOOP void scale_row_in_place(double* x, double scale, int64_t n) { scale_row_in_place_impl(x, scale, n); }
+
+TORCH_MOE_ROW_LOOP float dot_row(const float* a, const float* b, int64_t n) { return dot_row_impl(a, b, n); }
+TORCH_MOE_ROW_LOOP double dot_row(const double* a, const double* b, int64_t n) { return dot_row_impl(a, b, n); }
 
 }  // namespace torch_moe::cpu::simd

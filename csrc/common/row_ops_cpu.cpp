@@ -133,9 +133,7 @@ at::Tensor row_dots(const at::Tensor& a_in, const at::Tensor& src_in, const at::
             const int64_t from = ip[t * k + j];
             if (from < 0) continue;
             const scalar_t* row = sp + from * d;
-            opmath_t dot = 0;
-            for (int64_t c = 0; c < d; ++c) dot += static_cast<opmath_t>(arow[c]) * static_cast<opmath_t>(row[c]);
-            op[t * k + j] = dot;
+            op[t * k + j] = dot_row<scalar_t, opmath_t>(arow, row, d);
           }
         }
       });

@@ -1,12 +1,18 @@
-// The gated-activation math of gather_grouped_glu (device-generic ATen calls) and its composite form.
+// The gated-activation math (device-generic ATen calls): the glu op on whole tensors, and the per-segment math and
+// composite form of gather_grouped_glu.
 #include "experts/glu.h"
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
+#include <torch/library.h>
 
+#include <algorithm>
 #include <string>
 #include <utility>
 
 #include "common/checks.h"
+#include "common/cpu_cache.h"
 
 namespace torch_moe {
 
@@ -63,17 +69,32 @@ void glu_forward_out(at::Tensor& act, const at::Tensor& gate, const at::Tensor& 
   act.mul_(up);
 }
 
-void glu_backward_out(at::Tensor& grad_gate, at::Tensor& grad_up, const at::Tensor& grad_act, const at::Tensor& gate,
-                      const at::Tensor& up, GluActivation activation) {
-  // grad_gate first holds grad_act * up, then goes through f' in place (an elementwise op may fully alias).
+namespace {
+
+// grad_gate = grad_act * up * f'(gate): grad_gate first holds grad_act * up, then goes through f' in place (an
+// elementwise op may fully alias).
+void glu_grad_gate_out(at::Tensor& grad_gate, const at::Tensor& grad_act, const at::Tensor& gate, const at::Tensor& up,
+                       GluActivation activation) {
   at::mul_out(grad_gate, grad_act, up);
   if (activation == GluActivation::kSilu) {
     at::silu_backward_out(grad_gate, grad_gate, gate);
   } else {
     at::gelu_backward_out(grad_gate, grad_gate, gate, gelu_approximation(activation));
   }
+}
+
+// grad_up = grad_act * f(gate)
+void glu_grad_up_out(at::Tensor& grad_up, const at::Tensor& grad_act, const at::Tensor& gate, GluActivation activation) {
   activation_out(grad_up, gate, activation);
   grad_up.mul_(grad_act);
+}
+
+}  // namespace
+
+void glu_backward_out(at::Tensor& grad_gate, at::Tensor& grad_up, const at::Tensor& grad_act, const at::Tensor& gate,
+                      const at::Tensor& up, GluActivation activation) {
+  glu_grad_gate_out(grad_gate, grad_act, gate, up, activation);
+  glu_grad_up_out(grad_up, grad_act, gate, activation);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_grouped_glu_composite(
@@ -108,6 +129,110 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_grouped_glu_backward_compo
       gather_grouped_mm_backward(grad_up, x, w_up, offsets, row_index, {output_mask[0], output_mask[2]});
   if (grad_x.defined()) grad_x.add_(grad_x_up);
   return {grad_x, grad_w_gate, grad_w_up};
+}
+
+namespace {
+
+// gate and up [N, M] (any shape, the same for both), floating, one dtype and device.
+void check_glu_pair(const char* op, const at::Tensor& gate, const at::Tensor& up) {
+  check_floating(op, "gate", gate);
+  check_floating(op, "up", up);
+  check_same_shape(op, "up", up, "gate", gate);
+  TORCH_MOE_CHECK(up.scalar_type() == gate.scalar_type(),
+                  "torch_moe.{}: arguments 'gate' and 'up' must share a dtype, got {} and {}", op,
+                  dtype_name(gate.scalar_type()), dtype_name(up.scalar_type()));
+  check_same_device(op, {{"gate", &gate}, {"up", &up}});
+}
+
+// An output shaped like `like` (contiguous): from the block cache on the CPU, so that a training step's activation
+// gradients reuse the last step's pages instead of faulting fresh ones in.
+at::Tensor empty_like_output(const at::Tensor& like) {
+  return like.is_cpu() ? cpu::empty_cached(like.sizes(), like.options()) : at::empty(like.sizes(), like.options());
+}
+
+// body(begin, end) over element ranges of the flattened operands. On the CPU the ranges are chunks small enough for
+// a chunk's operands to stay in cache from one pass of the math to the next (the whole-tensor passes each read
+// their operands from memory), spread over the threads; elsewhere one range.
+template <typename Body>
+void for_element_chunks(const at::Tensor& like, const Body& body) {
+  const int64_t numel = like.numel();
+  if (!like.is_cpu()) {
+    body(0, numel);
+    return;
+  }
+  constexpr int64_t kChunk = 65536;
+  const int64_t chunks = (numel + kChunk - 1) / kChunk;
+  // The passes are ATen calls on OpenMP worker threads: they must see the caller's dispatch state.
+  const at::ThreadLocalState caller_state;
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    at::ThreadLocalStateGuard state_guard(caller_state);
+    for (int64_t c = begin; c < end; ++c) body(c * kChunk, std::min(numel, (c + 1) * kChunk));
+  });
+}
+
+at::Tensor glu(const at::Tensor& gate_in, const at::Tensor& up_in, c10::string_view activation) {
+  constexpr const char* op = "glu";
+  const auto kind = parse_glu_activation(op, activation);
+  check_glu_pair(op, gate_in, up_in);
+  const auto gate = gate_in.contiguous().view(-1);
+  const auto up = up_in.contiguous().view(-1);
+  auto act = empty_like_output(gate_in);
+  auto act_flat = act.view(-1);
+  for_element_chunks(gate, [&](int64_t begin, int64_t end) {
+    auto act_chunk = act_flat.slice(0, begin, end);
+    glu_forward_out(act_chunk, gate.slice(0, begin, end), up.slice(0, begin, end), kind);
+  });
+  return act;
+}
+
+std::tuple<at::Tensor, at::Tensor> glu_backward(const at::Tensor& grad_act_in, const at::Tensor& gate_in,
+                                                const at::Tensor& up_in, c10::string_view activation,
+                                                std::array<bool, 2> output_mask) {
+  constexpr const char* op = "_glu_backward";
+  const auto kind = parse_glu_activation(op, activation);
+  check_glu_pair(op, gate_in, up_in);
+  check_floating(op, "grad_act", grad_act_in);
+  check_same_shape(op, "grad_act", grad_act_in, "gate", gate_in);
+  check_same_device(op, {{"grad_act", &grad_act_in}, {"gate", &gate_in}});
+  const auto gate = gate_in.contiguous().view(-1);
+  const auto up = up_in.contiguous().view(-1);
+  const auto grad_act = grad_act_in.to(gate_in.scalar_type()).contiguous().view(-1);
+  const auto [want_gate, want_up] = output_mask;
+  at::Tensor grad_gate, grad_up, grad_gate_flat, grad_up_flat;
+  if (want_gate) {
+    grad_gate = empty_like_output(gate_in);
+    grad_gate_flat = grad_gate.view(-1);
+  }
+  if (want_up) {
+    grad_up = empty_like_output(gate_in);
+    grad_up_flat = grad_up.view(-1);
+  }
+  for_element_chunks(gate, [&](int64_t begin, int64_t end) {
+    const auto grad_act_chunk = grad_act.slice(0, begin, end);
+    const auto gate_chunk = gate.slice(0, begin, end);
+    if (want_gate) {
+      auto out = grad_gate_flat.slice(0, begin, end);
+      glu_grad_gate_out(out, grad_act_chunk, gate_chunk, up.slice(0, begin, end), kind);
+    }
+    if (want_up) {
+      auto out = grad_up_flat.slice(0, begin, end);
+      glu_grad_up_out(out, grad_act_chunk, gate_chunk, kind);
+    }
+  });
+  return {grad_gate, grad_up};
+}
+
+}  // namespace
+
+// The same ATen math serves both devices; only the output allocation and the chunking differ.
+TORCH_LIBRARY_IMPL(torch_moe, CPU, m) {
+  m.impl("glu", &glu);
+  m.impl("_glu_backward", &glu_backward);
+}
+
+TORCH_LIBRARY_IMPL(torch_moe, CUDA, m) {
+  m.impl("glu", &glu);
+  m.impl("_glu_backward", &glu_backward);
 }
 
 }  // namespace torch_moe

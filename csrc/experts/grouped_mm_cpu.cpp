@@ -600,12 +600,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_unpermute_backward(
           const opmath_t w = wp[a];
           if (Pp != nullptr) {
             scalar_t* p = Pp + i * F;
-            if (want_weights) {
-              const scalar_t* hr = hp + i * F;
-              opmath_t dot = 0;
-              for (int64_t c = 0; c < F; ++c) dot += static_cast<opmath_t>(p[c]) * static_cast<opmath_t>(hr[c]);
-              gwp[a] = dot;
-            }
+            if (want_weights) gwp[a] = dot_row<scalar_t, opmath_t>(p, hp + i * F, F);
             if (want_h) scale_row_in_place(p, w, F);
           }
           if (want_b) scale_row_in_place(Gp + i * M, w, M);
