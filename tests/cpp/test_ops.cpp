@@ -4,11 +4,14 @@
 
 #include <catch2/catch.hpp>
 
+#include "common/row_math.h"
 #include "experts/glu.h"
 #include "experts/grouped_mm.h"
 
+#include <cmath>
 #include <string>
 #include <tuple>
+#include <vector>
 
 namespace {
 
@@ -41,7 +44,7 @@ TEST_CASE("every op is registered in the torch_moe namespace", "[registration]")
                            "torch_moe::_router_losses_backward", "torch_moe::expert_choice",
                            "torch_moe::_expert_choice_backward", "torch_moe::noisy_topk_load",
                            "torch_moe::_noisy_topk_load_backward", "torch_moe::gather_grouped_glu",
-                           "torch_moe::_gather_grouped_glu_backward"}) {
+                           "torch_moe::_gather_grouped_glu_backward", "torch_moe::glu", "torch_moe::_glu_backward"}) {
     INFO(name);
     CHECK(c10::Dispatcher::singleton().findSchema({name, ""}).has_value());
   }
@@ -219,4 +222,34 @@ TEST_CASE("gather_grouped_glu: the fused CPU kernel equals the composite the CUD
                                                                      grad_act, x, w_gate.select(0, 0), w_up, gate, up,
                                                                      offsets, row_index, "silu", {true, true, true}),
                     Catch::Contains("argument 'w_gate' must be a 3-D tensor"));
+}
+
+TEST_CASE("glu is silu(gate) * up and backpropagates to both", "[glu]") {
+  using Glu = Tensor(const Tensor&, const Tensor&, c10::string_view);
+  torch::manual_seed(11);
+  // 70000 elements: two chunks of the CPU kernel, the second short.
+  const auto gate = torch::randn({350, 200}, torch::kDouble).requires_grad_();
+  const auto up = torch::randn({350, 200}, torch::kDouble).requires_grad_();
+  const auto act = op<Glu>("torch_moe::glu").call(gate, up, "silu");
+  const auto expected = torch::silu(gate) * up;
+  CHECK(torch::allclose(act, expected, 1e-12, 1e-14));
+  const auto grad = torch::randn({350, 200}, torch::kDouble);
+  const auto got = torch::autograd::grad({act}, {gate, up}, {grad});
+  const auto want = torch::autograd::grad({expected}, {gate, up}, {grad});
+  CHECK(torch::allclose(got[0], want[0], 1e-12, 1e-14));
+  CHECK(torch::allclose(got[1], want[1], 1e-12, 1e-14));
+}
+
+TEST_CASE("dot_row sums a row product for every length, on the loop the CPU picked", "[row_math]") {
+  std::vector<float> a(300), b(300);
+  for (size_t i = 0; i < a.size(); ++i) {
+    a[i] = static_cast<float>(std::sin(0.37 * i));
+    b[i] = static_cast<float>(std::cos(0.11 * i) - 0.25);
+  }
+  for (int64_t n : {0, 1, 15, 16, 17, 64, 255, 300}) {
+    INFO(n);
+    double expected = 0;
+    for (int64_t c = 0; c < n; ++c) expected += static_cast<double>(a[c]) * static_cast<double>(b[c]);
+    CHECK(std::abs(torch_moe::cpu::simd::dot_row(a.data(), b.data(), n) - expected) <= 1e-5 * (1 + std::abs(expected)));
+  }
 }
