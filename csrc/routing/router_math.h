@@ -57,4 +57,19 @@ struct RankBefore {
   }
 };
 
+// The `keep` best of candidates[0, n) under `rank` (a strict total order), best first, into best[0, keep): what
+// std::partial_sort leaves at the front, found by insertion. For the few best of a router row most candidates lose
+// to the current last with one comparison, where partial_sort's heap costs several per candidate.
+template <typename Rank>
+void best_by_rank(const int64_t* candidates, int64_t n, int64_t keep, const Rank& rank, int64_t* best) {
+  int64_t size = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t c = candidates[i];
+    if (size == keep && !rank(c, best[keep - 1])) continue;
+    int64_t pos = size < keep ? size++ : keep - 1;
+    for (; pos > 0 && rank(c, best[pos - 1]); --pos) best[pos] = best[pos - 1];
+    best[pos] = c;
+  }
+}
+
 }  // namespace torch_moe::cpu

@@ -83,7 +83,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> router_topk(const at::Tensor& log
     const bool grouped = topk_groups < n_groups;
     at::parallel_for(0, T, std::max<int64_t>(1, 4096 / E), [&](int64_t begin, int64_t end) {
       std::vector<acc_t> key(E), group_key(n_groups);
-      std::vector<int64_t> order(E), group_order(n_groups);
+      std::vector<int64_t> order(E), group_order(n_groups), chosen(k);
       for (int64_t t = begin; t < end; ++t) {
         acc_t* s = sp + t * E;
         score_row(lp + t * E, E, func, s);
@@ -112,12 +112,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> router_topk(const at::Tensor& log
         } else {
           std::iota(order.begin(), order.end(), 0);
         }
-        std::partial_sort(order.begin(), order.begin() + k, order.begin() + candidates, RankBefore<acc_t>{key.data()});
+        best_by_rank(order.data(), candidates, k, RankBefore<acc_t>{key.data()}, chosen.data());
         acc_t sum = 0;
         for (int64_t j = 0; j < k; ++j) {
-          ip[t * k + j] = order[j];
-          wp[t * k + j] = s[order[j]];
-          sum += s[order[j]];
+          ip[t * k + j] = chosen[j];
+          wp[t * k + j] = s[chosen[j]];
+          sum += s[chosen[j]];
         }
         if (normalize && sum > 0) {
           for (int64_t j = 0; j < k; ++j) wp[t * k + j] /= sum;
