@@ -64,8 +64,9 @@ class Experts(nn.Module):
         self.activation = activation
         self.num_experts = num_experts
         self.gated = expert != "mlp"
-        self._act = F.silu if expert == "swiglu" else (ACTIVATIONS["gelu"] if expert == "geglu" else ACTIVATIONS[activation])
-        self._gate_activation = "silu" if expert == "swiglu" else "gelu"
+        # The mlp expert's activation; the gated types apply theirs (silu / exact gelu) through ops.glu.
+        self._act = ACTIVATIONS[activation]
+        self._gate_activation = {"swiglu": "silu", "geglu": "gelu"}.get(expert)
         factory = {"device": device, "dtype": dtype}
         self.w1 = nn.Parameter(torch.empty(num_experts, d_model, d_ff, **factory))
         self.w2 = nn.Parameter(torch.empty(num_experts, d_ff, d_model, **factory))

@@ -25,15 +25,25 @@ GluActivation parse_glu_activation(const char* op, c10::string_view activation) 
   return GluActivation::kSilu;
 }
 
+namespace {
+
+// gate and up (named as in the op's schema): floating, of one shape, dtype and device.
+void check_gate_up_pair(const char* op, const char* gate_name, const at::Tensor& gate, const char* up_name,
+                        const at::Tensor& up) {
+  check_floating(op, gate_name, gate);
+  check_floating(op, up_name, up);
+  check_same_shape(op, up_name, up, gate_name, gate);
+  TORCH_MOE_CHECK(up.scalar_type() == gate.scalar_type(),
+                  "torch_moe.{}: arguments '{}' and '{}' must share a dtype, got {} and {}", op, gate_name, up_name,
+                  dtype_name(gate.scalar_type()), dtype_name(up.scalar_type()));
+  check_same_device(op, {{gate_name, &gate}, {up_name, &up}});
+}
+
+}  // namespace
+
 void check_glu_weights(const char* op, const at::Tensor& w_gate, const at::Tensor& w_up) {
-  check_floating(op, "w_gate", w_gate);
   check_dim(op, "w_gate", w_gate, 3, "[E, K, M]");
-  check_floating(op, "w_up", w_up);
-  check_same_shape(op, "w_up", w_up, "w_gate", w_gate);
-  TORCH_MOE_CHECK(w_up.scalar_type() == w_gate.scalar_type(),
-                  "torch_moe.{}: arguments 'w_gate' and 'w_up' must share a dtype, got {} and {}", op,
-                  dtype_name(w_gate.scalar_type()), dtype_name(w_up.scalar_type()));
-  check_same_device(op, {{"w_gate", &w_gate}, {"w_up", &w_up}});
+  check_gate_up_pair(op, "w_gate", w_gate, "w_up", w_up);
 }
 
 void check_glu_projections(const char* op, int64_t N, int64_t M, const at::Tensor& grad_act, const at::Tensor& gate,
@@ -133,17 +143,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_grouped_glu_backward_compo
 
 namespace {
 
-// gate and up [N, M] (any shape, the same for both), floating, one dtype and device.
-void check_glu_pair(const char* op, const at::Tensor& gate, const at::Tensor& up) {
-  check_floating(op, "gate", gate);
-  check_floating(op, "up", up);
-  check_same_shape(op, "up", up, "gate", gate);
-  TORCH_MOE_CHECK(up.scalar_type() == gate.scalar_type(),
-                  "torch_moe.{}: arguments 'gate' and 'up' must share a dtype, got {} and {}", op,
-                  dtype_name(gate.scalar_type()), dtype_name(up.scalar_type()));
-  check_same_device(op, {{"gate", &gate}, {"up", &up}});
-}
-
 // An output shaped like `like` (contiguous): from the block cache on the CPU, so that a training step's activation
 // gradients reuse the last step's pages instead of faulting fresh ones in.
 at::Tensor empty_like_output(const at::Tensor& like) {
@@ -173,7 +172,7 @@ void for_element_chunks(const at::Tensor& like, const Body& body) {
 at::Tensor glu(const at::Tensor& gate_in, const at::Tensor& up_in, c10::string_view activation) {
   constexpr const char* op = "glu";
   const auto kind = parse_glu_activation(op, activation);
-  check_glu_pair(op, gate_in, up_in);
+  check_gate_up_pair(op, "gate", gate_in, "up", up_in);
   const auto gate = gate_in.contiguous().view(-1);
   const auto up = up_in.contiguous().view(-1);
   auto act = empty_like_output(gate_in);
@@ -190,7 +189,7 @@ std::tuple<at::Tensor, at::Tensor> glu_backward(const at::Tensor& grad_act_in, c
                                                 std::array<bool, 2> output_mask) {
   constexpr const char* op = "_glu_backward";
   const auto kind = parse_glu_activation(op, activation);
-  check_glu_pair(op, gate_in, up_in);
+  check_gate_up_pair(op, "gate", gate_in, "up", up_in);
   check_floating(op, "grad_act", grad_act_in);
   check_same_shape(op, "grad_act", grad_act_in, "gate", gate_in);
   check_same_device(op, {{"grad_act", &grad_act_in}, {"gate", &gate_in}});
