@@ -204,7 +204,7 @@ def router_losses(
     k = expert_ids.shape[1]
     valid = [True] * T if valid_mask is None else [bool(v) for v in valid_mask.cpu()]
     valid_tokens = [t for t in range(T) if valid[t]]
-    zero = x.sum() * 0.0
+    zero = x.nan_to_num(0.0, 0.0, 0.0).sum() * 0.0  # differentiable, and 0 even with -inf logits
     if not valid_tokens:
         return zero, zero.clone(), zero.clone().detach()
     tv = len(valid_tokens)

@@ -113,6 +113,24 @@ def test_collapsed_router_gives_load_balancing_near_e(device):
     torch.testing.assert_close(out.load_balancing_loss.cpu().double(), torch.tensor(float(E), dtype=torch.float64))
 
 
+@pytest.mark.parametrize("float_dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_minus_inf_logit_is_an_expert_never_chosen(device, gen, float_dtype):
+    # An expert masked out with a -inf logit has prob 0: every loss stays finite, and the entropy is that of the
+    # other experts' softmax (p log p -> 0, never 0 * inf).
+    T, E, k = 16, 5, 2
+    logits, _, _ = _inputs(T, E, k, gen, float_dtype)
+    logits[:, 3] = -math.inf
+    ids = logits.argsort(dim=1, descending=True)[:, :k].contiguous()
+    out = ops.router_losses(*_to(device, logits, ids))
+    expected = ref.router_losses(logits, ids)
+    for got, want, name in zip(out, expected, out._fields):
+        assert torch.isfinite(got).item(), name
+        torch.testing.assert_close(got.cpu().double(), want, **_value_tolerance(float_dtype), msg=name)
+    kept = torch.cat([logits[:, :3], logits[:, 4:]], dim=1).double()
+    without = -(kept.softmax(1) * kept.log_softmax(1)).sum(1).mean()
+    torch.testing.assert_close(out.router_entropy.cpu().double(), without, **_value_tolerance(float_dtype))
+
+
 @pytest.mark.parametrize("case", ["no_tokens", "all_masked"])
 def test_no_valid_tokens_give_zero(device, dtype, case):
     E, k = 6, 2

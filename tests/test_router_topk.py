@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -34,10 +36,11 @@ def test_matches_reference(device, dtype, gen, score_func, normalize, T, E, k):
 
 @pytest.mark.parametrize("score_func", SCORE_FUNCS)
 @pytest.mark.parametrize("k", [2, 4])
-def test_matches_reference_with_ties(device, dtype, gen, score_func, k):
+@pytest.mark.parametrize("E", [6, 67])
+def test_matches_reference_with_ties(device, dtype, gen, score_func, k, E):
     # Integer logits from a small set: many exact ties (equal logits give bitwise equal scores in any precision),
-    # while distinct values stay far apart.
-    logits = torch.randint(-2, 3, (48, 6), generator=gen).to(dtype).to(device)
+    # while distinct values stay far apart. E = 67 puts tied experts in a vector loop's body and in its tail.
+    logits = torch.randint(-2, 3, (48, E), generator=gen).to(dtype).to(device)
     out = ops.router_topk(logits, k, score_func)
     _check_against_reference(out, logits, k, score_func)
 
@@ -146,6 +149,23 @@ def test_non_finite_logits_give_valid_ids(device, dtype, score_func, k):
     assert bool(((ids >= 0) & (ids < 6)).all()), ids
     for row in ids.tolist():
         assert len(set(row)) == k, f"an expert was chosen twice: {row}"
+
+
+def test_softmax_of_non_finite_rows(device):
+    # The limits of the softmax: +inf experts share the mass, an all -inf row is uniform, a NaN logit poisons its row.
+    nan, inf = float("nan"), float("inf")
+    logits = torch.tensor(
+        [[inf, 0.0, inf, -inf, 1.0, 2.0], [-inf] * 6, [0.0, 1.0, nan, 3.0, 4.0, 5.0], [-inf, 0.0, 0.0, -inf, 1.0, 0.0]],
+        dtype=torch.float32,
+        device=device,
+    )
+    out = ops.router_topk(logits, 2, "softmax", None, False)
+    scores = out.scores.cpu()
+    assert scores[0].tolist() == [0.5, 0.0, 0.5, 0.0, 0.0, 0.0]
+    assert torch.equal(scores[1], torch.full((6,), 1.0 / 6))
+    assert bool(scores[2].isnan().all())
+    torch.testing.assert_close(scores[3], torch.tensor([0.0, 1.0, 1.0, 0.0, math.e, 1.0]) / (3 + math.e))
+    assert out.expert_ids.cpu().tolist() == [[0, 2], [0, 1], [0, 1], [4, 1]]
 
 
 @pytest.mark.parametrize("score_func", SCORE_FUNCS)

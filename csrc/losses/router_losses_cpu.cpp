@@ -42,6 +42,32 @@ acc_t softmax_row(const acc_t* logits, int64_t E, acc_t* probs) {
   return max_logit + std::log(sum);
 }
 
+// Softmax of every row by ATen's vectorised kernel, each row's logsumexp taken from its largest prob
+// (lse = logit - log p there, and p >= 1/E keeps that log well conditioned). A row the vectorised softmax leaves
+// with a NaN (an inf or NaN logit) is redone by softmax_row, as every row was before.
+template <typename acc_t>
+at::Tensor softmax_rows(const at::Tensor& logits, std::vector<acc_t>& lse) {
+  auto probs = at::softmax(logits, 1);
+  const int64_t T = logits.size(0), E = logits.size(1);
+  lse.resize(T);
+  const acc_t* lp = logits.data_ptr<acc_t>();
+  acc_t* pp = probs.data_ptr<acc_t>();
+  at::parallel_for(0, T, std::max<int64_t>(1, 16384 / E), [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const acc_t* row = lp + t * E;
+      acc_t* p = pp + t * E;
+      bool has_nan = false;
+      int64_t best = 0;
+      for (int64_t e = 0; e < E; ++e) {
+        has_nan |= std::isnan(p[e]);
+        best = p[e] > p[best] ? e : best;
+      }
+      lse[t] = has_nan ? softmax_row(row, E, p) : row[best] - std::log(p[best]);
+    }
+  });
+  return probs;
+}
+
 // What both passes need: logits in router precision, which tokens count, and each expert's valid
 // assignment count (f_i * Tv * k).
 struct LossInputs {
@@ -91,20 +117,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> router_losses(const at::Tensor& l
   AT_DISPATCH_FLOATING_TYPES(acc_type, "torch_moe_router_losses", [&] {
     using acc_t = scalar_t;
     const acc_t* lp = logits.data_ptr<acc_t>();
+    std::vector<acc_t> lse_rows;
+    const auto probs_all = softmax_rows<acc_t>(logits, lse_rows);
+    const acc_t* pp = probs_all.data_ptr<acc_t>();
     const int64_t n_blocks = (T + kBlock - 1) / kBlock;
     // Per block: E prob sums, then z^2 sum, then entropy sum.
     std::vector<acc_t> partial(n_blocks * (E + 2), acc_t(0));
     at::parallel_for(0, n_blocks, 1, [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> probs(E);
       for (int64_t b = begin; b < end; ++b) {
         acc_t* part = partial.data() + b * (E + 2);
         for (int64_t t = b * kBlock; t < std::min(T, (b + 1) * kBlock); ++t) {
           if (!valid[t]) continue;
-          const acc_t lse = softmax_row(lp + t * E, E, probs.data());
+          const acc_t* row = lp + t * E;
+          const acc_t* probs = pp + t * E;
+          const acc_t lse = lse_rows[t];
+          // log p = logit - lse: the entropy without a log per expert. A zero prob adds nothing (p log p -> 0)
+          // and is skipped, so that a -inf logit does not make 0 * inf.
           acc_t h = 0;
           for (int64_t e = 0; e < E; ++e) {
             part[e] += probs[e];
-            if (probs[e] > 0) h -= probs[e] * std::log(probs[e]);
+            if (probs[e] > 0) h -= probs[e] * (row[e] - lse);
           }
           part[E] += lse * lse;
           part[E + 1] += h;
@@ -154,13 +186,15 @@ at::Tensor router_losses_backward(const at::Tensor& grad_load_balancing, const a
         g_probs[e] = g_lb * static_cast<acc_t>(E) * static_cast<acc_t>(counts[e]) /
                      (static_cast<acc_t>(Tv * k) * static_cast<acc_t>(Tv));
       }
-      const acc_t* lp = logits.data_ptr<acc_t>();
+      std::vector<acc_t> lse_rows;
+      const auto probs_all = softmax_rows<acc_t>(logits, lse_rows);
+      const acc_t* pp = probs_all.data_ptr<acc_t>();
       acc_t* gp = grad_logits.data_ptr<acc_t>();
       at::parallel_for(0, T, std::max<int64_t>(1, 4096 / E), [&](int64_t begin, int64_t end) {
-        std::vector<acc_t> probs(E);
         for (int64_t t = begin; t < end; ++t) {
           if (!valid[t]) continue;
-          const acc_t lse = softmax_row(lp + t * E, E, probs.data());
+          const acc_t* probs = pp + t * E;
+          const acc_t lse = lse_rows[t];
           acc_t inner = 0;
           for (int64_t e = 0; e < E; ++e) inner += g_probs[e] * probs[e];
           const acc_t z_scale = g_z * acc_t(2) * lse / static_cast<acc_t>(Tv);

@@ -72,4 +72,25 @@ void best_by_rank(const int64_t* candidates, int64_t n, int64_t keep, const Rank
   }
 }
 
+// best_by_rank under RankBefore{key}, for keys with no NaN and candidates in increasing id order: an equal key then
+// ranks after every key already kept, so plain value compares decide, against the kept keys held in best_key[0, keep).
+// Most candidates of a router row cost one compare with the last kept key, and no load through an index.
+template <typename acc_t>
+void best_by_value(const acc_t* key, const int64_t* candidates, int64_t n, int64_t keep, int64_t* best,
+                   acc_t* best_key) {
+  int64_t size = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t c = candidates[i];
+    const acc_t value = key[c];
+    if (size == keep && !(value > best_key[keep - 1])) continue;
+    int64_t pos = size < keep ? size++ : keep - 1;
+    for (; pos > 0 && value > best_key[pos - 1]; --pos) {
+      best[pos] = best[pos - 1];
+      best_key[pos] = best_key[pos - 1];
+    }
+    best[pos] = c;
+    best_key[pos] = value;
+  }
+}
+
 }  // namespace torch_moe::cpu

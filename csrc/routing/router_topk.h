@@ -21,6 +21,11 @@ void check_expert_groups(const char* op, int64_t E, int64_t k, int64_t n_groups,
 at::ScalarType router_dtype(const at::Tensor& logits);
 
 namespace cpu {
+// Scores of every row of logits [T, E] (contiguous, router dtype): ATen's vectorised softmax or sigmoid over the
+// whole tensor, then the scalar score_row (router_math.h) for the rows it leaves with a NaN, which gives those rows
+// its meaning. Both kernels of router_topk use it, so forward and backward see the same scores.
+at::Tensor score_rows(const at::Tensor& logits, ScoreFunc func);
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> router_topk(const at::Tensor& logits, int64_t k,
                                                            c10::string_view score_func,
                                                            const std::optional<at::Tensor>& selection_bias,

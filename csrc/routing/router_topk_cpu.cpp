@@ -44,6 +44,23 @@ at::ScalarType router_dtype(const at::Tensor& logits) {
 
 namespace cpu {
 
+at::Tensor score_rows(const at::Tensor& logits, ScoreFunc func) {
+  auto scores = func == ScoreFunc::kSoftmax ? at::softmax(logits, 1) : at::sigmoid(logits);
+  const int64_t T = logits.size(0), E = logits.size(1);
+  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "torch_moe_score_rows", [&] {
+    const scalar_t* lp = logits.data_ptr<scalar_t>();
+    scalar_t* sp = scores.data_ptr<scalar_t>();
+    at::parallel_for(0, T, std::max<int64_t>(1, 16384 / std::max<int64_t>(E, 1)), [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        bool has_nan = false;
+        for (int64_t e = 0; e < E; ++e) has_nan |= std::isnan(sp[t * E + e]);
+        if (has_nan) score_row(lp + t * E, E, func, sp + t * E);
+      }
+    });
+  });
+  return scores;
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> router_topk(const at::Tensor& logits_in, int64_t k,
                                                            c10::string_view score_func,
                                                            const std::optional<at::Tensor>& selection_bias,
@@ -69,12 +86,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> router_topk(const at::Tensor& log
   const auto logits = logits_in.to(acc_type).contiguous();
   auto weights = at::empty({T, k}, logits.options());
   auto ids = at::empty({T, k}, logits.options().dtype(at::kLong));
-  auto scores = at::empty({T, E}, logits.options());
-  if (T == 0) return {weights, ids, scores};
+  if (T == 0) return {weights, ids, at::empty({T, E}, logits.options())};
+  auto scores = score_rows(logits, func);
 
   AT_DISPATCH_FLOATING_TYPES(acc_type, "torch_moe_router_topk", [&] {
     using acc_t = scalar_t;
-    const acc_t* lp = logits.data_ptr<acc_t>();
     const acc_t* bp = bias.defined() ? bias.data_ptr<acc_t>() : nullptr;
     acc_t* wp = weights.data_ptr<acc_t>();
     int64_t* ip = ids.data_ptr<int64_t>();
@@ -82,17 +98,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> router_topk(const at::Tensor& log
     const int64_t group_size = E / n_groups;
     const bool grouped = topk_groups < n_groups;
     at::parallel_for(0, T, std::max<int64_t>(1, 4096 / E), [&](int64_t begin, int64_t end) {
-      std::vector<acc_t> key(E), group_key(n_groups);
+      std::vector<acc_t> biased(bp == nullptr ? 0 : E), group_key(n_groups), chosen_key(k);
       std::vector<int64_t> order(E), group_order(n_groups), chosen(k);
+      std::iota(order.begin(), order.end(), 0);
       for (int64_t t = begin; t < end; ++t) {
-        acc_t* s = sp + t * E;
-        score_row(lp + t * E, E, func, s);
-        for (int64_t e = 0; e < E; ++e) key[e] = bp == nullptr ? s[e] : s[e] + bp[e];
+        const acc_t* s = sp + t * E;
+        const acc_t* key = s;
+        if (bp != nullptr) {
+          for (int64_t e = 0; e < E; ++e) biased[e] = s[e] + bp[e];
+          key = biased.data();
+        }
+        bool has_nan = false;
+        for (int64_t e = 0; e < E; ++e) has_nan |= std::isnan(key[e]);
         int64_t candidates = E;
         if (grouped) {
           // A group ranks by the sum of its two best keys; only the topk_groups best groups stay candidates.
           for (int64_t g = 0; g < n_groups; ++g) {
-            const acc_t* gk = key.data() + g * group_size;
+            const acc_t* gk = key + g * group_size;
             int64_t best = 0;
             for (int64_t i = 1; i < group_size; ++i) best = RankBefore<acc_t>{gk}(i, best) ? i : best;
             int64_t second = -1;
@@ -109,10 +131,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> router_topk(const at::Tensor& log
           for (int64_t g = 0; g < topk_groups; ++g) {
             for (int64_t i = 0; i < group_size; ++i) order[candidates++] = group_order[g] * group_size + i;
           }
-        } else {
-          std::iota(order.begin(), order.end(), 0);
         }
-        best_by_rank(order.data(), candidates, k, RankBefore<acc_t>{key.data()}, chosen.data());
+        // Candidates are in increasing id order here (groups sorted, ids within a group ascending).
+        if (has_nan) {
+          best_by_rank(order.data(), candidates, k, RankBefore<acc_t>{key}, chosen.data());
+        } else {
+          best_by_value(key, order.data(), candidates, k, chosen.data(), chosen_key.data());
+        }
         acc_t sum = 0;
         for (int64_t j = 0; j < k; ++j) {
           ip[t * k + j] = chosen[j];
@@ -146,16 +171,17 @@ at::Tensor router_topk_backward(const at::Tensor& grad_weights_in, const at::Ten
   const auto ids = expert_ids_in.contiguous();
   auto grad_logits = at::zeros({T, E}, logits.options());
   if (T > 0) {
+    const auto scores = score_rows(logits, func);
     AT_DISPATCH_FLOATING_TYPES(acc_type, "torch_moe_router_topk_backward", [&] {
       using acc_t = scalar_t;
-      const acc_t* lp = logits.data_ptr<acc_t>();
+      const acc_t* sp = scores.data_ptr<acc_t>();
       const acc_t* gp = grad_w.data_ptr<acc_t>();
       const int64_t* ip = ids.data_ptr<int64_t>();
       acc_t* op_ = grad_logits.data_ptr<acc_t>();
       at::parallel_for(0, T, std::max<int64_t>(1, 4096 / E), [&](int64_t begin, int64_t end) {
-        std::vector<acc_t> s(E), chosen(k), grad_chosen(k);
+        std::vector<acc_t> chosen(k), grad_chosen(k);
         for (int64_t t = begin; t < end; ++t) {
-          score_row(lp + t * E, E, func, s.data());
+          const acc_t* s = sp + t * E;
           const acc_t* g = gp + t * k;
           const int64_t* id = ip + t * k;
           acc_t* out = op_ + t * E;

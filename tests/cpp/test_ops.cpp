@@ -7,8 +7,13 @@
 #include "common/row_math.h"
 #include "experts/glu.h"
 #include "experts/grouped_mm.h"
+#include "routing/router_math.h"
 
+#include <algorithm>
 #include <cmath>
+#include <limits>
+#include <numeric>
+#include <random>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -251,5 +256,29 @@ TEST_CASE("dot_row sums a row product for every length, on the loop the CPU pick
     double expected = 0;
     for (int64_t c = 0; c < n; ++c) expected += static_cast<double>(a[c]) * static_cast<double>(b[c]);
     CHECK(std::abs(torch_moe::cpu::simd::dot_row(a.data(), b.data(), n) - expected) <= 1e-5 * (1 + std::abs(expected)));
+  }
+}
+
+TEST_CASE("best_by_value keeps what partial_sort under RankBefore keeps, ties to the lower id", "[router_math]") {
+  std::mt19937 rng(7);
+  std::uniform_int_distribution<int> coarse(-3, 3);  // few values: many exact ties
+  for (int64_t n : {1, 5, 64, 67}) {
+    for (int64_t keep : {int64_t{1}, int64_t{2}, int64_t{8}, n}) {
+      if (keep > n) continue;
+      INFO("n = " << n << ", keep = " << keep);
+      std::vector<float> key(n);
+      for (auto& v : key) v = static_cast<float>(coarse(rng)) * 0.5f;
+      key[n - 1] = -std::numeric_limits<float>::infinity();
+      std::vector<int64_t> candidates(n), expected(n), got(keep);
+      std::iota(candidates.begin(), candidates.end(), 0);
+      expected = candidates;
+      std::partial_sort(expected.begin(), expected.begin() + keep, expected.end(),
+                        torch_moe::cpu::RankBefore<float>{key.data()});
+      expected.resize(keep);
+      std::vector<float> got_key(keep);
+      torch_moe::cpu::best_by_value(key.data(), candidates.data(), n, keep, got.data(), got_key.data());
+      CHECK(got == expected);
+      for (int64_t j = 0; j < keep; ++j) CHECK(got_key[j] == key[got[j]]);
+    }
   }
 }
