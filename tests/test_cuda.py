@@ -476,13 +476,12 @@ def test_dispatch_combine_beyond_2_pow_31_elements():
 
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
 def test_second_gpu_matches_first():
-    torch.manual_seed(0)
-    layer0 = torch_moe.MoE(32, 64, 4, top_k=2, device="cuda:0")
-    layer1 = torch_moe.MoE(32, 64, 4, top_k=2, device="cuda:1")
-    layer1.load_state_dict(layer0.state_dict())
     x = torch.randn(64, 32, device="cuda:0")
-    for cf in (1.25, None):
-        layer0.capacity_factor = layer1.capacity_factor = cf
+    for cf in (1.25, None):  # the dispatch strategy is chosen at construction: one pair of layers per mode
+        torch.manual_seed(0)
+        layer0 = torch_moe.MoE(32, 64, 4, top_k=2, capacity_factor=cf, device="cuda:0")
+        layer1 = torch_moe.MoE(32, 64, 4, top_k=2, capacity_factor=cf, device="cuda:1")
+        layer1.load_state_dict(layer0.state_dict())
         y0 = layer0(x)
         with torch.cuda.device(0):  # the current device is not the tensors' device: the kernels' guard must switch
             y1 = layer1(x.to("cuda:1"))

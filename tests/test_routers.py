@@ -112,8 +112,8 @@ def test_layer_importance_and_load_losses_match_reference():
     routed = moe.router(torch.where(mask.unsqueeze(1), x, 0))
     gates = torch.zeros(10, 6, dtype=F64).scatter(1, routed.expert_ids, routed.weights.detach())
     importance = [float(gates[mask][:, e].sum()) for e in range(6)]
-    load = rr.noisy_topk_load(routed.extras["clean_logits"].detach(), routed.logits.detach(),
-                              routed.extras["noise_std"].detach(), 2, mask)
+    load = rr.noisy_topk_load(routed.clean_logits.detach(), routed.logits.detach(),
+                              routed.noise_std.detach(), 2, mask)
     assert moe.stats.losses["importance"].item() == pytest.approx(rr.cv_squared(importance), rel=1e-10)
     assert moe.stats.losses["load"].item() == pytest.approx(rr.cv_squared(load.tolist()), rel=1e-10)
     expected = 0.25 * rr.cv_squared(importance) + 0.5 * rr.cv_squared(load.tolist())

@@ -27,14 +27,16 @@ _C = _load_extension()
 
 from . import _fake  # noqa: E402  (fake kernels need the op schemas that _C registers)
 from . import ops  # noqa: E402
+from . import distributed  # noqa: E402
 from . import losses  # noqa: E402
 from . import memory  # noqa: E402
-from . import parallel  # noqa: E402
 from . import routing  # noqa: E402
-from .convert import moefy  # noqa: E402
-from .diagnostics import MoEStats, MoETracker  # noqa: E402
+from . import dispatch  # noqa: E402
 from .experts import Experts  # noqa: E402
-from .layer import MoE, aux_loss  # noqa: E402
+from .layer import MoE, MoEStats, aux_loss  # noqa: E402
+from . import parallel  # noqa: E402
+from .convert import moefy  # noqa: E402
+from .diagnostics import MoETracker  # noqa: E402
 from .routing import Router  # noqa: E402
 from .soft_moe import SoftMoE  # noqa: E402
 
@@ -52,4 +54,4 @@ def build_info() -> dict:
 
 
 __all__ = ["MoE", "SoftMoE", "Router", "Experts", "MoEStats", "MoETracker", "moefy", "aux_loss", "ops", "losses",
-           "memory", "routing", "parallel", "build_info"]
+           "memory", "routing", "dispatch", "distributed", "parallel", "build_info"]

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional
 
 import torch
 from torch import Tensor, nn
+
+from .layer import MoE, MoEStats
 
 __all__ = [
     "MoEStats", "MoETracker", "RoutingRecorder", "load_balance", "layer_statistics", "model_statistics",
@@ -17,39 +18,11 @@ __all__ = [
 ]
 
 
-@dataclass
-class MoEStats:
-    """What a MoE forward saw. Every field is a detached tensor on the layer's device.
-
-    tokens_per_expert: [E] int64, valid assignments per expert before dropping.
-    dropped_fraction: 0-dim, dropped assignments / valid assignments (0 when dropless or no valid token).
-    router_entropy: 0-dim, mean over valid tokens of -sum_e p log p.
-    load_balancing_loss, z_loss: 0-dim, unweighted.
-    unrouted_fraction: 0-dim, fraction of valid tokens that reached no expert (every choice dropped; with expert
-        choice, no expert took the token).
-    losses: every unweighted aux loss the layer computed, by name (``load_balancing``, ``z``, and ``importance``,
-        ``load``, ``sequence_balance`` when their coefficients are set).
-    """
-
-    tokens_per_expert: Tensor
-    dropped_fraction: Tensor
-    router_entropy: Tensor
-    load_balancing_loss: Tensor
-    z_loss: Tensor
-    unrouted_fraction: Tensor
-    losses: dict = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Tensor]:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-
 # --------------------------------------------------------------------------------------------------
 # Diagnostics over layers and training steps. Everything up to MoETracker.summary/plot stays on the device.
 
 
 def _moe_layers(model: nn.Module) -> dict[str, nn.Module]:
-    from .layer import MoE  # the layer imports this module
-
     return {name: m for name, m in model.named_modules() if isinstance(m, MoE)}
 
 

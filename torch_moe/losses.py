@@ -10,9 +10,10 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.distributed
 from torch import Tensor
 
-from . import ops
+from . import distributed, ops
 
 __all__ = [
     "load_balancing_loss",
@@ -21,6 +22,7 @@ __all__ = [
     "importance_loss",
     "load_loss",
     "sequence_balance_loss",
+    "global_load_balancing_loss",
 ]
 
 
@@ -97,3 +99,25 @@ def sequence_balance_loss(scores: Tensor, expert_ids: Tensor, valid_mask: Option
     per_sequence = (fraction * mean_affinity).sum(1)
     has_tokens = (valid_tokens > 0).to(scores.dtype)
     return (per_sequence * has_tokens).sum() / has_tokens.sum().clamp(min=1)
+
+
+def global_load_balancing_loss(logits: Tensor, tokens_per_expert: Tensor, valid: Optional[Tensor], top_k: int,
+                               group) -> Tensor:
+    """Load-balancing loss with f_i counted over the whole group (Megatron's global-batch balancing).
+
+    f_i = (assignments to i on all ranks) / (all assignments), from an all-reduce of ``tokens_per_expert`` (no host
+    sync); P_i = (sum of probs[t, i] over this rank's valid tokens) · W / (valid tokens on all ranks). The mean over
+    the ranks of the returned loss equals the single-process loss on all ranks' tokens together, and so does its
+    gradient up to the factor W (each rank differentiates its own share).
+    """
+    world_size = torch.distributed.get_world_size(group)
+    num_experts = logits.shape[1]
+    global_counts = distributed.all_reduce_sum(tokens_per_expert, group)
+    probs = torch.softmax(logits, dim=-1)
+    if valid is not None:
+        probs = torch.where(valid.unsqueeze(1), probs, 0)
+    prob_sum = probs.sum(dim=0)
+    assignments = global_counts.sum().to(probs.dtype)
+    valid_tokens = assignments / top_k
+    f = global_counts.to(probs.dtype) / assignments.clamp(min=1)
+    return num_experts * world_size * (f * prob_sum).sum() / valid_tokens.clamp(min=1)

@@ -4,21 +4,31 @@ Token-choice routers (every token picks experts): ``"softmax"`` (:class:`Router`
 (:class:`NoisyTopKRouter`), ``"sigmoid"`` (:class:`SigmoidRouter`), ``"hash"`` (:class:`HashRouter`),
 ``"random"`` (:class:`RandomRouter`). Expert-choice (every expert picks tokens): ``"expert_choice"``
 (:class:`ExpertChoiceRouter`). Soft MoE is a layer of its own: :class:`torch_moe.SoftMoE`.
+
+A router owns its options (:class:`RouterOptions`), their checks (:meth:`Router.check`), how it is built from
+them (:meth:`Router.build`), its capabilities (class attributes: ``token_choice``, ``has_scores``, ``has_noise``)
+and its typed output (:class:`Routing`); the layer asks it for its share of the aux losses
+(:meth:`Router.balance_losses`, :meth:`Router.gates`). Adding a router is adding one class to :data:`ROUTER_CLASSES`.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import losses as moe_losses
 from . import ops
+from ._checks import is_int, is_number
 
 __all__ = [
     "ROUTERS",
+    "ROUTER_CLASSES",
+    "RouterOptions",
     "Routing",
     "Router",
     "NoisyTopKRouter",
@@ -26,12 +36,9 @@ __all__ = [
     "HashRouter",
     "RandomRouter",
     "ExpertChoiceRouter",
-    "make_router",
+    "router_class",
     "SoftMoE",
 ]
-
-ROUTERS = ("softmax", "noisy_topk", "expert_choice", "sigmoid", "hash", "random")
-
 
 class Routing(NamedTuple):
     """What a router decided for T tokens.
@@ -39,22 +46,89 @@ class Routing(NamedTuple):
     logits: [T, E] router dtype (float32, float64 for float64 input), the logits the choice was made on; ``None``
         for the hash router. weights: [T, k] (expert choice: [T, E]), differentiable w.r.t. the router's
         parameters. expert_ids: [T, k] int64 (expert choice: ``arange(E)`` expanded to [T, E]). scores: [T, E]
-        softmax or sigmoid of the logits, not differentiable (``None`` for hash). extras: router-specific tensors
-        (noisy top-k: ``clean_logits``, ``noise_std``; expert choice: ``slots`` [T, E], ``token_ids`` [E, C]).
+        softmax or sigmoid of the logits, not differentiable (``None`` for hash).
+    Router-specific, ``None`` elsewhere: slots [T, E] int64 (expert choice: the slot each expert gave the token,
+    -1 for none); clean_logits, noise_std [T, E] (noisy top-k: the logits before the noise and its scale).
     """
 
     logits: Optional[Tensor]
     weights: Tensor
     expert_ids: Tensor
     scores: Optional[Tensor]
-    extras: dict
+    slots: Optional[Tensor] = None
+    clean_logits: Optional[Tensor] = None
+    noise_std: Optional[Tensor] = None
+
+
+@dataclass(frozen=True)
+class RouterOptions:
+    """The router options of :class:`torch_moe.MoE`, as given (``None``: the router's default). Which router takes
+    which is said by its ``accepts``; :meth:`Router.check` validates them."""
+
+    normalize_weights: Optional[bool] = None
+    jitter_eps: float = 0.0
+    bias_update_rate: Optional[float] = None
+    n_groups: Optional[int] = None
+    topk_groups: Optional[int] = None
+
+
+# Options that only some routers take, with the words the error uses when another router is given them.
+_RESTRICTED_OPTIONS = {"bias_update_rate": ("bias_update_rate",), "n_groups": ("n_groups", "topk_groups"),
+                       "topk_groups": ("n_groups", "topk_groups")}
 
 
 def _router_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-class Router(nn.Module):
+class RouterBase(nn.Module):
+    """What the layer asks of every router: capabilities, option checks, the load it adapts to and its share of
+    the aux losses. Subclasses set ``name`` and override what differs."""
+
+    name = ""
+    token_choice = True  # every token picks experts (False: every expert picks tokens)
+    has_scores = True  # logits and scores exist (balance losses, z-loss, drop_policy="probability")
+    has_noise = False  # Shazeer's load loss applies
+    accepts = ("n_groups", "topk_groups")  # the restricted options of RouterOptions this router takes
+
+    @classmethod
+    def default_normalize_weights(cls, top_k: int) -> bool:
+        return top_k > 1
+
+    @classmethod
+    def check(cls, num_experts: int, top_k: int, options: RouterOptions, *, capacity_factor: Optional[float],
+              drop_policy: str, expert_parallel: bool) -> None:
+        """Raises ValueError for options this router does not take or cannot use in this layer."""
+        for option, names in _RESTRICTED_OPTIONS.items():
+            if getattr(options, option) is not None and option not in cls.accepts:
+                takers = " or ".join(repr(r.name) for r in ROUTER_CLASSES if option in r.accepts)
+                verb = "applies" if len(names) == 1 else "apply"
+                raise ValueError(f"MoE: {' / '.join(names)} {verb} to router={takers} only, got router={cls.name!r}")
+        if drop_policy == "probability" and not cls.has_scores:
+            raise ValueError(f"MoE(router={cls.name!r}): drop_policy='probability' needs router scores; {cls.name} "
+                             "routing has none, use drop_policy='position'")
+        if options.n_groups is not None or options.topk_groups is not None:
+            _check_groups(num_experts, top_k, options.n_groups, options.topk_groups)
+
+    @property
+    def adapts_to_load(self) -> bool:
+        """Whether :meth:`observe_load` changes the router in training (replicated state under expert parallelism)."""
+        return False
+
+    def observe_load(self, tokens_per_expert: Tensor) -> None:
+        """Called by the layer after each forward with the valid assignments per expert [E]; nothing to do here."""
+
+    def balance_losses(self, routing: Routing, valid: Optional[Tensor]) -> ops.RouterLosses:
+        """(load-balancing loss, z-loss, router entropy) of this routing, each 0-dim."""
+        return ops.router_losses(routing.logits, routing.expert_ids, valid)
+
+    def gates(self, routing: Routing) -> Tensor:
+        """[T, E] the weight each token gives each expert (0 where not chosen), for the importance loss."""
+        weights = routing.weights
+        return weights.new_zeros(weights.shape[0], self.num_experts).scatter_add(1, routing.expert_ids, weights)
+
+
+class Router(RouterBase):
     """Top-k softmax router (``"softmax"``; Shazeer et al. 2017 without noise, Switch / GShard / Mixtral).
 
     logits = x · weightᵀ in float32 (float64 for float64 input), probs = softmax(logits); each token takes its
@@ -65,7 +139,17 @@ class Router(nn.Module):
     Parameters: ``weight`` [E, d_model] (no bias).
     """
 
+    name = "softmax"
     score_func = "softmax"
+
+    @classmethod
+    def build(cls, d_model: int, num_experts: int, top_k: int, options: RouterOptions, capacity, *, device=None,
+              dtype=None) -> "Router":
+        """The router for these options (checked by :meth:`check`; ``normalize_weights`` resolved).
+        ``capacity``: the layer's capacity rule (expert choice), ``None`` in dropless mode."""
+        return cls(d_model, num_experts, top_k, normalize_weights=options.normalize_weights,
+                   jitter_eps=options.jitter_eps, n_groups=options.n_groups or 1, topk_groups=options.topk_groups,
+                   device=device, dtype=dtype)
 
     def __init__(
         self,
@@ -113,10 +197,7 @@ class Router(nn.Module):
         """x: [T, d_model] -> :class:`Routing` with weights / expert_ids [T, k]."""
         logits = self.logits(x)
         out = self.choose(logits)
-        return Routing(logits, out.weights, out.expert_ids, out.scores, {})
-
-    def observe_load(self, tokens_per_expert: Tensor) -> None:
-        """Called by the layer after each forward with the valid assignments per expert [E]; nothing to do here."""
+        return Routing(logits, out.weights, out.expert_ids, out.scores)
 
     def extra_repr(self) -> str:
         groups = (f", n_groups={self.n_groups}, topk_groups={self.topk_groups}"
@@ -139,7 +220,25 @@ class NoisyTopKRouter(Router):
     Parameters: ``weight`` and ``noise_weight``, both [E, d_model]; ``noise_weight`` starts at zero, as in the paper.
     """
 
+    name = "noisy_topk"
+    has_noise = True
+    accepts = ()
     noise_epsilon = 1e-2
+
+    @classmethod
+    def default_normalize_weights(cls, top_k: int) -> bool:
+        return True
+
+    @classmethod
+    def check(cls, num_experts: int, top_k: int, options: RouterOptions, **layer) -> None:
+        super().check(num_experts, top_k, options, **layer)
+        if options.normalize_weights is False:
+            raise ValueError("MoE(router='noisy_topk'): the weights are a softmax over the k kept logits, so they are "
+                             "always normalised; normalize_weights=False is not supported")
+
+    @classmethod
+    def build(cls, d_model, num_experts, top_k, options, capacity, *, device=None, dtype=None) -> "Router":
+        return cls(d_model, num_experts, top_k, jitter_eps=options.jitter_eps, device=device, dtype=dtype)
 
     def __init__(self, d_model: int, num_experts: int, top_k: int, *, jitter_eps: float = 0.0, device=None,
                  dtype=None) -> None:
@@ -158,8 +257,11 @@ class NoisyTopKRouter(Router):
         noise_std = F.softplus(F.linear(x.to(router_dtype), self.noise_weight.to(router_dtype))) + self.noise_epsilon
         noisy = clean + torch.randn_like(clean) * noise_std if self.training else clean
         out = self.choose(noisy)
-        return Routing(noisy, out.weights, out.expert_ids, out.scores,
-                       {"clean_logits": clean, "noise_std": noise_std})
+        return Routing(noisy, out.weights, out.expert_ids, out.scores, clean_logits=clean, noise_std=noise_std)
+
+    def load_loss(self, routing: Routing, valid: Optional[Tensor]) -> Tensor:
+        """Shazeer et al.'s load loss of this routing (:func:`torch_moe.losses.load_loss`)."""
+        return moe_losses.load_loss(routing.clean_logits, routing.logits, routing.noise_std, self.top_k, valid)
 
 
 class SigmoidRouter(Router):
@@ -178,7 +280,27 @@ class SigmoidRouter(Router):
     Parameters: ``weight`` [E, d_model]; buffer ``expert_bias`` [E] float32 (saved in the state dict).
     """
 
+    name = "sigmoid"
     score_func = "sigmoid"
+    accepts = ("bias_update_rate", "n_groups", "topk_groups")
+
+    @classmethod
+    def default_normalize_weights(cls, top_k: int) -> bool:
+        return True
+
+    @classmethod
+    def check(cls, num_experts: int, top_k: int, options: RouterOptions, **layer) -> None:
+        super().check(num_experts, top_k, options, **layer)
+        rate = options.bias_update_rate
+        if rate is not None and not (is_number(rate) and rate >= 0):
+            raise ValueError(f"MoE: bias_update_rate must be a number >= 0, got {rate!r}")
+
+    @classmethod
+    def build(cls, d_model, num_experts, top_k, options, capacity, *, device=None, dtype=None) -> "Router":
+        rate = 1e-3 if options.bias_update_rate is None else options.bias_update_rate
+        return cls(d_model, num_experts, top_k, normalize_weights=options.normalize_weights, bias_update_rate=rate,
+                   jitter_eps=options.jitter_eps, n_groups=options.n_groups or 1, topk_groups=options.topk_groups,
+                   device=device, dtype=dtype)
 
     def __init__(self, d_model: int, num_experts: int, top_k: int, *, normalize_weights: bool = True,
                  bias_update_rate: float = 1e-3, jitter_eps: float = 0.0, n_groups: int = 1,
@@ -191,6 +313,10 @@ class SigmoidRouter(Router):
     def selection_bias(self) -> Tensor:
         return self.expert_bias
 
+    @property
+    def adapts_to_load(self) -> bool:
+        return self.bias_update_rate != 0
+
     @torch.no_grad()
     def observe_load(self, tokens_per_expert: Tensor) -> None:
         if not self.training or self.bias_update_rate == 0:
@@ -202,7 +328,7 @@ class SigmoidRouter(Router):
         return super().extra_repr() + f", bias_update_rate={self.bias_update_rate}"
 
 
-class HashRouter(nn.Module):
+class HashRouter(RouterBase):
     """Hash routing (``"hash"``; Roller et al. 2021, "Hash Layers For Large Sparse Models").
 
     The experts of a token are a fixed function of its token id: ``table[token_id mod num_buckets]``, a frozen random
@@ -212,6 +338,14 @@ class HashRouter(nn.Module):
 
     Buffers: ``table`` [num_buckets, k] int64.
     """
+
+    name = "hash"
+    has_scores = False
+    accepts = ()
+
+    @classmethod
+    def build(cls, d_model, num_experts, top_k, options, capacity, *, device=None, dtype=None) -> "HashRouter":
+        return cls(num_experts, top_k, device=device)
 
     def __init__(self, num_experts: int, top_k: int, *, num_buckets: int = 65536, seed: int = 0,
                  device=None) -> None:
@@ -232,10 +366,12 @@ class HashRouter(nn.Module):
                              "without its last dim), e.g. layer(x, token_ids=input_ids)")
         expert_ids = self.table[token_ids.reshape(-1).remainder(self.num_buckets)]
         weights = torch.full(expert_ids.shape, 1.0 / self.top_k, dtype=_router_dtype(x), device=x.device)
-        return Routing(None, weights, expert_ids, None, {})
+        return Routing(None, weights, expert_ids, None)
 
-    def observe_load(self, tokens_per_expert: Tensor) -> None:
-        """Nothing adapts in a hash router."""
+    def balance_losses(self, routing: Routing, valid: Optional[Tensor]) -> ops.RouterLosses:
+        """No logits: nothing to balance or to regularise."""
+        zero = routing.weights.new_zeros(())
+        return ops.RouterLosses(zero, zero, zero)
 
     def extra_repr(self) -> str:
         return f"num_experts={self.num_experts}, top_k={self.top_k}, num_buckets={self.num_buckets}"
@@ -247,6 +383,14 @@ class RandomRouter(Router):
     The baseline for learned routing (as in Roller et al. 2021's comparisons): ``weight`` [E, d_model] is a
     buffer drawn at construction like :class:`Router`'s and saved in the state dict, so it gets no gradient.
     """
+
+    name = "random"
+    accepts = ()
+
+    @classmethod
+    def build(cls, d_model, num_experts, top_k, options, capacity, *, device=None, dtype=None) -> "Router":
+        return cls(d_model, num_experts, top_k, normalize_weights=options.normalize_weights, device=device,
+                   dtype=dtype)
 
     def __init__(self, d_model: int, num_experts: int, top_k: int, **kwargs) -> None:
         super().__init__(d_model, num_experts, top_k, **kwargs)
@@ -271,38 +415,66 @@ class ExpertChoiceRouter(Router):
     Parameters: ``weight`` [E, d_model].
     """
 
-    def forward(self, x: Tensor, *, token_ids: Optional[Tensor] = None, valid: Optional[Tensor] = None,
-                capacity: int = 0) -> Routing:
+    name = "expert_choice"
+    token_choice = False
+    accepts = ()
+
+    @classmethod
+    def check(cls, num_experts: int, top_k: int, options: RouterOptions, *, capacity_factor: Optional[float],
+              drop_policy: str, expert_parallel: bool) -> None:
+        super().check(num_experts, top_k, options, capacity_factor=capacity_factor, drop_policy=drop_policy,
+                      expert_parallel=expert_parallel)
+        if capacity_factor is None:
+            raise ValueError("MoE(router='expert_choice'): capacity_factor must be a number (each expert takes "
+                             "C = ceil(capacity_factor * top_k * T / E) tokens), got None")
+        if expert_parallel:
+            raise ValueError("MoE(router='expert_choice') does not support expert_parallel_group: an expert chooses "
+                             "among all tokens of the batch, which live on other ranks")
+
+    @classmethod
+    def build(cls, d_model, num_experts, top_k, options, capacity, *, device=None, dtype=None) -> "Router":
+        router = cls(d_model, num_experts, top_k, normalize_weights=False, jitter_eps=options.jitter_eps,
+                     device=device, dtype=dtype)
+        router.capacity = capacity
+        return router
+
+    def forward(self, x: Tensor, *, token_ids: Optional[Tensor] = None, valid: Optional[Tensor] = None) -> Routing:
         logits = self.logits(x)
-        chosen = ops.expert_choice(logits, capacity, valid)
+        chosen = ops.expert_choice(logits, self.capacity(x.shape[0]), valid)
         expert_ids = torch.arange(self.num_experts, device=x.device).expand(x.shape[0], self.num_experts)
-        return Routing(logits, chosen.weights, expert_ids, chosen.scores,
-                       {"slots": chosen.slots, "token_ids": chosen.token_ids})
+        return Routing(logits, chosen.weights, expert_ids, chosen.scores, slots=chosen.slots)
+
+    def balance_losses(self, routing: Routing, valid: Optional[Tensor]) -> ops.RouterLosses:
+        """Balanced by construction: only the z-loss and the entropy apply (of each token's first expert)."""
+        _, z_loss, entropy = ops.router_losses(routing.logits, routing.expert_ids[:, :1].contiguous(), valid)
+        return ops.RouterLosses(routing.weights.new_zeros(()), z_loss, entropy)
+
+    def gates(self, routing: Routing) -> Tensor:
+        return routing.weights
 
 
-def make_router(name: str, d_model: int, num_experts: int, top_k: int, *, normalize_weights: bool,
-                jitter_eps: float, bias_update_rate: Optional[float], n_groups: Optional[int],
-                topk_groups: Optional[int], device=None, dtype=None) -> nn.Module:
-    """The router ``name`` of :data:`ROUTERS` with the layer's options (validated by the layer)."""
-    factory = {"device": device, "dtype": dtype}
-    groups = {"n_groups": n_groups or 1, "topk_groups": topk_groups}
-    if name == "softmax":
-        return Router(d_model, num_experts, top_k, normalize_weights=normalize_weights, jitter_eps=jitter_eps,
-                      **groups, **factory)
-    if name == "noisy_topk":
-        return NoisyTopKRouter(d_model, num_experts, top_k, jitter_eps=jitter_eps, **factory)
-    if name == "sigmoid":
-        rate = 1e-3 if bias_update_rate is None else bias_update_rate
-        return SigmoidRouter(d_model, num_experts, top_k, normalize_weights=normalize_weights, bias_update_rate=rate,
-                             jitter_eps=jitter_eps, **groups, **factory)
-    if name == "hash":
-        return HashRouter(num_experts, top_k, device=device)
-    if name == "random":
-        return RandomRouter(d_model, num_experts, top_k, normalize_weights=normalize_weights, **factory)
-    if name == "expert_choice":
-        return ExpertChoiceRouter(d_model, num_experts, top_k, normalize_weights=False, jitter_eps=jitter_eps,
-                                  **factory)
+ROUTER_CLASSES = (Router, NoisyTopKRouter, ExpertChoiceRouter, SigmoidRouter, HashRouter, RandomRouter)
+ROUTERS = tuple(router.name for router in ROUTER_CLASSES)
+
+
+def router_class(name: str) -> type:
+    """The router class called ``name`` in :data:`ROUTERS`; ValueError for any other name."""
+    for router in ROUTER_CLASSES:
+        if router.name == name:
+            return router
     raise ValueError(f"MoE: router must be one of {ROUTERS}, got {name!r}")
+
+
+def _check_groups(num_experts: int, top_k: int, n_groups: Optional[int], topk_groups: Optional[int]) -> None:
+    groups = 1 if n_groups is None else n_groups
+    if not is_int(groups) or groups < 1 or num_experts % groups:
+        raise ValueError(f"MoE: n_groups must be a positive int dividing num_experts={num_experts}, got {n_groups!r}")
+    chosen = groups if topk_groups is None else topk_groups
+    if not is_int(chosen) or not 1 <= chosen <= groups:
+        raise ValueError(f"MoE: topk_groups must be an int in [1, n_groups={groups}], got {topk_groups!r}")
+    if top_k > chosen * (num_experts // groups):
+        raise ValueError(f"MoE: top_k={top_k} is larger than the {chosen * (num_experts // groups)} experts of "
+                         f"the topk_groups={chosen} chosen groups ({num_experts // groups} experts per group)")
 
 
 from .soft_moe import SoftMoE  # noqa: E402  (documented with the routers; a layer of its own)
