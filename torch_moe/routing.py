@@ -90,10 +90,11 @@ class RouterBase(nn.Module):
     has_scores = True  # logits and scores exist (balance losses, z-loss, drop_policy="probability")
     has_noise = False  # Shazeer's load loss applies
     accepts = ("n_groups", "topk_groups")  # the restricted options of RouterOptions this router takes
+    normalizes_by_default = False  # normalize_weights=None means True for every top_k (else for top_k > 1)
 
     @classmethod
     def default_normalize_weights(cls, top_k: int) -> bool:
-        return top_k > 1
+        return top_k > 1 or cls.normalizes_by_default
 
     @classmethod
     def check(cls, num_experts: int, top_k: int, options: RouterOptions, *, capacity_factor: Optional[float],
@@ -222,12 +223,9 @@ class NoisyTopKRouter(Router):
 
     name = "noisy_topk"
     has_noise = True
+    normalizes_by_default = True
     accepts = ()
     noise_epsilon = 1e-2
-
-    @classmethod
-    def default_normalize_weights(cls, top_k: int) -> bool:
-        return True
 
     @classmethod
     def check(cls, num_experts: int, top_k: int, options: RouterOptions, **layer) -> None:
@@ -282,11 +280,8 @@ class SigmoidRouter(Router):
 
     name = "sigmoid"
     score_func = "sigmoid"
+    normalizes_by_default = True
     accepts = ("bias_update_rate", "n_groups", "topk_groups")
-
-    @classmethod
-    def default_normalize_weights(cls, top_k: int) -> bool:
-        return True
 
     @classmethod
     def check(cls, num_experts: int, top_k: int, options: RouterOptions, **layer) -> None:
