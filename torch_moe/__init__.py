@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from . import _build_info
+try:
+    from . import _build_info
+except ImportError as err:  # the source tree, not an installed build: _build_info.py is written by the build
+    raise ImportError(
+        f"torch_moe is imported from {__path__[0]}, which holds no build of the extension ({err}). Either build it "
+        "there (pip install --no-build-isolation -e .) or run Python from outside the repository so that the "
+        "installed torch_moe is imported."
+    ) from None
 
 
 def _load_extension():

@@ -14,12 +14,16 @@ from . import ops
 __all__ = ["Experts", "EXPERT_TYPES", "ACTIVATIONS"]
 
 EXPERT_TYPES = ("swiglu", "geglu", "mlp")
-ACTIVATIONS = {
-    "gelu": lambda h: F.gelu(h),  # exact (erf) gelu
-    "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"),  # GPT-2's gelu_new
-    "relu": F.relu,
-    "silu": F.silu,
-}
+def _gelu(h: Tensor) -> Tensor:
+    return F.gelu(h)  # exact (erf) gelu
+
+
+def _gelu_tanh(h: Tensor) -> Tensor:
+    return F.gelu(h, approximate="tanh")  # GPT-2's gelu_new
+
+
+# Module-level functions, not lambdas: a layer holding one must pickle (torch.save(model), multiprocessing).
+ACTIVATIONS = {"gelu": _gelu, "gelu_tanh": _gelu_tanh, "relu": F.relu, "silu": F.silu}
 
 
 def _grouped_path(x: Tensor) -> str:

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from . import distributed
 from . import losses as moe_losses
-from ._checks import is_int, is_number
+from ._checks import is_finite_number, is_int, is_number
 from .dispatch import (DROP_POLICIES, Capacity, CapacityDispatch, DroplessDispatch, ExpertChoiceDispatch,
                        ExpertGroup, ExpertParallelCapacityDispatch, ExpertParallelDroplessDispatch, Load)
 from .experts import ACTIVATIONS, EXPERT_TYPES, Experts
@@ -133,7 +133,7 @@ class MoE(nn.Module):
         d_ff, num_experts, top_k = d_ff // expert_granularity, num_experts * expert_granularity, top_k * expert_granularity
         router_type = router_class(router)
         options = RouterOptions(normalize_weights, jitter_eps, bias_update_rate, n_groups, topk_groups)
-        _validate_losses(router_type, importance_loss_coef, load_loss_coef, seq_balance_loss_coef,
+        _validate_losses(router_type, aux_loss_coef, z_loss_coef, importance_loss_coef, load_loss_coef, seq_balance_loss_coef,
                          global_load_balancing)
         router_type.check(num_experts, top_k, options, capacity_factor=capacity_factor, drop_policy=drop_policy,
                           expert_parallel=expert_parallel_group is not None)
@@ -190,6 +190,13 @@ class MoE(nn.Module):
         strategy = CapacityDispatch if router_type.token_choice else ExpertChoiceDispatch
         return strategy(self.num_experts, self._capacity, self.drop_policy)
 
+    def __getstate__(self) -> dict:
+        # The last aux_loss keeps its autograd graph for backward; copies (deepcopy, pickling) take it detached.
+        state = dict(super().__getstate__())
+        if self.aux_loss is not None:
+            state["aux_loss"] = self.aux_loss.detach()
+        return state
+
     @property
     def capacity_factor(self) -> Optional[float]:
         return None if self._capacity is None else self._capacity.factor
@@ -216,15 +223,15 @@ class MoE(nn.Module):
 
     def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None, *, token_ids: Optional[Tensor] = None) -> Tensor:
         tokens, valid = self._flatten(x, padding_mask, token_ids)
-        # Padding rows may hold anything (NaN included); zero them for the router so that nothing of theirs
-        # reaches router.weight's gradient (0 * NaN would).
-        router_input = tokens if valid is None else torch.where(valid.unsqueeze(1), tokens, 0)
-        routing = self.router(router_input, token_ids=token_ids, valid=valid)
+        # Padding rows may hold anything (NaN included); zero them for the router and the shared experts so that
+        # nothing of theirs reaches an output or a weight gradient (0 * NaN would).
+        clean = tokens if valid is None else torch.where(valid.unsqueeze(1), tokens, 0)
+        routing = self.router(clean, token_ids=token_ids, valid=valid)
         expert_input = tokens.to(self.experts.w1.dtype)
         y, load = self.dispatcher(self.experts, expert_input, routing, valid)
         if self.shared_experts is not None:
-            shared = self.shared_experts(expert_input.unsqueeze(0)).squeeze(0)
-            y = y + (shared if valid is None else shared * valid.unsqueeze(1).to(shared.dtype))
+            shared = self.shared_experts(clean.to(expert_input.dtype).unsqueeze(0)).squeeze(0)
+            y = y + (shared if valid is None else torch.where(valid.unsqueeze(1), shared, 0))
         if self.training and self.router.adapts_to_load:
             # Under expert parallelism the load is summed over the group, so the replicated state stays identical.
             self.router.observe_load(self.dispatcher.summed_over_group(load.tokens_per_expert))
@@ -236,6 +243,8 @@ class MoE(nn.Module):
         """x [..., d_model] -> (tokens [T, d_model], valid [T] bool or None), after checking the arguments."""
         if x.dim() == 0 or x.shape[-1] != self.d_model:
             raise ValueError(f"MoE: the last dim of x must be d_model={self.d_model}, got x of shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"MoE: x must be a floating-point tensor, got {x.dtype}")
         lead_shape = x.shape[:-1]
         valid = None
         if padding_mask is not None:
@@ -295,8 +304,10 @@ class MoE(nn.Module):
 
 def _sequence_balance(x: Tensor, routing, valid: Optional[Tensor]) -> Tensor:
     batch, seq = x.shape[0], x.shape[1]
-    return moe_losses.sequence_balance_loss(routing.scores.view(batch, seq, -1), routing.expert_ids.view(batch, seq, -1),
-                                            None if valid is None else valid.view(batch, seq))
+    # Explicit last dims: with no tokens (batch or seq 0) a -1 could not be inferred.
+    scores = routing.scores.view(batch, seq, routing.scores.shape[-1])
+    expert_ids = routing.expert_ids.view(batch, seq, routing.expert_ids.shape[-1])
+    return moe_losses.sequence_balance_loss(scores, expert_ids, None if valid is None else valid.view(batch, seq))
 
 
 def _validate(d_model, d_ff, num_experts, top_k, capacity_factor, min_capacity, drop_policy, expert, activation,
@@ -306,8 +317,8 @@ def _validate(d_model, d_ff, num_experts, top_k, capacity_factor, min_capacity, 
             raise ValueError(f"MoE: {name} must be a positive int, got {value!r}")
     if not is_int(top_k) or not 1 <= top_k <= num_experts:
         raise ValueError(f"MoE: top_k must be an int in [1, num_experts={num_experts}], got {top_k!r}")
-    if capacity_factor is not None and not (isinstance(capacity_factor, (int, float)) and capacity_factor > 0):
-        raise ValueError(f"MoE: capacity_factor must be > 0 or None (dropless), got {capacity_factor!r}")
+    if capacity_factor is not None and not (is_finite_number(capacity_factor) and capacity_factor > 0):
+        raise ValueError(f"MoE: capacity_factor must be > 0 and finite, or None (dropless), got {capacity_factor!r}")
     if not is_int(min_capacity) or min_capacity < 0:
         raise ValueError(f"MoE: min_capacity must be an int >= 0, got {min_capacity!r}")
     if drop_policy not in DROP_POLICIES:
@@ -316,7 +327,7 @@ def _validate(d_model, d_ff, num_experts, top_k, capacity_factor, min_capacity, 
         raise ValueError(f"MoE: expert must be one of {EXPERT_TYPES}, got {expert!r}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"MoE: activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
-    if not 0.0 <= jitter_eps < 1.0:
+    if not (is_number(jitter_eps) and 0.0 <= jitter_eps < 1.0):
         raise ValueError(f"MoE: jitter_eps must be in [0, 1), got {jitter_eps!r}")
 
 
@@ -339,14 +350,15 @@ def _validate_fine_grained(d_ff, num_shared_experts, expert_granularity) -> None
         raise ValueError(f"MoE: num_shared_experts must be an int >= 0, got {num_shared_experts!r}")
 
 
-def _validate_losses(router_type, importance_loss_coef, load_loss_coef, seq_balance_loss_coef,
-                     global_load_balancing) -> None:
+def _validate_losses(router_type, aux_loss_coef, z_loss_coef, importance_loss_coef, load_loss_coef,
+                     seq_balance_loss_coef, global_load_balancing) -> None:
     """The aux losses asked for must be ones this router's capabilities allow."""
     name = router_type.name
-    for coef_name, value in (("importance_loss_coef", importance_loss_coef), ("load_loss_coef", load_loss_coef),
+    for coef_name, value in (("aux_loss_coef", aux_loss_coef), ("z_loss_coef", z_loss_coef),
+                             ("importance_loss_coef", importance_loss_coef), ("load_loss_coef", load_loss_coef),
                              ("seq_balance_loss_coef", seq_balance_loss_coef)):
-        if not is_number(value) or value < 0:
-            raise ValueError(f"MoE: {coef_name} must be a number >= 0, got {value!r}")
+        if not is_finite_number(value) or value < 0:
+            raise ValueError(f"MoE: {coef_name} must be a number >= 0 and finite, got {value!r}")
     if load_loss_coef > 0 and not router_type.has_noise:
         takers = " or ".join(repr(r.name) for r in ROUTER_CLASSES if r.has_noise)
         raise ValueError(f"MoE: load_loss_coef applies to router={takers} only (it needs the noise), got "

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from . import losses as moe_losses
 from . import ops
-from ._checks import is_int, is_number
+from ._checks import is_finite_number, is_int
 
 __all__ = [
     "ROUTERS",
@@ -79,6 +79,14 @@ _RESTRICTED_OPTIONS = {"bias_update_rate": ("bias_update_rate",), "n_groups": ("
 
 def _router_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _router_linear(x: Tensor, weight: Tensor) -> Tensor:
+    """x·weightᵀ in the router dtype. Autocast is off for it: F.linear would otherwise run in bf16/fp16 and route
+    differently from float32."""
+    router_dtype = _router_dtype(x)
+    with torch.autocast(x.device.type, enabled=False):
+        return F.linear(x.to(router_dtype), weight.to(router_dtype))
 
 
 class RouterBase(nn.Module):
@@ -183,8 +191,7 @@ class Router(RouterBase):
         """x: [T, d_model] -> logits [T, E] in the router dtype (float32, or float64 for float64 input)."""
         if self.training and self.jitter_eps > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
-        router_dtype = _router_dtype(x)
-        return F.linear(x.to(router_dtype), self.weight.to(router_dtype))
+        return _router_linear(x, self.weight)
 
     def selection_bias(self) -> Optional[Tensor]:
         """[E] added to the scores only to choose experts (loss-free balancing); ``None`` here."""
@@ -251,8 +258,7 @@ class NoisyTopKRouter(Router):
 
     def forward(self, x: Tensor, *, token_ids: Optional[Tensor] = None, valid: Optional[Tensor] = None) -> Routing:
         clean = self.logits(x)
-        router_dtype = clean.dtype
-        noise_std = F.softplus(F.linear(x.to(router_dtype), self.noise_weight.to(router_dtype))) + self.noise_epsilon
+        noise_std = F.softplus(_router_linear(x, self.noise_weight)) + self.noise_epsilon
         noisy = clean + torch.randn_like(clean) * noise_std if self.training else clean
         out = self.choose(noisy)
         return Routing(noisy, out.weights, out.expert_ids, out.scores, clean_logits=clean, noise_std=noise_std)
@@ -287,8 +293,8 @@ class SigmoidRouter(Router):
     def check(cls, num_experts: int, top_k: int, options: RouterOptions, **layer) -> None:
         super().check(num_experts, top_k, options, **layer)
         rate = options.bias_update_rate
-        if rate is not None and not (is_number(rate) and rate >= 0):
-            raise ValueError(f"MoE: bias_update_rate must be a number >= 0, got {rate!r}")
+        if rate is not None and not (is_finite_number(rate) and rate >= 0):
+            raise ValueError(f"MoE: bias_update_rate must be a number >= 0 and finite, got {rate!r}")
 
     @classmethod
     def build(cls, d_model, num_experts, top_k, options, capacity, *, device=None, dtype=None) -> "Router":
@@ -359,7 +365,8 @@ class HashRouter(RouterBase):
         if token_ids is None:
             raise ValueError("MoE(router='hash'): forward needs token_ids (one integer id per token, the shape of x "
                              "without its last dim), e.g. layer(x, token_ids=input_ids)")
-        expert_ids = self.table[token_ids.reshape(-1).remainder(self.num_buckets)]
+        # In int64: a narrow dtype (int16, uint8) cannot hold num_buckets, and its remainder would divide by zero.
+        expert_ids = self.table[token_ids.reshape(-1).to(torch.int64).remainder(self.num_buckets)]
         weights = torch.full(expert_ids.shape, 1.0 / self.top_k, dtype=_router_dtype(x), device=x.device)
         return Routing(None, weights, expert_ids, None)
 

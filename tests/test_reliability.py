@@ -1,0 +1,140 @@
+"""Regression tests of issue 20's findings: every input a user can give gets a correct result or a clear error,
+and layers survive copying and pickling. Each test failed before its fix."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import torch_moe
+
+D, F, E = 8, 16, 4
+
+
+def _padded_input(seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 5, D, generator=gen)
+    mask = torch.ones(2, 5, dtype=torch.bool)
+    mask[1, 3] = mask[0, 4] = False
+    x[1, 3] = float("nan")
+    x[0, 4] = float("inf")
+    return x, mask
+
+
+@pytest.mark.parametrize("capacity_factor", [1.25, None])
+@pytest.mark.parametrize("bias", [False, True])
+def test_nan_padding_never_reaches_shared_experts(capacity_factor, bias):
+    torch.manual_seed(0)
+    layer = torch_moe.MoE(D, F, E, 2, num_shared_experts=1, capacity_factor=capacity_factor, bias=bias)
+    x, mask = _padded_input()
+    x.requires_grad_()
+    y = layer(x, mask)
+    (y.sum() + layer.aux_loss).backward()
+    assert torch.isfinite(y).all() and y[~mask].eq(0).all()
+    assert torch.isfinite(x.grad).all() and x.grad[~mask].eq(0).all()
+    for name, p in layer.named_parameters():
+        assert torch.isfinite(p.grad).all(), name
+    # the valid tokens get what they get with any finite padding
+    clean = torch.where(mask.unsqueeze(-1), x.detach(), 7.0)
+    torch.testing.assert_close(layer(clean, mask)[mask], y.detach()[mask], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.uint8])
+def test_integer_x_is_rejected(dtype):
+    layer = torch_moe.MoE(D, F, E, 2)
+    with pytest.raises(ValueError, match="x must be a floating-point tensor"):
+        layer(torch.ones(3, D, dtype=dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8])
+def test_hash_routing_takes_every_integer_dtype(dtype):
+    torch.manual_seed(0)
+    layer = torch_moe.MoE(D, F, E, 2, router="hash")
+    x = torch.randn(2, 6, D)
+    ids = torch.arange(12).view(2, 6) * 9 % 100
+    expected = layer(x, token_ids=ids)
+    torch.testing.assert_close(layer(x, token_ids=ids.to(dtype)), expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(router="sigmoid", bias_update_rate=float("nan")), "bias_update_rate must be a number >= 0 and finite"),
+    (dict(router="sigmoid", bias_update_rate=float("inf")), "bias_update_rate must be a number >= 0 and finite"),
+    (dict(capacity_factor=float("inf")), "capacity_factor must be > 0 and finite"),
+    (dict(capacity_factor=float("nan")), "capacity_factor must be > 0 and finite"),
+    (dict(jitter_eps=float("nan")), "jitter_eps must be in"),
+    (dict(aux_loss_coef=float("nan")), "aux_loss_coef must be a number >= 0 and finite"),
+    (dict(z_loss_coef=float("inf")), "z_loss_coef must be a number >= 0 and finite"),
+    (dict(z_loss_coef=-1.0), "z_loss_coef must be a number >= 0 and finite"),
+    (dict(importance_loss_coef=float("nan")), "importance_loss_coef must be a number >= 0 and finite"),
+    (dict(router="noisy_topk", load_loss_coef=float("inf")), "load_loss_coef must be a number >= 0 and finite"),
+    (dict(seq_balance_loss_coef=float("nan")), "seq_balance_loss_coef must be a number >= 0 and finite"),
+])
+def test_non_finite_options_are_rejected(kwargs, needle):
+    with pytest.raises(ValueError, match=needle):
+        torch_moe.MoE(D, F, E, 2, **kwargs)
+
+
+@pytest.mark.parametrize("shape", [(2, 0, D), (0, 3, D)])
+@pytest.mark.parametrize("capacity_factor", [1.25, None])
+def test_no_tokens_with_sequence_balance_loss(shape, capacity_factor):
+    layer = torch_moe.MoE(D, F, E, 2, seq_balance_loss_coef=0.1, capacity_factor=capacity_factor)
+    x = torch.randn(shape, requires_grad=True)
+    y = layer(x)
+    assert y.shape == shape
+    assert layer.stats.losses["sequence_balance"].item() == 0.0 and math.isfinite(layer.aux_loss.item())
+    (y.sum() + layer.aux_loss).backward()
+
+
+@pytest.mark.parametrize("router", ["softmax", "noisy_topk", "sigmoid", "expert_choice", "random"])
+def test_router_logits_stay_float32_under_autocast(router):
+    torch.manual_seed(0)
+    layer = torch_moe.MoE(32, 64, 16, 2, router=router, capacity_factor=2.0).eval()
+    x = torch.randn(256, 32)
+    routing = layer.router(x)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast_routing = layer.router(x)
+    assert autocast_routing.logits.dtype == torch.float32
+    torch.testing.assert_close(autocast_routing.logits, routing.logits, rtol=0, atol=0)
+    assert torch.equal(autocast_routing.expert_ids, routing.expert_ids)
+
+
+@pytest.mark.parametrize("router", ["softmax", "noisy_topk", "sigmoid", "expert_choice"])
+def test_deepcopy_and_pickle_after_a_training_forward(router):
+    torch.manual_seed(0)
+    extra = dict(importance_loss_coef=0.1) if router != "sigmoid" else {}
+    layer = torch_moe.MoE(D, F, E, 2, router=router, expert="mlp", activation="gelu_tanh", **extra)
+    layer(torch.randn(6, D))
+    assert layer.aux_loss.requires_grad
+    for clone in (copy.deepcopy(layer), pickle.loads(pickle.dumps(layer))):
+        torch.testing.assert_close(clone.aux_loss, layer.aux_loss.detach())
+        assert not clone.aux_loss.requires_grad
+        for (name, p), (_, q) in zip(layer.state_dict().items(), clone.state_dict().items()):
+            assert torch.equal(p, q), name
+    buffer = io.BytesIO()
+    torch.save(torch.nn.Sequential(torch_moe.MoE(D, F, E, 2)), buffer)  # the default expert pickles too
+    buffer.seek(0)
+    assert isinstance(torch.load(buffer, weights_only=False)[0], torch_moe.MoE)
+    assert layer.aux_loss.requires_grad  # the original keeps its graph for backward
+
+
+def test_importing_the_unbuilt_source_tree_says_what_to_do(tmp_path):
+    """A copy of the package without the build's outputs (as the repository root holds after `pip install .`)."""
+    package = tmp_path / "torch_moe"
+    package.mkdir()
+    source = Path(torch_moe.__file__).parent
+    for path in source.glob("*.py"):
+        if path.name != "_build_info.py":
+            (package / path.name).write_text(path.read_text())
+    result = subprocess.run([sys.executable, "-S", "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
+                             "sys.path.extend(sys.argv[2:]); import torch_moe", str(tmp_path),
+                             *[p for p in sys.path if p]], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode != 0
+    assert "holds no build of the extension" in result.stderr and "pip install --no-build-isolation -e ." in result.stderr
