@@ -138,3 +138,26 @@ def test_importing_the_unbuilt_source_tree_says_what_to_do(tmp_path):
                              *[p for p in sys.path if p]], capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode != 0
     assert "holds no build of the extension" in result.stderr and "pip install --no-build-isolation -e ." in result.stderr
+
+
+def _mixed_device_calls():
+    ops = torch_moe.ops
+    logits = torch.randn(6, 4)
+    ids = torch.tensor([[0, 1], [1, 2], [2, 3], [3, 0], [0, 2], [1, 3]])
+    slots = torch.zeros(6, 2, dtype=torch.int64)
+    x = torch.randn(6, D)
+    meta = lambda t: t.to("meta")  # noqa: E731
+    return {
+        "router_topk": lambda: ops.router_topk(logits, 2, "softmax", meta(torch.zeros(4))),
+        "capacity_plan": lambda: ops.capacity_plan(ids, 4, 3, "position", None, meta(torch.ones(6, dtype=torch.bool))),
+        "dispatch": lambda: ops.dispatch(x, meta(ids), slots, 4, 3),
+        "combine": lambda: ops.combine(meta(torch.randn(4, 3, D)), torch.rand(6, 2), ids, slots),
+        "glu": lambda: ops.glu(x, meta(x), "silu"),
+        "expert_choice": lambda: ops.expert_choice(logits, 2, meta(torch.ones(6, dtype=torch.bool))),
+    }
+
+
+@pytest.mark.parametrize("op", list(_mixed_device_calls()))
+def test_fake_kernels_refuse_mixed_meta_and_real_tensors(op):
+    with pytest.raises(RuntimeError, match="all tensors must be on one device"):
+        _mixed_device_calls()[op]()

@@ -5,6 +5,9 @@ All output shapes follow from input shapes (dropless rows are always [T*k, d]), 
 
 from __future__ import annotations
 
+import functools
+import inspect
+
 import torch
 from torch import Tensor
 
@@ -19,7 +22,34 @@ def _check(cond: bool, message: str) -> None:
     torch._check(cond, lambda: message)
 
 
-@torch.library.register_fake(_lib + "router_topk")
+def _fake(name: str):
+    """Registers the decorated function as the fake kernel of ``torch_moe::name``, behind the check the real
+    kernels make first: every tensor argument on one device. Without it a call mixing meta and real tensors lands
+    here and returns uninitialised tensors on the real device."""
+
+    def register(fn):
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def checked(*args, **kwargs):
+            first = None
+            for arg_name, value in signature.bind(*args, **kwargs).arguments.items():
+                if not isinstance(value, Tensor):
+                    continue
+                if first is None:
+                    first = (arg_name, value.device)
+                    continue
+                _check(value.device == first[1], f"torch_moe.{name}: all tensors must be on one device: '{arg_name}' "
+                                                 f"is on {value.device} but '{first[0]}' is on {first[1]}")
+            return fn(*args, **kwargs)
+
+        torch.library.register_fake(_lib + name)(checked)
+        return fn
+
+    return register
+
+
+@_fake("router_topk")
 def _router_topk(logits, k, score_func="softmax", selection_bias=None, normalize=True, n_groups=1, topk_groups=1):
     _check(logits.dim() == 2, f"torch_moe.router_topk: argument 'logits' must be a 2-D tensor [T, E], got {tuple(logits.shape)}")
     T, E = logits.shape
@@ -32,12 +62,12 @@ def _router_topk(logits, k, score_func="softmax", selection_bias=None, normalize
     )
 
 
-@torch.library.register_fake(_lib + "_router_topk_backward")
+@_fake("_router_topk_backward")
 def _router_topk_backward(grad_weights, logits, expert_ids, score_func, normalize):
     return torch.empty_like(logits)
 
 
-@torch.library.register_fake(_lib + "expert_choice")
+@_fake("expert_choice")
 def _expert_choice(logits, capacity, valid_mask=None):
     _check(logits.dim() == 2, f"torch_moe.expert_choice: argument 'logits' must be a 2-D tensor [T, E], got {tuple(logits.shape)}")
     T, E = logits.shape
@@ -50,23 +80,23 @@ def _expert_choice(logits, capacity, valid_mask=None):
     )
 
 
-@torch.library.register_fake(_lib + "_expert_choice_backward")
+@_fake("_expert_choice_backward")
 def _expert_choice_backward(grad_weights, logits, slots):
     return torch.empty_like(logits)
 
 
-@torch.library.register_fake(_lib + "noisy_topk_load")
+@_fake("noisy_topk_load")
 def _noisy_topk_load(clean_logits, noisy_logits, noise_std, k, valid_mask=None):
     _check(clean_logits.dim() == 2, "torch_moe.noisy_topk_load: argument 'clean_logits' must be a 2-D tensor [T, E]")
     return clean_logits.new_empty((clean_logits.shape[1],), dtype=_router_dtype(clean_logits))
 
 
-@torch.library.register_fake(_lib + "_noisy_topk_load_backward")
+@_fake("_noisy_topk_load_backward")
 def _noisy_topk_load_backward(grad_load, clean_logits, noisy_logits, noise_std, k, valid_mask):
     return torch.empty_like(clean_logits), torch.empty_like(noisy_logits), torch.empty_like(noise_std)
 
 
-@torch.library.register_fake(_lib + "capacity_plan")
+@_fake("capacity_plan")
 def _capacity_plan(expert_ids, num_experts, capacity, drop_policy="position", priority=None, valid_mask=None):
     _check(expert_ids.dim() == 2, "torch_moe.capacity_plan: argument 'expert_ids' must be a 2-D tensor [T, k]")
     return (
@@ -76,29 +106,29 @@ def _capacity_plan(expert_ids, num_experts, capacity, drop_policy="position", pr
     )
 
 
-@torch.library.register_fake(_lib + "dispatch")
+@_fake("dispatch")
 def _dispatch(x, expert_ids, slots, num_experts, capacity):
     _check(x.dim() == 2, "torch_moe.dispatch: argument 'x' must be a 2-D tensor [T, d]")
     return x.new_empty((num_experts, capacity, x.shape[1]))
 
 
-@torch.library.register_fake(_lib + "_dispatch_backward")
+@_fake("_dispatch_backward")
 def _dispatch_backward(grad_buffer, expert_ids, slots):
     return grad_buffer.new_empty((expert_ids.shape[0], grad_buffer.shape[2]))
 
 
-@torch.library.register_fake(_lib + "combine")
+@_fake("combine")
 def _combine(buffer, weights, expert_ids, slots):
     _check(buffer.dim() == 3, "torch_moe.combine: argument 'buffer' must be a 3-D tensor [E, C, d]")
     return buffer.new_empty((expert_ids.shape[0], buffer.shape[2]))
 
 
-@torch.library.register_fake(_lib + "_combine_backward")
+@_fake("_combine_backward")
 def _combine_backward(grad_y, buffer, weights, expert_ids, slots):
     return torch.empty_like(buffer), torch.empty_like(weights)
 
 
-@torch.library.register_fake(_lib + "permute")
+@_fake("permute")
 def _permute(x, expert_ids, num_experts, valid_mask=None):
     _check(x.dim() == 2, "torch_moe.permute: argument 'x' must be a 2-D tensor [T, d]")
     T, k = expert_ids.shape
@@ -109,18 +139,18 @@ def _permute(x, expert_ids, num_experts, valid_mask=None):
     )
 
 
-@torch.library.register_fake(_lib + "_permute_backward")
+@_fake("_permute_backward")
 def _permute_backward(grad_rows, row_index):
     return grad_rows.new_empty((row_index.shape[0], grad_rows.shape[1]))
 
 
-@torch.library.register_fake(_lib + "unpermute")
+@_fake("unpermute")
 def _unpermute(rows, weights, row_index):
     _check(rows.dim() == 2, "torch_moe.unpermute: argument 'rows' must be a 2-D tensor [N, d]")
     return rows.new_empty((row_index.shape[0], rows.shape[1]))
 
 
-@torch.library.register_fake(_lib + "_unpermute_backward")
+@_fake("_unpermute_backward")
 def _unpermute_backward(grad_y, rows, weights, row_index):
     return torch.empty_like(rows), torch.empty_like(weights)
 
@@ -130,46 +160,46 @@ def _masked(output_mask, *like):
     return tuple(torch.empty_like(t) if wanted else None for wanted, t in zip(output_mask, like))
 
 
-@torch.library.register_fake(_lib + "grouped_mm")
+@_fake("grouped_mm")
 def _grouped_mm(a, b, offsets):
     _check(a.dim() == 2 and b.dim() == 3, "torch_moe.grouped_mm: arguments 'a' [N, K] and 'b' [E, K, M] expected")
     return a.new_empty((a.shape[0], b.shape[2]))
 
 
-@torch.library.register_fake(_lib + "_grouped_mm_backward")
+@_fake("_grouped_mm_backward")
 def _grouped_mm_backward(grad_out, a, b, offsets, output_mask=(True, True)):
     return _masked(output_mask, a, b)
 
 
-@torch.library.register_fake(_lib + "permute_plan")
+@_fake("permute_plan")
 def _permute_plan(expert_ids, num_experts, valid_mask=None):
     return torch.empty_like(expert_ids), expert_ids.new_empty((num_experts + 1,))
 
 
-@torch.library.register_fake(_lib + "gather_grouped_mm")
+@_fake("gather_grouped_mm")
 def _gather_grouped_mm(x, b, offsets, row_index):
     return x.new_empty((row_index.numel(), b.shape[2]))
 
 
-@torch.library.register_fake(_lib + "_gather_grouped_mm_backward")
+@_fake("_gather_grouped_mm_backward")
 def _gather_grouped_mm_backward(grad_out, x, b, offsets, row_index, output_mask=(True, True)):
     return _masked(output_mask, x, b)
 
 
-@torch.library.register_fake(_lib + "gather_grouped_glu")
+@_fake("gather_grouped_glu")
 def _gather_grouped_glu(x, w_gate, w_up, offsets, row_index, activation="silu"):
     _check(activation in ("silu", "gelu", "gelu_tanh"),
            f"torch_moe.gather_grouped_glu: argument 'activation' must be \"silu\", \"gelu\" or \"gelu_tanh\", got \"{activation}\"")
     return tuple(x.new_empty((row_index.numel(), w_gate.shape[2])) for _ in range(3))
 
 
-@torch.library.register_fake(_lib + "_gather_grouped_glu_backward")
+@_fake("_gather_grouped_glu_backward")
 def _gather_grouped_glu_backward(grad_act, x, w_gate, w_up, gate, up, offsets, row_index, activation,
                                  output_mask=(True, True, True)):
     return _masked(output_mask, x, w_gate, w_up)
 
 
-@torch.library.register_fake(_lib + "glu")
+@_fake("glu")
 def _glu(gate, up, activation="silu"):
     _check(activation in ("silu", "gelu", "gelu_tanh"),
            f"torch_moe.glu: argument 'activation' must be \"silu\", \"gelu\" or \"gelu_tanh\", got \"{activation}\"")
@@ -178,28 +208,28 @@ def _glu(gate, up, activation="silu"):
     return gate.new_empty(gate.shape)
 
 
-@torch.library.register_fake(_lib + "_glu_backward")
+@_fake("_glu_backward")
 def _glu_backward(grad_act, gate, up, activation, output_mask=(True, True)):
     # Contiguous whatever the strides of gate and up, as the kernels return them.
     return tuple(gate.new_empty(gate.shape) if wanted else None for wanted in output_mask)
 
 
-@torch.library.register_fake(_lib + "grouped_mm_unpermute")
+@_fake("grouped_mm_unpermute")
 def _grouped_mm_unpermute(h, b, offsets, weights, row_index):
     return h.new_empty((row_index.shape[0], b.shape[2]))
 
 
-@torch.library.register_fake(_lib + "_grouped_mm_unpermute_backward")
+@_fake("_grouped_mm_unpermute_backward")
 def _grouped_mm_unpermute_backward(grad_y, h, b, offsets, weights, row_index, output_mask=(True, True, True)):
     return _masked(output_mask, h, b, weights)
 
 
-@torch.library.register_fake(_lib + "router_losses")
+@_fake("router_losses")
 def _router_losses(logits, expert_ids, valid_mask=None):
     dtype = _router_dtype(logits)
     return tuple(logits.new_empty((), dtype=dtype) for _ in range(3))
 
 
-@torch.library.register_fake(_lib + "_router_losses_backward")
+@_fake("_router_losses_backward")
 def _router_losses_backward(grad_load_balancing, grad_z, logits, expert_ids, valid_mask):
     return torch.empty_like(logits)
