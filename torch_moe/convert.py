@@ -16,7 +16,11 @@ from torch import Tensor, nn
 
 from .layer import MoE
 
-__all__ = ["moefy", "MoEFeedForward", "padding_mask", "UPCYCLE_ROUTER_STD"]
+__all__ = ["moefy", "from_pretrained", "MoEFeedForward", "padding_mask", "UPCYCLE_ROUTER_STD", "CONFIG_KEY"]
+
+# The key under which moefy records its conversions in a Hugging Face model's config (and so in config.json).
+CONFIG_KEY = "torch_moe"
+_RECORD_FORMAT = 1
 
 # Standard deviation of the router weights of an upcycled layer: small, so that the router starts near uniform
 # and learns from the data, but not zero, so that tokens do not all pick experts 0..k-1 (ties go to the lower id).
@@ -360,6 +364,11 @@ def moefy(
     until training moves the weights (with ``top_k=1`` the normalised weight is 1, so the router then learns from
     the auxiliary losses only; pass ``normalize_weights=False`` to keep Switch-style scaling).
     Raises ValueError when no FFN is found, naming what was looked for.
+
+    Saving: on a Hugging Face model (one with a ``config``), the conversion is recorded in ``model.config`` under
+    ``"torch_moe"`` (the converted module names, ``num_experts``, ``top_k`` and the MoE arguments), so that
+    ``save_pretrained`` writes it to config.json and :func:`from_pretrained` rebuilds the converted model.
+    ``AutoModel*.from_pretrained`` alone does not know it and returns the dense model with fresh MLPs.
     """
     for arg, value in (("num_experts", num_experts), ("top_k", top_k)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -392,6 +401,7 @@ def moefy(
         raise ValueError(f"moefy: found no FFN to convert in {type(model).__name__}: {matched} an FFN moefy "
                          f"recognises; it looks for {_LOOKED_FOR}")
 
+    record = _conversion_record(model, targets, num_experts, top_k, moe_kwargs)
     generator = torch.Generator().manual_seed(torch.initial_seed() % (2**63)) if upcycle else None
     for name, module, dense in targets:
         moe = _build_moe(name, dense, num_experts, top_k, upcycle, upcycle_noise, moe_kwargs, generator)
@@ -401,7 +411,109 @@ def moefy(
         else:
             _replace(model, name, MoEFeedForward(moe, dense.dropout))
     _install_attention_mask_hook(model)
+    if record is not None:
+        config = model.config
+        previous = getattr(config, CONFIG_KEY, None) or {"format": _RECORD_FORMAT, "conversions": []}
+        setattr(config, CONFIG_KEY, {**previous, "conversions": [*previous["conversions"], record]})
     return model
+
+
+def _conversion_record(model: nn.Module, targets, num_experts: int, top_k: int, moe_kwargs: dict) -> Optional[dict]:
+    """What :func:`from_pretrained` needs to redo this conversion on a fresh model; None for a model without an HF
+    config. Refuses arguments config.json cannot hold rather than saving a model that would not reload."""
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return None
+    for key, value in moe_kwargs.items():
+        if value is not None and not isinstance(value, (bool, int, float, str)):
+            raise ValueError(f"moefy: {key}={value!r} cannot be recorded in {type(model).__name__}.config (config.json "
+                             "holds numbers, strings and None); build the MoE layers by hand for this model")
+    return {"modules": [name for name, _, _ in targets], "num_experts": num_experts, "top_k": top_k,
+            "moe_kwargs": dict(moe_kwargs)}
+
+
+def from_pretrained(path, model_class=None, *, dtype: Optional[torch.dtype] = None,
+                    attn_implementation: Optional[str] = None) -> nn.Module:
+    """Rebuild a model converted by :func:`moefy` and saved with ``save_pretrained(path)``, with its weights.
+
+    Reads config.json, builds ``model_class`` (default: the class named in ``config.architectures``) from it,
+    replays the recorded conversions (same modules, experts, top-k and MoE arguments, capacity included), then loads
+    the saved weights (safetensors, sharded or not, or pytorch_model.bin) strictly: every parameter and buffer must
+    be in the files except those tied to one that is (a tied output head). ``dtype``: default the saved weights'.
+    Returns the model in eval mode, as transformers does. ``AutoModel*.from_pretrained(path)`` would instead return
+    the dense model with freshly initialised MLPs.
+    """
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(path)
+    record = getattr(config, CONFIG_KEY, None)
+    if not isinstance(record, dict) or record.get("format") != _RECORD_FORMAT:
+        raise ValueError(f"torch_moe.convert.from_pretrained: {path} holds no torch_moe conversion record (config "
+                         f"key {CONFIG_KEY!r}, format {_RECORD_FORMAT}); was it saved after moefy? For an unconverted "
+                         "model use transformers' from_pretrained")
+    if model_class is None:
+        names = getattr(config, "architectures", None) or []
+        if len(names) != 1 or not hasattr(transformers, names[0]):
+            raise ValueError(f"torch_moe.convert.from_pretrained: cannot tell the model class from "
+                             f"config.architectures={names!r}; pass model_class=")
+        model_class = getattr(transformers, names[0])
+    if attn_implementation is not None:
+        config._attn_implementation = attn_implementation
+    state = _load_saved_state(path)
+    if dtype is None:
+        dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
+    model = model_class(config).to(dtype)
+    setattr(model.config, CONFIG_KEY, None)  # moefy records each replayed conversion again
+    mismatch = (f"torch_moe.convert.from_pretrained: replaying the conversions of {path} on a fresh "
+                f"{model_class.__name__} did not convert the same modules; was model_class the saved one?")
+    for conversion in record["conversions"]:
+        modules = set(conversion["modules"])
+        try:
+            moefy(model, conversion["num_experts"], conversion["top_k"], select=lambda name, _: name in modules,
+                  **conversion["moe_kwargs"])
+        except ValueError as err:
+            raise ValueError(f"{mismatch} ({err})") from None
+    if getattr(model.config, CONFIG_KEY) != record:
+        raise ValueError(mismatch)
+    _load_strict(model, state, path)
+    return model.eval()
+
+
+def _load_saved_state(path) -> dict[str, Tensor]:
+    import json
+    import os
+
+    from safetensors.torch import load_file
+
+    single, index = os.path.join(path, "model.safetensors"), os.path.join(path, "model.safetensors.index.json")
+    if os.path.exists(single):
+        return load_file(single)
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+        state: dict[str, Tensor] = {}
+        for name in files:
+            state.update(load_file(os.path.join(path, name)))
+        return state
+    legacy = os.path.join(path, "pytorch_model.bin")
+    if os.path.exists(legacy):
+        return torch.load(legacy, map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"torch_moe.convert.from_pretrained: no model.safetensors, model.safetensors.index.json "
+                            f"or pytorch_model.bin in {path}")
+
+
+def _load_strict(model: nn.Module, state: dict[str, Tensor], path) -> None:
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if hasattr(model, "tie_weights"):
+        model.tie_weights()
+    tensors = {**dict(model.named_parameters(remove_duplicate=False)), **dict(model.named_buffers(remove_duplicate=False))}
+    loaded = {id(tensors[key]) for key in state if key in tensors}
+    # Non-persistent buffers are never saved; tied parameters are saved once under another name.
+    persistent = set(model.state_dict().keys())
+    untied = [key for key in missing if key in persistent and id(tensors.get(key)) not in loaded]
+    if untied or unexpected:
+        raise ValueError(f"torch_moe.convert.from_pretrained: the weights in {path} do not fit the rebuilt model: "
+                         f"missing {untied[:8]}, unexpected {unexpected[:8]}")
 
 
 def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
