@@ -5,6 +5,7 @@ forward reads flatten -> route -> dispatch (a strategy picked at construction) -
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Optional
 
@@ -68,6 +69,8 @@ class MoE(nn.Module):
         bias_update_rate: ``"sigmoid"`` only: step of the loss-free balancing bias (default 1e-3; 0 disables).
         n_groups, topk_groups: ``"softmax"`` / ``"sigmoid"`` only: group-limited routing over n_groups contiguous
             expert groups, tokens choose inside their topk_groups best groups (default: all groups).
+        routed_scaling_factor: ``"softmax"`` / ``"sigmoid"`` / ``"noisy_topk"``: the routing weights (after
+            normalisation) times this constant (DeepSeek-V2/V3's ``routed_scaling_factor``; default 1).
         importance_loss_coef, load_loss_coef: Shazeer et al.'s importance loss (any learned token-choice router)
             and load loss (``"noisy_topk"`` only); see :mod:`torch_moe.losses`.
         seq_balance_loss_coef: DeepSeek's sequence-wise balance loss; needs x laid out as [B, S, d_model].
@@ -76,6 +79,10 @@ class MoE(nn.Module):
         expert_granularity: g, fine-grained experts (DeepSeekMoE): E·g experts of width d_ff/g, top_k·g of them
             routed per token, so total and active parameters stay those of (E, d_ff, top_k). ``num_experts`` and
             ``top_k`` of the built layer are the fine-grained counts.
+        shared_expert_d_ff: the shared FFN's width when it is not num_shared_experts·d_ff/g (Qwen2-MoE's
+            ``shared_expert_intermediate_size``); needs num_shared_experts >= 1.
+        shared_expert_gate: scale the shared experts' output per token by sigmoid(x·gᵀ), g [1, d_model] a
+            parameter ``shared_expert_gate.weight`` (Qwen2-MoE); needs num_shared_experts >= 1.
         expert_parallel_group: a ``torch.distributed`` process group of W ranks to shard the experts over: group
             rank r holds experts [r·E/W, (r+1)·E/W) as ``experts.*`` of leading size E/W, the router is replicated,
             tokens travel by all-to-all (see :mod:`torch_moe.dispatch`; checkpoints: :mod:`torch_moe.parallel`). Every rank of the group must call forward
@@ -114,11 +121,14 @@ class MoE(nn.Module):
         bias_update_rate: Optional[float] = None,
         n_groups: Optional[int] = None,
         topk_groups: Optional[int] = None,
+        routed_scaling_factor: Optional[float] = None,
         importance_loss_coef: float = 0.0,
         load_loss_coef: float = 0.0,
         seq_balance_loss_coef: float = 0.0,
         num_shared_experts: int = 0,
         expert_granularity: int = 1,
+        shared_expert_d_ff: Optional[int] = None,
+        shared_expert_gate: bool = False,
         expert_parallel_group=None,
         global_load_balancing: bool = False,
         device=None,
@@ -128,11 +138,13 @@ class MoE(nn.Module):
         _validate(d_model, d_ff, num_experts, top_k, capacity_factor, min_capacity, drop_policy, expert,
                   activation, jitter_eps)
         _validate_fine_grained(d_ff, num_shared_experts, expert_granularity)
+        _validate_shared(num_shared_experts, shared_expert_d_ff, shared_expert_gate)
         self.expert_granularity = expert_granularity
         self.num_shared_experts = num_shared_experts
         d_ff, num_experts, top_k = d_ff // expert_granularity, num_experts * expert_granularity, top_k * expert_granularity
         router_type = router_class(router)
-        options = RouterOptions(normalize_weights, jitter_eps, bias_update_rate, n_groups, topk_groups)
+        options = RouterOptions(normalize_weights, jitter_eps, bias_update_rate, n_groups, topk_groups,
+                                routed_scaling_factor)
         _validate_losses(router_type, aux_loss_coef, z_loss_coef, importance_loss_coef, load_loss_coef, seq_balance_loss_coef,
                          global_load_balancing)
         router_type.check(num_experts, top_k, options, capacity_factor=capacity_factor, drop_policy=drop_policy,
@@ -159,16 +171,17 @@ class MoE(nn.Module):
             capacity_factor, min_capacity, top_k, num_experts, at_most_tokens=not router_type.token_choice)
         factory = {"device": device, "dtype": dtype}
         self.router = router_type.build(d_model, num_experts, top_k,
-                                        RouterOptions(self.normalize_weights, jitter_eps, bias_update_rate, n_groups,
-                                                      topk_groups), self._capacity, **factory)
+                                        dataclasses.replace(options, normalize_weights=self.normalize_weights),
+                                        self._capacity, **factory)
         experts = {"expert": expert, "activation": activation, "bias": bias, **factory}
         if expert_parallel_group is None:
             self.experts = Experts(d_model, d_ff, num_experts, **experts)
         else:
             with distributed.local_expert_rng(self.expert_parallel_rank, device):
                 self.experts = Experts(d_model, d_ff, num_experts // self.expert_parallel_size, **experts)
-        self.shared_experts = (Experts(d_model, num_shared_experts * d_ff, 1, **experts)
-                               if num_shared_experts else None)
+        shared_d_ff = shared_expert_d_ff or num_shared_experts * d_ff
+        self.shared_experts = Experts(d_model, shared_d_ff, 1, **experts) if num_shared_experts else None
+        self.shared_expert_gate = nn.Linear(d_model, 1, bias=False, **factory) if shared_expert_gate else None
         self.dispatcher = self._make_dispatcher(router_type, expert, activation, bias)
         self.aux_loss: Optional[Tensor] = None
         self.stats: Optional[MoEStats] = None
@@ -230,13 +243,19 @@ class MoE(nn.Module):
         expert_input = tokens.to(self.experts.w1.dtype)
         y, load = self.dispatcher(self.experts, expert_input, routing, valid)
         if self.shared_experts is not None:
-            shared = self.shared_experts(clean.to(expert_input.dtype).unsqueeze(0)).squeeze(0)
-            y = y + (shared if valid is None else torch.where(valid.unsqueeze(1), shared, 0))
+            y = y + self._shared(clean.to(expert_input.dtype), valid)
         if self.training and self.router.adapts_to_load:
             # Under expert parallelism the load is summed over the group, so the replicated state stays identical.
             self.router.observe_load(self.dispatcher.summed_over_group(load.tokens_per_expert))
         self._record_losses_and_stats(x, routing, valid, load)
         return y.to(x.dtype).reshape(x.shape)
+
+    def _shared(self, tokens: Tensor, valid: Optional[Tensor]) -> Tensor:
+        """The shared experts' output [T, d] on padding-zeroed tokens, 0 on padding rows."""
+        shared = self.shared_experts(tokens.unsqueeze(0)).squeeze(0)
+        if self.shared_expert_gate is not None:
+            shared = torch.sigmoid(self.shared_expert_gate(tokens)) * shared
+        return shared if valid is None else torch.where(valid.unsqueeze(1), shared, 0)
 
     def _flatten(self, x: Tensor, padding_mask: Optional[Tensor],
                  token_ids: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
@@ -348,6 +367,13 @@ def _validate_fine_grained(d_ff, num_shared_experts, expert_granularity) -> None
         raise ValueError(f"MoE: expert_granularity={expert_granularity} must divide d_ff={d_ff}")
     if not is_int(num_shared_experts) or num_shared_experts < 0:
         raise ValueError(f"MoE: num_shared_experts must be an int >= 0, got {num_shared_experts!r}")
+
+
+def _validate_shared(num_shared_experts, shared_expert_d_ff, shared_expert_gate) -> None:
+    if shared_expert_d_ff is not None and not (is_int(shared_expert_d_ff) and shared_expert_d_ff > 0):
+        raise ValueError(f"MoE: shared_expert_d_ff must be a positive int or None, got {shared_expert_d_ff!r}")
+    if (shared_expert_d_ff is not None or shared_expert_gate) and num_shared_experts == 0:
+        raise ValueError("MoE: shared_expert_d_ff and shared_expert_gate need num_shared_experts >= 1")
 
 
 def _validate_losses(router_type, aux_loss_coef, z_loss_coef, importance_loss_coef, load_loss_coef,

@@ -70,11 +70,12 @@ class RouterOptions:
     bias_update_rate: Optional[float] = None
     n_groups: Optional[int] = None
     topk_groups: Optional[int] = None
+    routed_scaling_factor: Optional[float] = None
 
 
 # Options that only some routers take, with the words the error uses when another router is given them.
 _RESTRICTED_OPTIONS = {"bias_update_rate": ("bias_update_rate",), "n_groups": ("n_groups", "topk_groups"),
-                       "topk_groups": ("n_groups", "topk_groups")}
+                       "topk_groups": ("n_groups", "topk_groups"), "routed_scaling_factor": ("routed_scaling_factor",)}
 
 
 def _router_dtype(x: Tensor) -> torch.dtype:
@@ -97,7 +98,7 @@ class RouterBase(nn.Module):
     token_choice = True  # every token picks experts (False: every expert picks tokens)
     has_scores = True  # logits and scores exist (balance losses, z-loss, drop_policy="probability")
     has_noise = False  # Shazeer's load loss applies
-    accepts = ("n_groups", "topk_groups")  # the restricted options of RouterOptions this router takes
+    accepts = ("n_groups", "topk_groups", "routed_scaling_factor")  # restricted RouterOptions this router takes
     normalizes_by_default = False  # normalize_weights=None means True for every top_k (else for top_k > 1)
 
     @classmethod
@@ -118,6 +119,9 @@ class RouterBase(nn.Module):
                              "routing has none, use drop_policy='position'")
         if options.n_groups is not None or options.topk_groups is not None:
             _check_groups(num_experts, top_k, options.n_groups, options.topk_groups)
+        scale = options.routed_scaling_factor
+        if scale is not None and not (is_finite_number(scale) and scale > 0):
+            raise ValueError(f"MoE: routed_scaling_factor must be a number > 0 and finite, got {scale!r}")
 
     @property
     def adapts_to_load(self) -> bool:
@@ -153,12 +157,14 @@ class Router(RouterBase):
 
     @classmethod
     def build(cls, d_model: int, num_experts: int, top_k: int, options: RouterOptions, capacity, *, device=None,
-              dtype=None) -> "Router":
+              dtype=None, **own_options) -> "Router":
         """The router for these options (checked by :meth:`check`; ``normalize_weights`` resolved).
-        ``capacity``: the layer's capacity rule (expert choice), ``None`` in dropless mode."""
+        ``capacity``: the layer's capacity rule (expert choice), ``None`` in dropless mode. ``own_options``: what a
+        subclass adds to the constructor."""
         return cls(d_model, num_experts, top_k, normalize_weights=options.normalize_weights,
                    jitter_eps=options.jitter_eps, n_groups=options.n_groups or 1, topk_groups=options.topk_groups,
-                   device=device, dtype=dtype)
+                   routed_scaling_factor=options.routed_scaling_factor or 1.0, device=device, dtype=dtype,
+                   **own_options)
 
     def __init__(
         self,
@@ -170,6 +176,7 @@ class Router(RouterBase):
         jitter_eps: float = 0.0,
         n_groups: int = 1,
         topk_groups: Optional[int] = None,
+        routed_scaling_factor: float = 1.0,
         device=None,
         dtype=None,
     ) -> None:
@@ -180,6 +187,7 @@ class Router(RouterBase):
         self.jitter_eps = jitter_eps
         self.n_groups = n_groups
         self.topk_groups = n_groups if topk_groups is None else topk_groups
+        self.routed_scaling_factor = routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(num_experts, d_model, device=device, dtype=dtype))
         self.reset_parameters()
 
@@ -198,8 +206,11 @@ class Router(RouterBase):
         return None
 
     def choose(self, logits: Tensor) -> ops.RouterOutput:
-        return ops.router_topk(logits, self.top_k, self.score_func, self.selection_bias(), self.normalize_weights,
-                               self.n_groups, self.topk_groups)
+        out = ops.router_topk(logits, self.top_k, self.score_func, self.selection_bias(), self.normalize_weights,
+                              self.n_groups, self.topk_groups)
+        if self.routed_scaling_factor != 1.0:  # DeepSeek-V2/V3: the (normalised) weights times a constant
+            out = out._replace(weights=out.weights * self.routed_scaling_factor)
+        return out
 
     def forward(self, x: Tensor, *, token_ids: Optional[Tensor] = None, valid: Optional[Tensor] = None) -> Routing:
         """x: [T, d_model] -> :class:`Routing` with weights / expert_ids [T, k]."""
@@ -231,7 +242,7 @@ class NoisyTopKRouter(Router):
     name = "noisy_topk"
     has_noise = True
     normalizes_by_default = True
-    accepts = ()
+    accepts = ("routed_scaling_factor",)
     noise_epsilon = 1e-2
 
     @classmethod
@@ -243,12 +254,13 @@ class NoisyTopKRouter(Router):
 
     @classmethod
     def build(cls, d_model, num_experts, top_k, options, capacity, *, device=None, dtype=None) -> "Router":
-        return cls(d_model, num_experts, top_k, jitter_eps=options.jitter_eps, device=device, dtype=dtype)
+        return cls(d_model, num_experts, top_k, jitter_eps=options.jitter_eps,
+                   routed_scaling_factor=options.routed_scaling_factor or 1.0, device=device, dtype=dtype)
 
-    def __init__(self, d_model: int, num_experts: int, top_k: int, *, jitter_eps: float = 0.0, device=None,
-                 dtype=None) -> None:
-        super().__init__(d_model, num_experts, top_k, normalize_weights=True, jitter_eps=jitter_eps, device=device,
-                         dtype=dtype)
+    def __init__(self, d_model: int, num_experts: int, top_k: int, *, jitter_eps: float = 0.0,
+                 routed_scaling_factor: float = 1.0, device=None, dtype=None) -> None:
+        super().__init__(d_model, num_experts, top_k, normalize_weights=True, jitter_eps=jitter_eps,
+                         routed_scaling_factor=routed_scaling_factor, device=device, dtype=dtype)
         self.noise_weight = nn.Parameter(torch.zeros(num_experts, d_model, device=device, dtype=dtype))
 
     def reset_parameters(self) -> None:
@@ -287,7 +299,7 @@ class SigmoidRouter(Router):
     name = "sigmoid"
     score_func = "sigmoid"
     normalizes_by_default = True
-    accepts = ("bias_update_rate", "n_groups", "topk_groups")
+    accepts = ("bias_update_rate", "n_groups", "topk_groups", "routed_scaling_factor")
 
     @classmethod
     def check(cls, num_experts: int, top_k: int, options: RouterOptions, **layer) -> None:
@@ -299,17 +311,16 @@ class SigmoidRouter(Router):
     @classmethod
     def build(cls, d_model, num_experts, top_k, options, capacity, *, device=None, dtype=None) -> "Router":
         rate = 1e-3 if options.bias_update_rate is None else options.bias_update_rate
-        return cls(d_model, num_experts, top_k, normalize_weights=options.normalize_weights, bias_update_rate=rate,
-                   jitter_eps=options.jitter_eps, n_groups=options.n_groups or 1, topk_groups=options.topk_groups,
-                   device=device, dtype=dtype)
+        return super().build(d_model, num_experts, top_k, options, capacity, device=device, dtype=dtype,
+                             bias_update_rate=rate)
 
     def __init__(self, d_model: int, num_experts: int, top_k: int, *, normalize_weights: bool = True,
-                 bias_update_rate: float = 1e-3, jitter_eps: float = 0.0, n_groups: int = 1,
-                 topk_groups: Optional[int] = None, device=None, dtype=None) -> None:
-        super().__init__(d_model, num_experts, top_k, normalize_weights=normalize_weights, jitter_eps=jitter_eps,
-                         n_groups=n_groups, topk_groups=topk_groups, device=device, dtype=dtype)
+                 bias_update_rate: float = 1e-3, **router_options) -> None:
+        """``router_options``: those of :class:`Router` (jitter_eps, n_groups, topk_groups, routed_scaling_factor,
+        device, dtype)."""
+        super().__init__(d_model, num_experts, top_k, normalize_weights=normalize_weights, **router_options)
         self.bias_update_rate = bias_update_rate
-        self.register_buffer("expert_bias", torch.zeros(num_experts, device=device, dtype=torch.float32))
+        self.register_buffer("expert_bias", torch.zeros(num_experts, device=self.weight.device, dtype=torch.float32))
 
     def selection_bias(self) -> Tensor:
         return self.expert_bias
