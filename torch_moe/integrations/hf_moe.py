@@ -1,0 +1,206 @@
+"""from_hf_moe: replace the sparse MoE blocks of a Hugging Face MoE model by torch_moe layers with the same weights.
+
+The converted model computes what the original did (dropless, the defaults), and every torch_moe option applies
+to it: capacity and drop policies, every router for ablation, ``stats``, ``MoETracker``, expert parallelism.
+Supported: Mixtral, Qwen2-MoE (sigmoid-gated shared expert), Qwen3-MoE, OLMoE, Granite-MoE, DeepSeek-V3 (sigmoid
+router with ``e_score_correction_bias``, group-limited routing, ``routed_scaling_factor``, shared experts; its
+dense first layers stay dense). PhiMoE (sparsemixer routing) and GPT-OSS (router bias, clamped SwiGLU) raise
+``NotImplementedError``: run their experts on torch_moe with :mod:`torch_moe.integrations.hf_experts` instead.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ..convert import CONFIG_KEY, MoEFeedForward, _install_attention_mask_hook, _RECORD_FORMAT
+from ..layer import MoE
+
+__all__ = ["from_hf_moe", "SUPPORTED_ROUTERS"]
+
+# HF router class -> how its top-k weights are normalised: always, never, or per the router's norm_topk_prob.
+_SOFTMAX_ROUTERS = {"MixtralTopKRouter": True, "GraniteMoeTopKRouter": True, "Qwen2MoeTopKRouter": None,
+                    "Qwen3MoeTopKRouter": None, "OlmoeTopKRouter": None}
+_SIGMOID_ROUTERS = ("DeepseekV3TopkRouter",)
+SUPPORTED_ROUTERS = tuple(_SOFTMAX_ROUTERS) + _SIGMOID_ROUTERS
+_UNSUPPORTED = {
+    "PhimoeTopKRouter": "PhiMoE's sparsemixer routing (a two-pass masked softmax with Heun's estimator in training)",
+    "GptOssTopKRouter": "GPT-OSS's router bias and its clamped, interleaved SwiGLU experts with biases",
+}
+# Router options derived from the HF block; dropped when the user picks another router.
+_ROUTER_SPECIFIC = ("bias_update_rate", "n_groups", "topk_groups", "routed_scaling_factor")
+
+
+@dataclass
+class _Block:
+    """What a sparse MoE block of HF holds, read once."""
+
+    router: nn.Module
+    gate_up: Tensor  # [E, d, 2f] (torch_moe's [d_in, d_out] order; a transposed view of HF's usual layout)
+    down: Tensor  # [E, f, d]
+    expert: str
+    shared: Optional[nn.Module]
+    shared_gate: Optional[nn.Linear]
+
+
+def _router_of(block: nn.Module) -> Optional[nn.Module]:
+    for name in ("gate", "router"):
+        router = getattr(block, name, None)
+        if isinstance(router, nn.Module):
+            return router
+    return None
+
+
+def _is_moe_block(module: nn.Module) -> bool:
+    router, experts = _router_of(module), getattr(module, "experts", None)
+    return (router is not None and isinstance(experts, nn.Module)
+            and type(router).__name__ in (*SUPPORTED_ROUTERS, *_UNSUPPORTED))
+
+
+def _expert_type(experts: nn.Module, where: str) -> str:
+    act = getattr(experts, "act_fn", None)
+    if isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation":
+        return "swiglu"
+    if type(act).__name__ == "GELUActivation" and getattr(act, "act", None) is torch.nn.functional.gelu:
+        return "geglu"
+    raise NotImplementedError(f"from_hf_moe: {where}: the experts' activation {type(act).__name__} has no torch_moe "
+                              "expert type (swiglu: SiLU, geglu: exact GELU)")
+
+
+def _read(name: str, block: nn.Module) -> _Block:
+    router, experts = _router_of(block), block.experts
+    where = f"{name} ({type(block).__name__})"
+    reason = _UNSUPPORTED.get(type(router).__name__)
+    if reason is not None:
+        raise NotImplementedError(f"from_hf_moe: {where}: {reason} has no torch_moe equivalent yet; run its experts "
+                                  "on torch_moe with import torch_moe.integrations.hf_experts and "
+                                  "experts_implementation='torch_moe'")
+    if not getattr(experts, "has_gate", True) or getattr(experts, "has_bias", False) \
+            or getattr(experts, "has_post_expert_norm", False) or not hasattr(experts, "gate_up_proj"):
+        raise NotImplementedError(f"from_hf_moe: {where}: only gated experts without biases or post-expert norms "
+                                  "(gate_up_proj, down_proj) are supported")
+    gate_up, down = experts.gate_up_proj, experts.down_proj
+    if not getattr(experts, "is_transposed", False):  # HF's usual [E, 2f, d] and [E, d, f]
+        gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
+    shared = getattr(block, "shared_experts", None) or getattr(block, "shared_expert", None)
+    return _Block(router, gate_up, down, _expert_type(experts, where), shared,
+                  getattr(block, "shared_expert_gate", None))
+
+
+def _derived_kwargs(block: _Block) -> dict:
+    """The MoE arguments under which the torch_moe layer computes what the HF block does."""
+    router = block.router
+    kwargs: dict = {"capacity_factor": None, "expert": block.expert}
+    name = type(router).__name__
+    if name in _SOFTMAX_ROUTERS:
+        normalize = _SOFTMAX_ROUTERS[name]
+        kwargs["normalize_weights"] = bool(router.norm_topk_prob if normalize is None else normalize)
+    else:  # DeepSeek-V3: sigmoid scores, a selection bias, groups, a scaling factor
+        kwargs.update(router="sigmoid", normalize_weights=bool(router.norm_topk_prob), bias_update_rate=0.0)
+        if router.num_group > 1:
+            kwargs.update(n_groups=router.num_group, topk_groups=router.topk_group)
+        if router.routed_scaling_factor != 1.0:
+            kwargs["routed_scaling_factor"] = float(router.routed_scaling_factor)
+    if block.shared is not None:
+        kwargs.update(num_shared_experts=1, shared_expert_d_ff=block.shared.down_proj.weight.shape[1])
+        if block.shared_gate is not None:
+            kwargs["shared_expert_gate"] = True
+    return kwargs
+
+
+@torch.no_grad()
+def _copy_weights(moe: MoE, block: _Block) -> None:
+    f = block.down.shape[1]
+    moe.experts.w1.copy_(block.gate_up[..., :f])
+    moe.experts.w3.copy_(block.gate_up[..., f:])
+    moe.experts.w2.copy_(block.down)
+    router_weight = getattr(moe.router, "weight", None)
+    if isinstance(router_weight, Tensor) and router_weight.shape == block.router.weight.shape:
+        router_weight.copy_(block.router.weight)
+    correction = getattr(block.router, "e_score_correction_bias", None)
+    if correction is not None and hasattr(moe.router, "expert_bias"):
+        moe.router.expert_bias.copy_(correction)
+    if block.shared is not None:
+        moe.shared_experts.w1[0].copy_(block.shared.gate_proj.weight.t())
+        moe.shared_experts.w3[0].copy_(block.shared.up_proj.weight.t())
+        moe.shared_experts.w2[0].copy_(block.shared.down_proj.weight.t())
+    if block.shared_gate is not None:
+        moe.shared_expert_gate.weight.copy_(block.shared_gate.weight)
+
+
+def from_hf_moe(model: nn.Module, *, select: Optional[set] = None, **overrides) -> nn.Module:
+    """Replace each sparse MoE block of ``model`` by a :class:`~torch_moe.convert.MoEFeedForward` holding a
+    :class:`~torch_moe.MoE` with the block's weights and routing, in place; returns ``model``.
+
+    With no ``overrides`` the converted model's logits equal the original's (dropless; HF's router semantics:
+    ``norm_topk_prob``, DeepSeek-V3's sigmoid scores with ``e_score_correction_bias`` as the fixed selection bias
+    (``bias_update_rate=0``), groups and ``routed_scaling_factor``; Qwen2-MoE's sigmoid-gated shared expert).
+    ``overrides`` go to :class:`~torch_moe.MoE` (``capacity_factor=1.25``, ``router="expert_choice"``,
+    ``bias_update_rate=1e-3``, ``aux_loss_coef``, ...); a different ``router`` drops the DeepSeek-specific router
+    options and keeps the router weight where its shape fits. ``select``: the dotted names of the blocks to convert
+    (default all). Padding: as for :func:`~torch_moe.convert.moefy`, ``attention_mask`` reaches every layer.
+
+    Aux losses: ``torch_moe.aux_loss(model)`` is torch_moe's (per layer: E · Σ f_i P_i with f_i the share of the
+    layer's assignments, see the README). HF's own ``output_router_logits=True`` keeps working: each converted
+    layer's router logits reach HF's recorder, so ``outputs.aux_loss`` is HF's value computed by HF's code. For one
+    layer HF's load-balancing value is top_k times torch_moe's; over several layers HF pools every layer's tokens
+    before the product, so there is no fixed factor: use ``output_router_logits=True`` to reproduce HF's number
+    (times ``router_aux_loss_coef`` in ``outputs.loss``). Recorded in ``model.config`` so that
+    :func:`torch_moe.convert.from_pretrained` rebuilds a saved converted model. Raises ``NotImplementedError`` for
+    PhiMoE and GPT-OSS blocks and ``ValueError`` when there is no MoE block.
+    """
+    for arg in ("device", "dtype"):
+        if arg in overrides:
+            raise ValueError(f"from_hf_moe: {arg} is taken from the block being replaced; do not pass it")
+    blocks = [(name, module) for name, module in model.named_modules()
+              if _is_moe_block(module) and (select is None or name in select)]
+    if not blocks:
+        raise ValueError(f"from_hf_moe: found no sparse MoE block in {type(model).__name__} (looked for a module "
+                         f"with `experts` and a router of {SUPPORTED_ROUTERS + tuple(_UNSUPPORTED)})")
+    read = [(name, _read(name, module)) for name, module in blocks]  # every block checked before any is replaced
+    for name, block in read:
+        kwargs = _derived_kwargs(block)
+        if overrides.get("router", kwargs.get("router", "softmax")) != kwargs.get("router", "softmax"):
+            kwargs = {key: value for key, value in kwargs.items() if key not in _ROUTER_SPECIFIC}
+        kwargs.update(overrides)
+        num_experts, d_model = block.router.weight.shape
+        moe = MoE(d_model, block.down.shape[1], num_experts, block.router.top_k, device=block.gate_up.device,
+                  dtype=block.gate_up.dtype, **kwargs)
+        _copy_weights(moe, block)
+        _record_router_logits(model, type(block.router), moe.router)
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, MoEFeedForward(moe))
+    _install_attention_mask_hook(model)
+    _record(model, [name for name, _ in read], overrides)
+    return model
+
+
+def _record_router_logits(model: nn.Module, hf_router_class: type, router: nn.Module) -> None:
+    """Hook torch_moe's router where HF's recorder hooked the replaced router class, so output_router_logits still
+    collects one [T, E] logits tensor per layer (a torch_moe Routing is a tuple whose item 0 is the logits)."""
+    try:
+        from transformers import PreTrainedModel
+        from transformers.utils.output_capturing import install_output_capuring_hook
+    except ImportError:  # another transformers: output_router_logits then sees no converted layer
+        return
+    keys = set()
+    for module in model.modules():
+        if isinstance(module, PreTrainedModel):
+            for key, specs in (getattr(type(module), "_can_record_outputs", None) or {}).items():
+                for spec in specs if isinstance(specs, list) else [specs]:
+                    if getattr(spec, "target_class", spec) is hf_router_class:
+                        keys.add(key)
+    for key in sorted(keys):
+        install_output_capuring_hook(router, key, 0)
+
+
+def _record(model: nn.Module, modules: list[str], overrides: dict) -> None:
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_dict"):
+        return
+    previous = getattr(config, CONFIG_KEY, None) or {"format": _RECORD_FORMAT, "conversions": []}
+    entry = {"method": "from_hf_moe", "modules": modules, "overrides": dict(overrides)}
+    setattr(config, CONFIG_KEY, {**previous, "conversions": [*previous["conversions"], entry]})
