@@ -161,3 +161,68 @@ def _mixed_device_calls():
 def test_fake_kernels_refuse_mixed_meta_and_real_tensors(op):
     with pytest.raises(RuntimeError, match="all tensors must be on one device"):
         _mixed_device_calls()[op]()
+
+
+CHECKPOINT_ROUTERS = {
+    "softmax-jitter": dict(jitter_eps=0.2),
+    "noisy_topk": dict(router="noisy_topk", load_loss_coef=0.1),
+    "sigmoid": dict(router="sigmoid", bias_update_rate=0.5),
+    "expert_choice": dict(router="expert_choice", jitter_eps=0.2),
+    "sigmoid-dropless-shared": dict(router="sigmoid", bias_update_rate=0.5, capacity_factor=None,
+                                    num_shared_experts=1),
+}
+
+
+def _train(layer, steps, checkpointed, reentrant=False, microbatches=1):
+    """`steps` SGD steps, each over `microbatches` forwards whose losses are summed into one backward.
+
+    Reentrant checkpointing runs the original forward under no_grad, so the layer's aux_loss of that forward has
+    no graph (the README says to use use_reentrant=False, HF's default, for aux losses): the loss leaves it out."""
+    gen = torch.Generator().manual_seed(5)
+    records = []
+    for _ in range(steps):
+        total = 0
+        for _ in range(microbatches):
+            x = torch.randn(2, 6, D, generator=gen, requires_grad=True)
+            if checkpointed:
+                y = torch.utils.checkpoint.checkpoint(layer, x, use_reentrant=reentrant)
+            else:
+                y = layer(x)
+            total = total + (y * torch.linspace(-1, 1, D)).square().sum() + (0 if reentrant else layer.aux_loss)
+        total.backward()
+        # With reentrant checkpointing the original forward has no graph, so the bias update of a step lands at
+        # the next forward instead of the end of the backward: its buffers are compared after the last forward.
+        buffers = [] if reentrant else [b.clone() for b in layer.buffers()]
+        records.append([total.detach()] + [p.grad.clone() for p in layer.parameters()] + buffers)
+        with torch.no_grad():
+            for p in layer.parameters():
+                p -= 0.05 * p.grad
+                p.grad = None
+    layer.eval()
+    with torch.no_grad():
+        records.append([layer(torch.randn(3, D, generator=gen))] + [b.clone() for b in layer.buffers()])
+    return records
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("name", list(CHECKPOINT_ROUTERS))
+@pytest.mark.parametrize("microbatches", [1, 2])
+def test_activation_checkpointing_reproduces_the_uncheckpointed_run(name, reentrant, microbatches):
+    """Recomputation routes as the original forward (noise, jitter, the sigmoid router's bias) and the bias moves
+    once per backward, as without checkpointing."""
+    torch.manual_seed(0)
+    plain = torch_moe.MoE(D, F, E, 2, dtype=torch.float64, **CHECKPOINT_ROUTERS[name])
+    checkpointed = copy.deepcopy(plain)
+    if "sigmoid" in name and reentrant:  # its original forward has no graph: a clear error, not other routing
+        with pytest.raises(RuntimeError, match="use_reentrant=False"):
+            _train(checkpointed, 1, checkpointed=True, reentrant=True, microbatches=microbatches)
+        return
+    torch.manual_seed(1)
+    expected = _train(plain, 3, checkpointed=False, reentrant=reentrant, microbatches=microbatches)
+    torch.manual_seed(1)
+    got = _train(checkpointed, 3, checkpointed=True, reentrant=reentrant, microbatches=microbatches)
+    for step, (g, e) in enumerate(zip(got, expected)):
+        for a, b in zip(g, e):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=lambda m: f"step {step}: {m}")
+    if "sigmoid" in name:
+        assert not torch.equal(checkpointed.router.expert_bias, torch.zeros(E)), "the bias never moved"

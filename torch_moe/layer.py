@@ -18,7 +18,7 @@ from ._checks import is_finite_number, is_int, is_number
 from .dispatch import (DROP_POLICIES, Capacity, CapacityDispatch, DroplessDispatch, ExpertChoiceDispatch,
                        ExpertGroup, ExpertParallelCapacityDispatch, ExpertParallelDroplessDispatch, Load)
 from .experts import ACTIVATIONS, EXPERT_TYPES, Experts
-from .routing import ROUTER_CLASSES, RouterOptions, router_class
+from .routing import ROUTER_CLASSES, RouterOptions, recomputing, router_class
 
 __all__ = ["MoE", "MoEStats", "aux_loss", "DROP_POLICIES"]
 
@@ -244,9 +244,9 @@ class MoE(nn.Module):
         y, load = self.dispatcher(self.experts, expert_input, routing, valid)
         if self.shared_experts is not None:
             y = y + self._shared(clean.to(expert_input.dtype), valid)
-        if self.training and self.router.adapts_to_load:
+        if self.training and self.router.adapts_to_load and not recomputing():
             # Under expert parallelism the load is summed over the group, so the replicated state stays identical.
-            self.router.observe_load(self.dispatcher.summed_over_group(load.tokens_per_expert))
+            self.router.observe_load(self.dispatcher.summed_over_group(load.tokens_per_expert), y)
         self._record_losses_and_stats(x, routing, valid, load)
         return y.to(x.dtype).reshape(x.shape)
 

@@ -82,6 +82,11 @@ def _router_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+def recomputing() -> bool:
+    """Whether this forward runs inside a backward pass: activation checkpointing recomputing a forward."""
+    return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
+
+
 def _router_linear(x: Tensor, weight: Tensor) -> Tensor:
     """x·weightᵀ in the router dtype. Autocast is off for it: F.linear would otherwise run in bf16/fp16 and route
     differently from float32."""
@@ -128,8 +133,9 @@ class RouterBase(nn.Module):
         """Whether :meth:`observe_load` changes the router in training (replicated state under expert parallelism)."""
         return False
 
-    def observe_load(self, tokens_per_expert: Tensor) -> None:
-        """Called by the layer after each forward with the valid assignments per expert [E]; nothing to do here."""
+    def observe_load(self, tokens_per_expert: Tensor, output: Optional[Tensor] = None) -> None:
+        """Called by the layer after each training forward (not after a recomputation) with the valid assignments
+        per expert [E] and the layer's output; nothing to do here."""
 
     def balance_losses(self, routing: Routing, valid: Optional[Tensor]) -> ops.RouterLosses:
         """(load-balancing loss, z-loss, router entropy) of this routing, each 0-dim."""
@@ -285,8 +291,14 @@ class SigmoidRouter(Router):
     2024, "Auxiliary-Loss-Free Load Balancing Strategy for Mixture-of-Experts").
 
     scores = sigmoid(x·weightᵀ); the buffer ``expert_bias`` [E] is added to the scores only to choose the top k; the
-    weights are the chosen unbiased scores divided by their sum. In training mode every forward moves the bias
-    against the load it saw: ``expert_bias[i] += bias_update_rate · sign(mean load − load[i])`` (0 disables).
+    weights are the chosen unbiased scores divided by their sum. Training moves the bias against the load seen:
+    ``expert_bias[i] += bias_update_rate · sign(mean load − load[i])`` (0 disables). A training forward with a
+    graph defers its update to the end of the backward through it (the loads of forwards sharing one backward are
+    summed, one update); one without a graph (no_grad) updates at once. So a recomputation under activation
+    checkpointing (``torch.utils.checkpoint(use_reentrant=False)``, HF ``gradient_checkpointing_enable``) routes
+    with the bias of its original forward and does not count its load again; reentrant checkpointing, whose
+    original forward has no graph, raises RuntimeError at the recomputation instead of routing differently.
+    A forward with a graph and no backward leaves its update pending until the next eval-mode forward.
     ``n_groups`` / ``topk_groups``: a group's score is the sum of its two highest biased scores and a token chooses
     only inside its ``topk_groups`` best groups (DeepSeek-V3's node-limited routing). With ``top_k=1`` the normalised
     weight is always 1 and the router learns only from aux losses: pass ``normalize_weights=False`` there. With
@@ -320,6 +332,8 @@ class SigmoidRouter(Router):
         device, dtype)."""
         super().__init__(d_model, num_experts, top_k, normalize_weights=normalize_weights, **router_options)
         self.bias_update_rate = bias_update_rate
+        self._pending_load: Optional[Tensor] = None  # summed loads of training forwards not yet applied
+        self._awaited_backwards = 0  # backwards through those forwards that have not ended yet
         self.register_buffer("expert_bias", torch.zeros(num_experts, device=self.weight.device, dtype=torch.float32))
 
     def selection_bias(self) -> Tensor:
@@ -329,11 +343,49 @@ class SigmoidRouter(Router):
     def adapts_to_load(self) -> bool:
         return self.bias_update_rate != 0
 
+    def forward(self, x: Tensor, *, token_ids: Optional[Tensor] = None, valid: Optional[Tensor] = None) -> Routing:
+        if recomputing():
+            if self.training and self.bias_update_rate != 0 and self._awaited_backwards == 0:
+                # The original forward had no graph, so its update is already applied: reentrant checkpointing.
+                raise RuntimeError(
+                    "MoE(router='sigmoid'): a forward recomputed inside a backward (activation checkpointing with "
+                    "use_reentrant=True) cannot route as its original forward did, whose bias update is already "
+                    "applied; use torch.utils.checkpoint(..., use_reentrant=False) (HF's default), or "
+                    "bias_update_rate=0")
+        elif self._pending_load is not None and not self.training:
+            self._apply_pending()
+        return super().forward(x, token_ids=token_ids, valid=valid)
+
     @torch.no_grad()
-    def observe_load(self, tokens_per_expert: Tensor) -> None:
+    def observe_load(self, tokens_per_expert: Tensor, output: Optional[Tensor] = None) -> None:
         if not self.training or self.bias_update_rate == 0:
             return
         load = tokens_per_expert.to(self.expert_bias.dtype)
+        if output is None or not output.requires_grad:  # no backward will follow: nothing to wait for
+            self._update(load)
+            return
+        self._pending_load = load if self._pending_load is None else self._pending_load + load
+        self._awaited_backwards += 1
+        output.register_hook(self._on_output_grad)
+
+    def _on_output_grad(self, grad: Tensor) -> None:
+        # Runs inside the backward; the update waits for its end, after every recomputation of this step.
+        torch.autograd.Variable._execution_engine.queue_callback(self._backward_done)
+
+    def _backward_done(self) -> None:
+        self._awaited_backwards = max(self._awaited_backwards - 1, 0)
+        if self._awaited_backwards == 0:
+            self._apply_pending()
+
+    @torch.no_grad()
+    def _apply_pending(self) -> None:
+        if self._pending_load is None:
+            return
+        load, self._pending_load, self._awaited_backwards = self._pending_load, None, 0
+        self._update(load)
+
+    @torch.no_grad()
+    def _update(self, load: Tensor) -> None:
         self.expert_bias.add_(torch.sign(load.mean() - load), alpha=self.bias_update_rate)
 
     def extra_repr(self) -> str:
