@@ -58,3 +58,69 @@ def test_gated_shared_expert_of_its_own_width():
 def test_bad_options(kwargs, needle):
     with pytest.raises(ValueError, match=needle):
         torch_moe.MoE(D, FF, E, 2, **kwargs)
+
+
+def _expert_reference(layer, x):
+    """y[t] = sum_j weight[t, j] * expert_{id[t, j]}(x[t]) with every bias, in plain PyTorch (no drops)."""
+    routing = layer.router(x)
+    ex = layer.experts
+    act = {"swiglu": F.silu, "geglu": F.gelu, "geglu_tanh": lambda h: F.gelu(h, approximate="tanh")}[ex.expert]
+    y = torch.zeros_like(x)
+    for t in range(x.shape[0]):
+        for j in range(routing.expert_ids.shape[1]):
+            e = int(routing.expert_ids[t, j])
+            gate = x[t] @ ex.w1[e] + (ex.b1[e] if ex.b1 is not None else 0)
+            up = x[t] @ ex.w3[e] + (ex.b3[e] if ex.b3 is not None else 0)
+            y[t] += routing.weights[t, j] * ((act(gate) * up) @ ex.w2[e] + (ex.b2[e] if ex.b2 is not None else 0))
+    return y
+
+
+@pytest.mark.parametrize("expert", ["swiglu", "geglu_tanh"])
+@pytest.mark.parametrize("bias,up_bias", [(False, True), (True, True), (True, False)])
+@pytest.mark.parametrize("capacity_factor", [None, 8.0])  # 8.0: C >= T*k, nothing dropped
+@pytest.mark.parametrize("grad", [True, False])  # no grad: the fused gather_grouped_glu inference path
+def test_tanh_gelu_experts_and_up_bias_against_plain_pytorch(expert, bias, up_bias, capacity_factor, grad):
+    torch.manual_seed(0)
+    layer = torch_moe.MoE(D, FF, E, 2, expert=expert, bias=bias, up_bias=up_bias, capacity_factor=capacity_factor,
+                          dtype=torch.float64)
+    with torch.no_grad():
+        for p in layer.experts.parameters():
+            p.normal_(0, 0.5)
+    x = torch.randn(9, D, dtype=torch.float64, requires_grad=grad)
+    with torch.set_grad_enabled(grad):
+        got = layer(x)
+    expected = _expert_reference(layer, x.detach())
+    torch.testing.assert_close(got.detach(), expected.detach(), rtol=1e-10, atol=1e-10)
+    if grad:
+        got.square().sum().backward()
+        b3 = layer.experts.b3
+        grads = [p.grad.clone() for p in (b3, layer.experts.w3, x) if p is not None]
+        for p in (b3, layer.experts.w3):
+            if p is not None:
+                p.grad = None
+        x_ref = x.detach().clone().requires_grad_()
+        _expert_reference(layer, x_ref).square().sum().backward()
+        expected_grads = [p.grad for p in (b3, layer.experts.w3, x_ref) if p is not None]
+        for g, e in zip(grads, expected_grads):
+            torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-10)
+
+
+def test_up_bias_needs_a_gated_expert():
+    with pytest.raises(ValueError, match="up_bias .* needs a gated expert type"):
+        torch_moe.MoE(D, FF, E, 2, expert="mlp", up_bias=True)
+
+
+def test_grouped_path_with_up_bias_matches_the_batched_path():
+    """Experts.forward_grouped (the expert-parallel dropless path) against Experts.forward on the same rows."""
+    torch.manual_seed(0)
+    experts = torch_moe.Experts(D, FF, 3, expert="geglu_tanh", bias=True, up_bias=True, dtype=torch.float64)
+    counts = [2, 0, 3]
+    rows = torch.randn(sum(counts), D, dtype=torch.float64)
+    offsets = torch.tensor([0, 2, 2, 5])
+    got = experts.forward_grouped(rows, offsets)
+    for e in range(3):
+        segment = rows[offsets[e]:offsets[e + 1]]
+        buffer = torch.zeros(3, max(len(segment), 1), D, dtype=torch.float64)
+        buffer[e, :len(segment)] = segment
+        torch.testing.assert_close(got[offsets[e]:offsets[e + 1]], experts(buffer)[e, :len(segment)],
+                                   rtol=1e-12, atol=1e-12)

@@ -130,7 +130,7 @@ class DroplessDispatch:
 # expert parallelism
 
 _CHOICES = {"expert": EXPERT_TYPES, "activation": tuple(ACTIVATIONS), "drop_policy": DROP_POLICIES}
-_FLAGS = ("bias", "normalize_weights", "global_load_balancing")
+_FLAGS = ("bias", "normalize_weights", "global_load_balancing", "up_bias")
 
 
 def _encode(name: str, value) -> int:

@@ -13,7 +13,8 @@ from . import ops
 
 __all__ = ["Experts", "EXPERT_TYPES", "ACTIVATIONS"]
 
-EXPERT_TYPES = ("swiglu", "geglu", "mlp")
+EXPERT_TYPES = ("swiglu", "geglu", "mlp", "geglu_tanh")
+_GATE_ACTIVATIONS = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh"}
 def _gelu(h: Tensor) -> Tensor:
     return F.gelu(h)  # exact (erf) gelu
 
@@ -38,10 +39,12 @@ def _grouped_path(x: Tensor) -> str:
 class Experts(nn.Module):
     """E independent FFNs.
 
-    ``"swiglu"``: (silu(x·w1 [+ b1]) · (x·w3)) · w2 [+ b2]; ``"geglu"``: the same with exact gelu;
-    ``"mlp"``: act(x·w1 [+ b1]) · w2 [+ b2] with ``activation`` in gelu (exact) / gelu_tanh / relu / silu.
+    ``"swiglu"``: (silu(x·w1 [+ b1]) · (x·w3 [+ b3])) · w2 [+ b2]; ``"geglu"``: the same with exact gelu,
+    ``"geglu_tanh"`` with tanh-approximated gelu (Gemma, T5 v1.1); ``"mlp"``: act(x·w1 [+ b1]) · w2 [+ b2] with
+    ``activation`` in gelu (exact) / gelu_tanh / relu / silu.
     Parameters: w1 [E, d_model, d_ff], w2 [E, d_ff, d_model], w3 [E, d_model, d_ff] (gated types only),
-    b1 [E, d_ff] and b2 [E, d_model] when ``bias``. ``last_path`` names the expert-compute path of the last forward:
+    b1 [E, d_ff] and b2 [E, d_model] when ``bias``, b3 [E, d_ff] when ``up_bias`` (gated types only: Llama's
+    ``mlp_bias``). ``last_path`` names the expert-compute path of the last forward:
     "bmm" (capacity mode), "grouped_mm" (torch's grouped GEMM) or "per_expert_loop" on CUDA, "cpu" on the CPU.
     """
 
@@ -56,6 +59,7 @@ class Experts(nn.Module):
         expert: str = "swiglu",
         activation: str = "gelu",
         bias: bool = False,
+        up_bias: bool = False,
         device=None,
         dtype=None,
     ) -> None:
@@ -68,21 +72,26 @@ class Experts(nn.Module):
         self.activation = activation
         self.num_experts = num_experts
         self.gated = expert != "mlp"
-        # The mlp expert's activation; the gated types apply theirs (silu / exact gelu) through ops.glu.
+        if up_bias and not self.gated:
+            raise ValueError(f"up_bias (b3 on x·w3) needs a gated expert type, got expert={expert!r}")
+        # The mlp expert's activation; the gated types apply theirs (silu / gelu / tanh gelu) through ops.glu.
         self._act = ACTIVATIONS[activation]
-        self._gate_activation = {"swiglu": "silu", "geglu": "gelu"}.get(expert)
+        self._gate_activation = _GATE_ACTIVATIONS.get(expert)
         factory = {"device": device, "dtype": dtype}
         self.w1 = nn.Parameter(torch.empty(num_experts, d_model, d_ff, **factory))
         self.w2 = nn.Parameter(torch.empty(num_experts, d_ff, d_model, **factory))
         self.w3 = nn.Parameter(torch.empty(num_experts, d_model, d_ff, **factory)) if self.gated else None
         self.b1 = nn.Parameter(torch.empty(num_experts, d_ff, **factory)) if bias else None
         self.b2 = nn.Parameter(torch.empty(num_experts, d_model, **factory)) if bias else None
+        self.b3 = nn.Parameter(torch.empty(num_experts, d_ff, **factory)) if up_bias else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         # nn.Linear's default range per expert: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
         d_model, d_ff = self.w1.shape[1], self.w1.shape[2]
-        for weight, fan_in in ((self.w1, d_model), (self.w3, d_model), (self.b1, d_model), (self.w2, d_ff), (self.b2, d_ff)):
+        # b3 last, so that adding it leaves the draws of the other parameters as they were.
+        for weight, fan_in in ((self.w1, d_model), (self.w3, d_model), (self.b1, d_model), (self.w2, d_ff), (self.b2, d_ff),
+                               (self.b3, d_model)):
             if weight is not None:
                 bound = 1.0 / math.sqrt(fan_in)
                 nn.init.uniform_(weight, -bound, bound)
@@ -97,7 +106,11 @@ class Experts(nn.Module):
         h = torch.bmm(buffer, self.w1)
         if self.b1 is not None:
             h = h + self.b1.unsqueeze(1)
-        h = self._gated(h, torch.bmm(buffer, self.w3)) if self.gated else self._act(h)
+        if self.gated:
+            up = torch.bmm(buffer, self.w3)
+            h = self._gated(h, up if self.b3 is None else up + self.b3.unsqueeze(1))
+        else:
+            h = self._act(h)
         out = torch.bmm(h, self.w2)
         if self.b2 is not None:
             out = out + self.b2.unsqueeze(1)
@@ -110,15 +123,19 @@ class Experts(nn.Module):
         offsets[E] (padding) are not read by unpermute, whatever they hold.
         """
         expert_of_row = None
-        if self.b1 is not None:
+        if self.b1 is not None or self.b3 is not None:
             positions = torch.arange(rows.shape[0], device=rows.device)
             expert_of_row = torch.searchsorted(offsets[1:], positions, right=True).clamp_(max=self.num_experts - 1)
         h = ops.grouped_mm(rows, self.w1, offsets)
-        if expert_of_row is not None:
+        if self.b1 is not None:
             h = h + self.b1[expert_of_row]
-        h = self._gated(h, ops.grouped_mm(rows, self.w3, offsets)) if self.gated else self._act(h)
+        if self.gated:
+            up = ops.grouped_mm(rows, self.w3, offsets)
+            h = self._gated(h, up if self.b3 is None else up + self.b3[expert_of_row])
+        else:
+            h = self._act(h)
         out = ops.grouped_mm(h, self.w2, offsets)
-        if expert_of_row is not None:
+        if self.b2 is not None:
             out = out + self.b2[expert_of_row]
         self.last_path = _grouped_path(rows)
         return out
@@ -131,11 +148,11 @@ class Experts(nn.Module):
         not k permuted copies of the tokens and of the expert outputs. Biases ride along as an extra input column of ones.
         """
         w1, w3, w2 = self.w1, self.w3, self.w2
-        if self.b1 is not None:
+        if self.b1 is not None or self.b3 is not None:
             x = torch.cat([x, x.new_ones(x.shape[0], 1)], dim=1)
-            w1 = torch.cat([w1, self.b1.unsqueeze(1)], dim=1)
+            w1 = torch.cat([w1, _bias_row(self.b1, w1)], dim=1)
             if w3 is not None:
-                w3 = torch.cat([w3, w3.new_zeros(w3.shape[0], 1, w3.shape[2])], dim=1)
+                w3 = torch.cat([w3, _bias_row(self.b3, w3)], dim=1)
         if self.gated and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, w3))):
             # Inference: one op for both gated projections (rows gathered once, activation formed in cache).
             # Training keeps the projections as separate ops: autograd then frees each one's activations before
@@ -159,4 +176,10 @@ class Experts(nn.Module):
         return (
             f"num_experts={self.num_experts}, d_model={self.w1.shape[1]}, d_ff={self.w1.shape[2]}, "
             f"expert={self.expert!r}, activation={self.activation!r}, bias={self.b1 is not None}"
+            + (", up_bias=True" if self.b3 is not None else "")
         )
+
+
+def _bias_row(bias: Optional[Tensor], weight: Tensor) -> Tensor:
+    """[E, 1, d_ff]: the bias as the weight row that meets the input's column of ones (zeros without a bias)."""
+    return bias.unsqueeze(1) if bias is not None else weight.new_zeros(weight.shape[0], 1, weight.shape[2])

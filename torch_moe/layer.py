@@ -60,8 +60,9 @@ class MoE(nn.Module):
             ``"probability"`` (each expert keeps its C most probable assignments).
         normalize_weights: divide the chosen probabilities by their sum; ``None`` means ``top_k > 1``, and always
             for ``"sigmoid"`` and ``"noisy_topk"``.
-        expert: ``"swiglu"``, ``"geglu"`` or ``"mlp"`` (with ``activation`` gelu / gelu_tanh / relu / silu); ``bias``
-            adds b1 [E, d_ff] and b2 [E, d_model].
+        expert: ``"swiglu"``, ``"geglu"``, ``"geglu_tanh"`` or ``"mlp"`` (with ``activation`` gelu / gelu_tanh /
+            relu / silu); ``bias`` adds b1 [E, d_ff] and b2 [E, d_model]; ``up_bias`` (gated types) adds b3 [E, d_ff]
+            to x·w3 (Llama's ``mlp_bias``).
         aux_loss_coef, z_loss_coef: weights of the load-balancing loss and the router z-loss in ``aux_loss``.
         jitter_eps: multiplicative U(1 - eps, 1 + eps) noise on the router input, training only.
         router: one of :data:`torch_moe.routing.ROUTERS`: ``"softmax"`` (default), ``"noisy_topk"``,
@@ -114,6 +115,7 @@ class MoE(nn.Module):
         expert: str = "swiglu",
         activation: str = "gelu",
         bias: bool = False,
+        up_bias: bool = False,
         aux_loss_coef: float = 1e-2,
         z_loss_coef: float = 1e-3,
         jitter_eps: float = 0.0,
@@ -136,7 +138,7 @@ class MoE(nn.Module):
     ) -> None:
         super().__init__()
         _validate(d_model, d_ff, num_experts, top_k, capacity_factor, min_capacity, drop_policy, expert,
-                  activation, jitter_eps)
+                  activation, jitter_eps, up_bias)
         _validate_fine_grained(d_ff, num_shared_experts, expert_granularity)
         _validate_shared(num_shared_experts, shared_expert_d_ff, shared_expert_gate)
         self.expert_granularity = expert_granularity
@@ -173,7 +175,7 @@ class MoE(nn.Module):
         self.router = router_type.build(d_model, num_experts, top_k,
                                         dataclasses.replace(options, normalize_weights=self.normalize_weights),
                                         self._capacity, **factory)
-        experts = {"expert": expert, "activation": activation, "bias": bias, **factory}
+        experts = {"expert": expert, "activation": activation, "bias": bias, "up_bias": up_bias, **factory}
         if expert_parallel_group is None:
             self.experts = Experts(d_model, d_ff, num_experts, **experts)
         else:
@@ -182,11 +184,11 @@ class MoE(nn.Module):
         shared_d_ff = shared_expert_d_ff or num_shared_experts * d_ff
         self.shared_experts = Experts(d_model, shared_d_ff, 1, **experts) if num_shared_experts else None
         self.shared_expert_gate = nn.Linear(d_model, 1, bias=False, **factory) if shared_expert_gate else None
-        self.dispatcher = self._make_dispatcher(router_type, expert, activation, bias)
+        self.dispatcher = self._make_dispatcher(router_type, expert, activation, bias, up_bias)
         self.aux_loss: Optional[Tensor] = None
         self.stats: Optional[MoEStats] = None
 
-    def _make_dispatcher(self, router_type, expert: str, activation: str, bias: bool):
+    def _make_dispatcher(self, router_type, expert: str, activation: str, bias: bool, up_bias: bool):
         """The dispatch strategy of this layer (:mod:`torch_moe.dispatch`), chosen once."""
         if self.expert_parallel_group is not None:
             group = ExpertGroup(self.expert_parallel_group, self.expert_parallel_rank, self.expert_parallel_size, {
@@ -194,7 +196,7 @@ class MoE(nn.Module):
                 "d_ff": self.d_ff, "top_k": self.top_k, "expert": expert, "activation": activation, "bias": bias,
                 "capacity_factor": self.capacity_factor, "min_capacity": self.min_capacity,
                 "drop_policy": self.drop_policy, "normalize_weights": self.normalize_weights,
-                "global_load_balancing": self.global_load_balancing})
+                "global_load_balancing": self.global_load_balancing, "up_bias": up_bias})
             if self._capacity is None:
                 return ExpertParallelDroplessDispatch(self.num_experts, group)
             return ExpertParallelCapacityDispatch(self.num_experts, self._capacity, self.drop_policy, group)
@@ -330,7 +332,7 @@ def _sequence_balance(x: Tensor, routing, valid: Optional[Tensor]) -> Tensor:
 
 
 def _validate(d_model, d_ff, num_experts, top_k, capacity_factor, min_capacity, drop_policy, expert, activation,
-              jitter_eps) -> None:
+              jitter_eps, up_bias) -> None:
     for name, value in (("d_model", d_model), ("d_ff", d_ff), ("num_experts", num_experts)):
         if not is_int(value) or value <= 0:
             raise ValueError(f"MoE: {name} must be a positive int, got {value!r}")
@@ -344,6 +346,8 @@ def _validate(d_model, d_ff, num_experts, top_k, capacity_factor, min_capacity, 
         raise ValueError(f"MoE: drop_policy must be one of {DROP_POLICIES}, got {drop_policy!r}")
     if expert not in EXPERT_TYPES:
         raise ValueError(f"MoE: expert must be one of {EXPERT_TYPES}, got {expert!r}")
+    if up_bias and expert == "mlp":
+        raise ValueError("MoE: up_bias (b3 on x·w3) needs a gated expert type, got expert='mlp'")
     if activation not in ACTIVATIONS:
         raise ValueError(f"MoE: activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
     if not (is_number(jitter_eps) and 0.0 <= jitter_eps < 1.0):

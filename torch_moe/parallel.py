@@ -30,8 +30,8 @@ __all__ = [
 ]
 
 # Parameters of ``Experts`` that are sharded over the expert-parallel group (leading dim E/W per rank).
-EXPERT_PARAMETERS = ("w1", "w2", "w3", "b1", "b2")
-_EXPERT_KEY = re.compile(r"(?:^|\.)experts\.(?:w1|w2|w3|b1|b2)$")
+EXPERT_PARAMETERS = ("w1", "w2", "w3", "b1", "b2", "b3")
+_EXPERT_KEY = re.compile(r"(?:^|\.)experts\.(?:w1|w2|w3|b1|b2|b3)$")
 
 
 def _expert_parallel_layers(model) -> list[tuple[str, MoE]]:
