@@ -329,10 +329,15 @@ def test_unsupported_activation():
         moefy(gated, NUM_EXPERTS)
 
 
-def test_up_proj_bias_is_refused():
+def test_up_proj_bias_becomes_the_experts_up_bias():
     model = tiny_hf.make_model("llama", mlp_bias=True)
-    with pytest.raises(ValueError, match="bias on up_proj"):
-        moefy(model, NUM_EXPERTS)
+    ids = tiny_hf.input_ids(2, 6)
+    with torch.no_grad():
+        dense = tiny_hf.logits(model, ids)
+    moefy(model, NUM_EXPERTS, upcycle=True)
+    assert all(layer.experts.b3 is not None for layer in moe_layers(model))
+    with torch.no_grad():
+        torch.testing.assert_close(tiny_hf.logits(model, ids), dense, rtol=0, atol=1e-10)
 
 
 # --------------------------------------------------------------------------------------------------
