@@ -183,4 +183,87 @@ __device__ __forceinline__ Candidate<acc_t> group_best(Candidate<acc_t> c, Group
       scratch);
 }
 
+// ------------------------------------------------------------------------------------------- router rows
+// The row kernels of the routing and loss ops give each token row a warp (E <= kWarpPathMaxExperts, with
+// kRowsPerWarpBlock rows per block) or a whole block.
+constexpr int64_t kWarpPathMaxExperts = 256;
+constexpr int kRowsPerWarpBlock = 4;
+
+// Inside a row kernel: the scratch of this thread's row group, one per row of the block (kThreads == 32) or the
+// block's one (declared here, so each kernel that calls this once gets its own shared array).
+template <int kThreads>
+__device__ __forceinline__ GroupScratch<kThreads>* row_group_scratch() {
+  __shared__ GroupScratch<kThreads> scratch_rows[kThreads == 32 ? kRowsPerWarpBlock : 1];
+  return &scratch_rows[kThreads == 32 ? threadIdx.y : 0];
+}
+
+// The grid-stride loop of a row kernel over token rows: for (row = first_row(); row < T; row += row_stride()).
+__device__ __forceinline__ int64_t first_row() { return blockIdx.x * static_cast<int64_t>(blockDim.y) + threadIdx.y; }
+__device__ __forceinline__ int64_t row_stride() { return static_cast<int64_t>(gridDim.x) * blockDim.y; }
+
+// launch(threads, block, grid) with threads an integral_constant of the threads per row: 32 or kBlockThreads.
+template <typename Launch>
+void launch_rows(int64_t T, int64_t E, Launch launch) {
+  if (E <= kWarpPathMaxExperts) {
+    const dim3 block(32, kRowsPerWarpBlock);
+    launch(std::integral_constant<int, 32>{}, block, blocks_for((T + kRowsPerWarpBlock - 1) / kRowsPerWarpBlock, 1));
+  } else {
+    const dim3 block(kBlockThreads, 1);
+    launch(std::integral_constant<int, kBlockThreads>{}, block, blocks_for(T, 1));
+  }
+}
+
+// What the softmax of one row needs to score any of its logits: the CPU's score_row, special cases included.
+template <typename acc_t>
+struct RowStats {
+  acc_t max_logit;
+  acc_t sum;
+  int has_nan;
+  int64_t n_top;  // only when max_logit is infinite: how many logits share the mass
+};
+
+template <int kThreads, typename scalar_t, typename acc_t>
+__device__ RowStats<acc_t> row_stats(const scalar_t* logits, int64_t E, bool softmax, GroupScratch<kThreads>* scratch) {
+  RowStats<acc_t> st{dev_inf<acc_t>(), acc_t(0), 0, 0};
+  if (!softmax) return st;
+  acc_t mx = -dev_inf<acc_t>();
+  int nan = 0;
+  for (int64_t e = threadIdx.x; e < E; e += kThreads) {
+    const acc_t v = static_cast<acc_t>(logits[e]);
+    if (isnan(v)) {
+      nan = 1;
+    } else if (mx < v) {
+      mx = v;
+    }
+  }
+  st.max_logit = group_max<kThreads>(mx, scratch);
+  st.has_nan = group_max<kThreads>(nan, scratch);
+  if (st.has_nan) return st;
+  if (isinf(st.max_logit)) {
+    const bool pos = st.max_logit > 0;
+    int64_t n = 0;
+    for (int64_t e = threadIdx.x; e < E; e += kThreads) {
+      const acc_t v = static_cast<acc_t>(logits[e]);
+      n += (!pos || v == st.max_logit) ? 1 : 0;
+    }
+    st.n_top = group_sum<kThreads>(n, scratch);
+    return st;
+  }
+  acc_t sum = 0;
+  for (int64_t e = threadIdx.x; e < E; e += kThreads) sum += dev_exp(static_cast<acc_t>(logits[e]) - st.max_logit);
+  st.sum = group_sum<kThreads>(sum, scratch);
+  return st;
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t score_of(acc_t v, const RowStats<acc_t>& st, bool softmax) {
+  if (!softmax) return acc_t(1) / (acc_t(1) + dev_exp(-v));
+  if (st.has_nan) return dev_nan<acc_t>();
+  if (isinf(st.max_logit)) {
+    const bool pos = st.max_logit > 0;
+    return (!pos || v == st.max_logit) ? acc_t(1) / static_cast<acc_t>(st.n_top) : acc_t(0);
+  }
+  return dev_exp(v - st.max_logit) / st.sum;
+}
+
 }  // namespace torch_moe::cuda

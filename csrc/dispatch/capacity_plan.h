@@ -1,4 +1,5 @@
-// Capacity plan (slot of each assignment in its expert's buffer) and the dropless permutation plan.
+// Capacity plan (slot of each assignment in its expert's buffer): the argument checks and the op body of both
+// backends; capacity_plan_cpu.cpp and capacity_plan_cuda.cu hold the plans themselves.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -6,24 +7,28 @@
 
 #include <optional>
 #include <tuple>
-#include <vector>
 
 namespace torch_moe {
 
-// Checks shared by the planning ops: expert_ids [T, k] int64 in [0, E) (valid rows), valid_mask [T] bool.
-void check_expert_ids(const char* op, const at::Tensor& expert_ids, int64_t num_experts,
-                      const std::optional<at::Tensor>& valid_mask);
+enum class DropPolicy { kPosition, kProbability };
 
-namespace cpu {
-// valid_mask [T] as one flag per token (all valid when absent).
-std::vector<uint8_t> valid_token_flags(const std::optional<at::Tensor>& valid_mask, int64_t T);
+// The argument checks of capacity_plan, shared by the CPU and CUDA kernels (same order, same messages); returns the
+// parsed drop policy. The range of the ids is checked on the CPU only (check_expert_ids).
+DropPolicy check_capacity_plan_args(const char* op, const at::Tensor& expert_ids, int64_t num_experts,
+                                    int64_t capacity, c10::string_view drop_policy,
+                                    const std::optional<at::Tensor>& priority,
+                                    const std::optional<at::Tensor>& valid_mask);
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> capacity_plan(const at::Tensor& expert_ids, int64_t num_experts,
-                                                             int64_t capacity, c10::string_view drop_policy,
-                                                             const std::optional<at::Tensor>& priority,
-                                                             const std::optional<at::Tensor>& valid_mask);
-// Dropless plan: (row_index [T, k], offsets [E + 1]); rows grouped by expert, token order inside.
-std::tuple<at::Tensor, at::Tensor> permute_plan(const at::Tensor& expert_ids, int64_t num_experts,
-                                                const std::optional<at::Tensor>& valid_mask);
-}  // namespace cpu
+// capacity_plan, written once over a backend B: the checks, then B::plan_slots(op, expert_ids, num_experts, capacity,
+// policy, priority, valid_mask) -> (slots [T, k], tokens_per_expert [E], kept_per_expert [E]).
+template <typename B>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> capacity_plan_op(const at::Tensor& expert_ids, int64_t num_experts,
+                                                                int64_t capacity, c10::string_view drop_policy,
+                                                                const std::optional<at::Tensor>& priority,
+                                                                const std::optional<at::Tensor>& valid_mask) {
+  constexpr const char* op = "capacity_plan";
+  const DropPolicy policy =
+      check_capacity_plan_args(op, expert_ids, num_experts, capacity, drop_policy, priority, valid_mask);
+  return B::plan_slots(op, expert_ids, num_experts, capacity, policy, priority, valid_mask);
+}
 }  // namespace torch_moe

@@ -1,4 +1,4 @@
-// CPU capacity plan (position and probability policies) and dropless permutation plan.
+// CPU capacity plan (position and probability policies).
 #include "dispatch/capacity_plan.h"
 
 #include <ATen/ATen.h>
@@ -11,32 +11,12 @@
 #include <vector>
 
 #include "common/checks.h"
+#include "common/expert_ids.h"
 
 namespace torch_moe {
 
-void check_expert_ids(const char* op, const at::Tensor& expert_ids, int64_t num_experts,
-                      const std::optional<at::Tensor>& valid_mask) {
-  check_dtype(op, "expert_ids", expert_ids, at::kLong);
-  check_dim(op, "expert_ids", expert_ids, 2, "[T, k]");
-  TORCH_MOE_CHECK(num_experts > 0, "torch_moe.{}: argument 'num_experts' must be positive, got {}", op, num_experts);
-  check_valid_mask(op, valid_mask, expert_ids, "expert_ids");
-  const at::Tensor* mask = valid_mask.has_value() && valid_mask->defined() ? &*valid_mask : nullptr;
-  check_index_range(op, "expert_ids", expert_ids, 0, num_experts, mask);
-}
-
 namespace cpu {
 namespace {
-
-enum class DropPolicy { kPosition, kProbability };
-
-DropPolicy parse_drop_policy(const char* op, c10::string_view name) {
-  if (name == "position") return DropPolicy::kPosition;
-  if (name == "probability") return DropPolicy::kProbability;
-  TORCH_MOE_CHECK(false, "torch_moe.{}: argument 'drop_policy' must be \"position\" or \"probability\", got \"{}\"",
-                  op, std::string(name));
-  return DropPolicy::kPosition;
-}
-
 
 // Sorts one expert's assignments (flat t*k+j) by priority, highest first; NaN last; ties to the lower
 // token index (then the lower choice rank, i.e. the lower flat index).
@@ -51,34 +31,11 @@ void sort_by_priority(std::vector<int64_t>& assignments, const acc_t* priority) 
   });
 }
 
-}  // namespace
-
-std::vector<uint8_t> valid_token_flags(const std::optional<at::Tensor>& valid_mask, int64_t T) {
-  std::vector<uint8_t> valid(T, 1);
-  if (valid_mask.has_value() && valid_mask->defined()) {
-    const auto m = valid_mask->contiguous();
-    const bool* mp = m.data_ptr<bool>();
-    for (int64_t t = 0; t < T; ++t) valid[t] = mp[t];
-  }
-  return valid;
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> capacity_plan(const at::Tensor& expert_ids_in, int64_t num_experts,
-                                                             int64_t capacity, c10::string_view drop_policy,
-                                                             const std::optional<at::Tensor>& priority_in,
-                                                             const std::optional<at::Tensor>& valid_mask) {
-  constexpr const char* op = "capacity_plan";
-  check_expert_ids(op, expert_ids_in, num_experts, valid_mask);
-  TORCH_MOE_CHECK(capacity >= 0, "torch_moe.{}: argument 'capacity' must be >= 0, got {}", op, capacity);
-  const DropPolicy policy = parse_drop_policy(op, drop_policy);
-  const bool has_priority = priority_in.has_value() && priority_in->defined();
-  TORCH_MOE_CHECK(policy != DropPolicy::kProbability || has_priority,
-                  "torch_moe.{}: argument 'priority' [T, k] is required by drop_policy=\"probability\", got None", op);
-  if (has_priority) {
-    check_floating(op, "priority", *priority_in);
-    check_same_shape(op, "priority", *priority_in, "expert_ids", expert_ids_in);
-    check_same_device(op, {{"expert_ids", &expert_ids_in}, {"priority", &*priority_in}});
-  }
+// The plan after capacity_plan_op's checks.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> plan_slots(const char* op, const at::Tensor& expert_ids_in,
+                                                          int64_t num_experts, int64_t capacity, DropPolicy policy,
+                                                          const std::optional<at::Tensor>& priority_in,
+                                                          const std::optional<at::Tensor>& valid_mask) {
   const auto ids = expert_ids_in.contiguous();
   const int64_t T = ids.size(0), k = ids.size(1), E = num_experts;
   auto slots = at::full({T, k}, -1, ids.options());
@@ -123,30 +80,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> capacity_plan(const at::Tensor& e
   return {slots, tokens_per_expert, kept_per_expert};
 }
 
-std::tuple<at::Tensor, at::Tensor> permute_plan(const at::Tensor& expert_ids_in, int64_t num_experts,
-                                                const std::optional<at::Tensor>& valid_mask) {
-  const auto ids = expert_ids_in.contiguous();
-  const int64_t T = ids.size(0), k = ids.size(1), E = num_experts;
-  auto row_index = at::full({T, k}, -1, ids.options());
-  auto offsets = at::zeros({E + 1}, ids.options());
-  const auto valid = valid_token_flags(valid_mask, T);
-  const int64_t* ip = ids.data_ptr<int64_t>();
-  int64_t* rp = row_index.data_ptr<int64_t>();
-  int64_t* op = offsets.data_ptr<int64_t>();
-  // Counting sort by expert; the token-major scan keeps token order inside each expert.
-  for (int64_t a = 0; a < T * k; ++a) {
-    if (valid[a / k]) ++op[ip[a] + 1];
-  }
-  for (int64_t e = 0; e < E; ++e) op[e + 1] += op[e];
-  std::vector<int64_t> cursor(op, op + E);
-  for (int64_t a = 0; a < T * k; ++a) {
-    if (valid[a / k]) rp[a] = cursor[ip[a]]++;
-  }
-  return {row_index, offsets};
-}
+struct CpuCapacityPlan {
+  static constexpr auto plan_slots = &cpu::plan_slots;
+};
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torch_moe, CPU, m) { m.impl("capacity_plan", &capacity_plan_op<CpuCapacityPlan>); }
 
 }  // namespace cpu
-
-TORCH_LIBRARY_IMPL(torch_moe, CPU, m) { m.impl("capacity_plan", &cpu::capacity_plan); }
 
 }  // namespace torch_moe

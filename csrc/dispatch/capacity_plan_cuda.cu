@@ -1,5 +1,6 @@
-// CUDA capacity plan (position and probability policies) and dropless plan: stable device sorts of per-assignment
-// keys, a histogram and a prefix sum; nothing is read back to the host, so capacity mode can be graph-captured.
+// CUDA capacity plan (position and probability policies) and the device sort/assign steps it shares with the
+// dropless plan (dispatch/permute_cuda.cu): stable device sorts of per-assignment keys, a histogram and a prefix
+// sum; nothing is read back to the host, so capacity mode can be graph-captured.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -9,31 +10,13 @@
 
 #include "common/checks.h"
 #include "common/cuda_utils.cuh"
+#include "common/expert_ids_cuda.h"
 #include "common/row_ops_cuda.h"
 #include "dispatch/capacity_plan.h"
 #include "dispatch/capacity_plan_cuda.h"
 
 namespace torch_moe::cuda {
 namespace {
-
-enum class DropPolicy { kPosition, kProbability };
-
-DropPolicy parse_drop_policy(const char* op, c10::string_view name) {
-  if (name == "position") return DropPolicy::kPosition;
-  if (name == "probability") return DropPolicy::kProbability;
-  TORCH_MOE_CHECK(false, "torch_moe.{}: argument 'drop_policy' must be \"position\" or \"probability\", got \"{}\"",
-                  op, std::string(name));
-  return DropPolicy::kPosition;
-}
-
-// counts[e] += 1 for every key e < E (integer atomics: the result does not depend on their order).
-__global__ void histogram_kernel(const int64_t* keys, int64_t n, int64_t E, unsigned long long* counts) {
-  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
-       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t e = keys[i];
-    if (e >= 0 && e < E) atomicAdd(counts + e, 1ULL);
-  }
-}
 
 // For sorted position p of expert e = sorted_keys[p]: its rank inside the expert is p - segment_start[e].
 // Capacity plan: out[flat] = rank < capacity ? rank : -1. Dropless plan (capacity < 0): out[flat] = p.
@@ -70,23 +53,7 @@ __global__ void priority_key_kernel(const double* priority, int64_t n, int64_t* 
   }
 }
 
-// [T, k] expert key per assignment: its expert, or E for padding tokens and out-of-range ids (sorted last).
-at::Tensor expert_keys(const at::Tensor& ids, int64_t E, const std::optional<at::Tensor>& valid_mask) {
-  auto usable = ids.ge(0).logical_and_(ids.lt(E));
-  if (valid_mask.has_value() && valid_mask->defined()) usable.logical_and_(valid_mask->unsqueeze(1));
-  return at::where(usable, ids, at::scalar_tensor(E, ids.options()));
-}
-
-at::Tensor expert_histogram(const at::Tensor& keys, int64_t E) {
-  auto counts = at::zeros({E}, keys.options());
-  const int64_t n = keys.numel();
-  if (n > 0) {
-    histogram_kernel<<<blocks_for(n), kBlockThreads, 0, current_stream()>>>(
-        keys.data_ptr<int64_t>(), n, E, reinterpret_cast<unsigned long long*>(counts.data_ptr<int64_t>()));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-  }
-  return counts;
-}
+}  // namespace
 
 void assign(const at::Tensor& sorted_keys, const at::Tensor& flat_of_sorted, const at::Tensor& counts, int64_t E,
             int64_t capacity, at::Tensor& out) {
@@ -99,62 +66,19 @@ void assign(const at::Tensor& sorted_keys, const at::Tensor& flat_of_sorted, con
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// Stable ascending sort of int64 keys -> (sorted keys, permutation).
 std::tuple<at::Tensor, at::Tensor> stable_sort(const at::Tensor& keys) {
   auto [sorted, perm] = at::sort(keys, /*stable=*/true, /*dim=*/0, /*descending=*/false);
   return {sorted.contiguous(), perm.contiguous()};
 }
 
-}  // namespace
+namespace {
 
-at::Tensor count_per_expert(const at::Tensor& expert_ids, int64_t num_experts,
-                            const std::optional<at::Tensor>& valid_mask) {
-  const c10::cuda::CUDAGuard guard(expert_ids.device());
-  return expert_histogram(expert_keys(expert_ids.contiguous(), num_experts, valid_mask), num_experts);
-}
-
-void check_expert_ids(const char* op, const at::Tensor& expert_ids, int64_t num_experts,
-                      const std::optional<at::Tensor>& valid_mask) {
-  ::torch_moe::check_expert_ids(op, expert_ids, num_experts, valid_mask);  // the range check there is CPU-only
-  const at::Tensor* mask = valid_mask.has_value() && valid_mask->defined() ? &*valid_mask : nullptr;
-  check_index_range(op, "expert_ids", expert_ids, 0, num_experts, mask);
-}
-
-std::tuple<at::Tensor, at::Tensor> permute_plan(const at::Tensor& expert_ids, int64_t num_experts,
-                                                const std::optional<at::Tensor>& valid_mask) {
-  const c10::cuda::CUDAGuard guard(expert_ids.device());
-  const auto ids = expert_ids.contiguous();
-  const int64_t T = ids.size(0), k = ids.size(1), E = num_experts;
-  auto row_index = at::full({T, k}, -1, ids.options());
-  // Token-major flat order is the order inside each expert; the stable sort keeps it.
-  const auto keys = expert_keys(ids, E, valid_mask).reshape({-1});
-  const auto counts = expert_histogram(keys, E);
-  auto offsets = at::zeros({E + 1}, ids.options());
-  offsets.narrow(0, 1, E).copy_(at::cumsum(counts, 0));
-  if (T * k > 0) {
-    auto [sorted, perm] = stable_sort(keys);
-    assign(sorted, perm, counts, E, /*capacity=*/-1, row_index);
-  }
-  return {row_index, offsets};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> capacity_plan(const at::Tensor& expert_ids_in, int64_t num_experts,
-                                                             int64_t capacity, c10::string_view drop_policy,
-                                                             const std::optional<at::Tensor>& priority_in,
-                                                             const std::optional<at::Tensor>& valid_mask) {
-  constexpr const char* op = "capacity_plan";
-  ::torch_moe::check_expert_ids(op, expert_ids_in, num_experts, valid_mask);
-  TORCH_MOE_CHECK(capacity >= 0, "torch_moe.{}: argument 'capacity' must be >= 0, got {}", op, capacity);
-  const DropPolicy policy = parse_drop_policy(op, drop_policy);
-  const bool has_priority = priority_in.has_value() && priority_in->defined();
-  TORCH_MOE_CHECK(policy != DropPolicy::kProbability || has_priority,
-                  "torch_moe.{}: argument 'priority' [T, k] is required by drop_policy=\"probability\", got None", op);
-  if (has_priority) {
-    check_floating(op, "priority", *priority_in);
-    check_same_shape(op, "priority", *priority_in, "expert_ids", expert_ids_in);
-    check_same_device(op, {{"expert_ids", &expert_ids_in}, {"priority", &*priority_in}});
-  }
-  // The device range check comes after the cheap checks, as on the CPU where it sits inside check_expert_ids.
+// The plan after capacity_plan_op's checks: the device range check of the ids first (on the CPU it sits inside
+// check_expert_ids, after the cheap checks).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> plan_slots(const char* op, const at::Tensor& expert_ids_in,
+                                                          int64_t num_experts, int64_t capacity, DropPolicy policy,
+                                                          const std::optional<at::Tensor>& priority_in,
+                                                          const std::optional<at::Tensor>& valid_mask) {
   check_index_range(op, "expert_ids", expert_ids_in, 0, num_experts,
                     valid_mask.has_value() && valid_mask->defined() ? &*valid_mask : nullptr);
 
@@ -189,6 +113,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> capacity_plan(const at::Tensor& e
   return {slots, counts, kept_per_expert};
 }
 
-TORCH_LIBRARY_IMPL(torch_moe, CUDA, m) { m.impl("capacity_plan", &capacity_plan); }
+struct CudaCapacityPlan {
+  static constexpr auto plan_slots = &cuda::plan_slots;
+};
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torch_moe, CUDA, m) { m.impl("capacity_plan", &capacity_plan_op<CudaCapacityPlan>); }
 
 }  // namespace torch_moe::cuda

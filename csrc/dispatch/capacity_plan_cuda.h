@@ -1,24 +1,20 @@
-// Device planning helpers shared by the CUDA kernels of capacity_plan, permute and the fused dropless ops.
+// Device planning steps shared by the CUDA kernels of capacity_plan and permute (the dropless plan).
 #pragma once
 
 #include <ATen/core/Tensor.h>
 
-#include <optional>
+#include <cstdint>
 #include <tuple>
 
 namespace torch_moe::cuda {
 
-// check_expert_ids (shapes, dtypes, devices) plus the device range check of the ids of valid tokens.
-void check_expert_ids(const char* op, const at::Tensor& expert_ids, int64_t num_experts,
-                      const std::optional<at::Tensor>& valid_mask);
+// Stable ascending sort of int64 keys [n] -> (sorted keys, permutation), both contiguous.
+std::tuple<at::Tensor, at::Tensor> stable_sort(const at::Tensor& keys);
 
-// Dropless plan on the device, no host sync: (row_index [T, k], offsets [E + 1]); rows grouped by expert, token
-// order inside, as cpu::permute_plan.
-std::tuple<at::Tensor, at::Tensor> permute_plan(const at::Tensor& expert_ids, int64_t num_experts,
-                                                const std::optional<at::Tensor>& valid_mask);
-
-// tokens_per_expert [E]: assignments of valid tokens per expert (ids outside [0, E) are not counted), on the device.
-at::Tensor count_per_expert(const at::Tensor& expert_ids, int64_t num_experts,
-                            const std::optional<at::Tensor>& valid_mask);
+// For sorted position p of expert e = sorted_keys[p] (keys outside [0, E) skipped), its rank inside the expert is
+// p - (counts[0] + ... + counts[e - 1]). Capacity plan: out[flat_of_sorted[p]] = rank when rank < capacity.
+// Dropless plan (capacity < 0): out[flat_of_sorted[p]] = p.
+void assign(const at::Tensor& sorted_keys, const at::Tensor& flat_of_sorted, const at::Tensor& counts, int64_t E,
+            int64_t capacity, at::Tensor& out);
 
 }  // namespace torch_moe::cuda

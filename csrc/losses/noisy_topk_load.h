@@ -11,6 +11,8 @@ namespace torch_moe {
 // Argument checks shared by the CPU and CUDA kernels (same order, same messages).
 void check_noisy_topk_load_args(const char* op, const at::Tensor& clean_logits, const at::Tensor& noisy_logits,
                                 const at::Tensor& noise_std, int64_t k, const std::optional<at::Tensor>& valid_mask);
+// The backward's incoming gradient: grad_load [E] floating.
+void check_noisy_topk_load_grad(const char* op, const at::Tensor& grad_load, int64_t E);
 
 }  // namespace torch_moe
 

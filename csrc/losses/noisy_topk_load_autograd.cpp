@@ -6,7 +6,6 @@
 namespace torch_moe {
 namespace {
 
-using OptTensor = std::optional<at::Tensor>;
 using LoadSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&, int64_t, const OptTensor&);
 using LoadBackwardSig = std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                                        const at::Tensor&, const at::Tensor&, int64_t,
@@ -42,9 +41,6 @@ at::Tensor noisy_topk_load_autograd(const at::Tensor& clean, const at::Tensor& n
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(torch_moe, Autograd, m) {
-  m.impl("noisy_topk_load", &noisy_topk_load_autograd);
-  m.impl("_noisy_topk_load_backward", refuse_double_backward());
-}
+TORCH_LIBRARY_IMPL(torch_moe, Autograd, m) { impl_autograd(m, "noisy_topk_load", &noisy_topk_load_autograd); }
 
 }  // namespace torch_moe

@@ -12,9 +12,9 @@
 #include <vector>
 
 #include "common/checks.h"
-#include "dispatch/capacity_plan.h"
-#include "routing/router_math.h"
-#include "routing/router_topk.h"
+#include "common/expert_ids.h"
+#include "common/kernel_registration.h"
+#include "common/router_math.h"
 
 namespace torch_moe {
 
@@ -32,6 +32,12 @@ void check_noisy_topk_load_args(const char* op, const at::Tensor& clean, const a
                   shape_str(clean));
   TORCH_MOE_CHECK(k >= 1 && k <= E, "torch_moe.{}: argument 'k' must be in [1, E] = [1, {}], got {}", op, E, k);
   check_valid_mask(op, valid_mask, clean, "clean_logits");
+}
+
+void check_noisy_topk_load_grad(const char* op, const at::Tensor& grad_load, int64_t E) {
+  check_floating(op, "grad_load", grad_load);
+  check_dim(op, "grad_load", grad_load, 1, "[E]");
+  check_size(op, "grad_load", grad_load, 0, E, "number of experts");
 }
 
 namespace cpu {
@@ -141,9 +147,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> noisy_topk_load_backward(const at
                                                                         const std::optional<at::Tensor>& valid_mask) {
   constexpr const char* op = "_noisy_topk_load_backward";
   const auto in = prepare(op, clean_logits, noisy_logits, noise_std, k, valid_mask);
-  check_floating(op, "grad_load", grad_load_in);
-  check_dim(op, "grad_load", grad_load_in, 1, "[E]");
-  check_size(op, "grad_load", grad_load_in, 0, in.E, "number of experts");
+  check_noisy_topk_load_grad(op, grad_load_in, in.E);
   const auto grad_load = grad_load_in.to(in.clean.scalar_type()).contiguous();
   auto grad_clean = at::zeros_like(in.clean);
   auto grad_noisy = at::zeros_like(in.clean);
@@ -183,8 +187,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> noisy_topk_load_backward(const at
 }  // namespace cpu
 
 TORCH_LIBRARY_IMPL(torch_moe, CPU, m) {
-  m.impl("noisy_topk_load", &cpu::noisy_topk_load);
-  m.impl("_noisy_topk_load_backward", &cpu::noisy_topk_load_backward);
+  impl_with_backward(m, "noisy_topk_load", &cpu::noisy_topk_load, &cpu::noisy_topk_load_backward);
 }
 
 }  // namespace torch_moe

@@ -8,14 +8,12 @@
 
 #include "common/checks.h"
 #include "common/cuda_utils.cuh"
+#include "common/kernel_registration.h"
+#include "common/router_math.h"
 #include "losses/noisy_topk_load.h"
-#include "routing/router_topk.h"
 
 namespace torch_moe::cuda {
 namespace {
-
-constexpr int64_t kWarpPathMaxExperts = 256;
-constexpr int kRowsPerWarpBlock = 4;
 
 struct LoadInputs {
   at::Tensor clean, noisy, noise_std, mask;  // [T, E] contiguous in the router dtype; mask [T] bool or undefined
@@ -88,10 +86,8 @@ template <typename acc_t, int kThreads>
 __global__ void noisy_topk_load_terms_kernel(const acc_t* __restrict__ clean, const acc_t* __restrict__ noisy,
                                              const acc_t* __restrict__ noise_std, const bool* __restrict__ valid,
                                              int64_t T, int64_t E, int64_t k, acc_t* __restrict__ terms) {
-  __shared__ GroupScratch<kThreads> scratch_rows[kThreads == 32 ? kRowsPerWarpBlock : 1];
-  GroupScratch<kThreads>* scratch = &scratch_rows[kThreads == 32 ? threadIdx.y : 0];
-  for (int64_t row = blockIdx.x * static_cast<int64_t>(blockDim.y) + threadIdx.y; row < T;
-       row += static_cast<int64_t>(gridDim.x) * blockDim.y) {
+  GroupScratch<kThreads>* scratch = row_group_scratch<kThreads>();
+  for (int64_t row = first_row(); row < T; row += row_stride()) {
     if (valid != nullptr && !valid[row]) {  // the whole group takes this branch
       for (int64_t e = threadIdx.x; e < E; e += kThreads) terms[e * T + row] = acc_t(0);
       continue;
@@ -127,10 +123,8 @@ __global__ void noisy_topk_load_backward_kernel(const acc_t* __restrict__ grad_l
                                                 const bool* __restrict__ valid, int64_t T, int64_t E, int64_t k,
                                                 acc_t* __restrict__ grad_clean, acc_t* __restrict__ grad_noisy,
                                                 acc_t* __restrict__ grad_std) {
-  __shared__ GroupScratch<kThreads> scratch_rows[kThreads == 32 ? kRowsPerWarpBlock : 1];
-  GroupScratch<kThreads>* scratch = &scratch_rows[kThreads == 32 ? threadIdx.y : 0];
-  for (int64_t row = blockIdx.x * static_cast<int64_t>(blockDim.y) + threadIdx.y; row < T;
-       row += static_cast<int64_t>(gridDim.x) * blockDim.y) {
+  GroupScratch<kThreads>* scratch = row_group_scratch<kThreads>();
+  for (int64_t row = first_row(); row < T; row += row_stride()) {
     if (valid != nullptr && !valid[row]) {  // the whole group takes this branch
       for (int64_t e = threadIdx.x; e < E; e += kThreads) {
         grad_clean[row * E + e] = acc_t(0);
@@ -169,17 +163,6 @@ __global__ void noisy_topk_load_backward_kernel(const acc_t* __restrict__ grad_l
   }
 }
 
-template <typename Launch>
-void launch_rows(int64_t T, int64_t E, Launch launch) {
-  if (E <= kWarpPathMaxExperts) {
-    const dim3 block(32, kRowsPerWarpBlock);
-    launch(std::integral_constant<int, 32>{}, block, blocks_for((T + kRowsPerWarpBlock - 1) / kRowsPerWarpBlock, 1));
-  } else {
-    const dim3 block(kBlockThreads, 1);
-    launch(std::integral_constant<int, kBlockThreads>{}, block, blocks_for(T, 1));
-  }
-}
-
 }  // namespace
 
 at::Tensor noisy_topk_load(const at::Tensor& clean_logits, const at::Tensor& noisy_logits, const at::Tensor& noise_std,
@@ -211,9 +194,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> noisy_topk_load_backward(const at
                                                                         const std::optional<at::Tensor>& valid_mask) {
   constexpr const char* op = "_noisy_topk_load_backward";
   const auto in = prepare(op, clean_logits, noisy_logits, noise_std, k, valid_mask);
-  check_floating(op, "grad_load", grad_load_in);
-  check_dim(op, "grad_load", grad_load_in, 1, "[E]");
-  check_size(op, "grad_load", grad_load_in, 0, in.E, "number of experts");
+  check_noisy_topk_load_grad(op, grad_load_in, in.E);
   check_same_device(op, {{"clean_logits", &clean_logits}, {"grad_load", &grad_load_in}});
   const c10::cuda::CUDAGuard guard(clean_logits.device());
   const auto grad_load = grad_load_in.to(in.clean.scalar_type()).contiguous();
@@ -237,8 +218,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> noisy_topk_load_backward(const at
 }
 
 TORCH_LIBRARY_IMPL(torch_moe, CUDA, m) {
-  m.impl("noisy_topk_load", &noisy_topk_load);
-  m.impl("_noisy_topk_load_backward", &noisy_topk_load_backward);
+  impl_with_backward(m, "noisy_topk_load", &noisy_topk_load, &noisy_topk_load_backward);
 }
 
 }  // namespace torch_moe::cuda

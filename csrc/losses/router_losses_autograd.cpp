@@ -45,9 +45,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> router_losses_autograd(const at::
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(torch_moe, Autograd, m) {
-  m.impl("router_losses", &router_losses_autograd);
-  m.impl("_router_losses_backward", refuse_double_backward());
-}
+TORCH_LIBRARY_IMPL(torch_moe, Autograd, m) { impl_autograd(m, "router_losses", &router_losses_autograd); }
 
 }  // namespace torch_moe

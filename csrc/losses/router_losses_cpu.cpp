@@ -12,24 +12,14 @@
 #include <vector>
 
 #include "common/checks.h"
-#include "dispatch/capacity_plan.h"
-#include "routing/router_topk.h"
+#include "common/expert_ids.h"
+#include "common/kernel_registration.h"
+#include "common/router_math.h"
 
 namespace torch_moe::cpu {
 namespace {
 
 constexpr int64_t kBlock = 256;
-
-void check_inputs(const char* op, const at::Tensor& logits, const at::Tensor& expert_ids,
-                  const std::optional<at::Tensor>& valid_mask) {
-  check_floating(op, "logits", logits);
-  check_dim(op, "logits", logits, 2, "[T, E]");
-  TORCH_MOE_CHECK(logits.size(1) > 0, "torch_moe.{}: argument 'logits' must have at least one expert, got shape {}",
-                  op, shape_str(logits));
-  check_expert_ids(op, expert_ids, logits.size(1), valid_mask);
-  check_size(op, "expert_ids", expert_ids, 0, logits.size(0), "tokens of logits");
-  check_same_device(op, {{"logits", &logits}, {"expert_ids", &expert_ids}});
-}
 
 // Per-token softmax and logsumexp in acc precision.
 template <typename acc_t>
@@ -80,7 +70,7 @@ struct LossInputs {
 
 LossInputs prepare(const char* op, const at::Tensor& logits, const at::Tensor& expert_ids,
                    const std::optional<at::Tensor>& valid_mask) {
-  check_inputs(op, logits, expert_ids, valid_mask);
+  check_router_losses_args(op, logits, expert_ids, valid_mask, &::torch_moe::check_expert_ids);
   LossInputs in;
   in.logits = logits.to(router_dtype(logits)).contiguous();
   in.T = logits.size(0);
@@ -208,8 +198,7 @@ at::Tensor router_losses_backward(const at::Tensor& grad_load_balancing, const a
 }
 
 TORCH_LIBRARY_IMPL(torch_moe, CPU, m) {
-  m.impl("router_losses", &router_losses);
-  m.impl("_router_losses_backward", &router_losses_backward);
+  impl_with_backward(m, "router_losses", &router_losses, &router_losses_backward);
 }
 
 }  // namespace torch_moe::cpu

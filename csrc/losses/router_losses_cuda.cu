@@ -8,26 +8,14 @@
 
 #include "common/checks.h"
 #include "common/cuda_utils.cuh"
-#include "dispatch/capacity_plan.h"
-#include "dispatch/capacity_plan_cuda.h"
-#include "routing/router_topk.h"
+#include "common/expert_ids.h"
+#include "common/expert_ids_cuda.h"
+#include "common/kernel_registration.h"
+#include "common/router_math.h"
+#include "losses/router_losses.h"
 
 namespace torch_moe::cuda {
 namespace {
-
-constexpr int64_t kWarpPathMaxExperts = 256;
-constexpr int kRowsPerWarpBlock = 4;
-
-void check_inputs(const char* op, const at::Tensor& logits, const at::Tensor& expert_ids,
-                  const std::optional<at::Tensor>& valid_mask) {
-  check_floating(op, "logits", logits);
-  check_dim(op, "logits", logits, 2, "[T, E]");
-  TORCH_MOE_CHECK(logits.size(1) > 0, "torch_moe.{}: argument 'logits' must have at least one expert, got shape {}",
-                  op, shape_str(logits));
-  check_expert_ids(op, expert_ids, logits.size(1), valid_mask);
-  check_size(op, "expert_ids", expert_ids, 0, logits.size(0), "tokens of logits");
-  check_same_device(op, {{"logits", &logits}, {"expert_ids", &expert_ids}});
-}
 
 // Softmax statistics of one row as the CPU's softmax_row forms them (NaN ignored by the max, then propagated).
 template <int kThreads, typename scalar_t, typename acc_t>
@@ -50,11 +38,9 @@ template <typename scalar_t, typename acc_t, int kThreads>
 __global__ void router_losses_rows_kernel(const scalar_t* __restrict__ logits, const bool* __restrict__ valid,
                                           int64_t T, int64_t E, acc_t* __restrict__ probs, acc_t* __restrict__ lse_sq,
                                           acc_t* __restrict__ entropy) {
-  __shared__ GroupScratch<kThreads> scratch_rows[kThreads == 32 ? kRowsPerWarpBlock : 1];
-  GroupScratch<kThreads>* scratch = &scratch_rows[kThreads == 32 ? threadIdx.y : 0];
+  GroupScratch<kThreads>* scratch = row_group_scratch<kThreads>();
   const int lane = threadIdx.x;
-  for (int64_t row = blockIdx.x * static_cast<int64_t>(blockDim.y) + threadIdx.y; row < T;
-       row += static_cast<int64_t>(gridDim.x) * blockDim.y) {
+  for (int64_t row = first_row(); row < T; row += row_stride()) {
     acc_t* p = probs + row * E;
     if (valid != nullptr && !valid[row]) {
       for (int64_t e = lane; e < E; e += kThreads) p[e] = acc_t(0);
@@ -88,12 +74,10 @@ __global__ void router_losses_backward_kernel(const scalar_t* __restrict__ logit
                                               int64_t T, int64_t E, const acc_t* __restrict__ g_probs,
                                               const acc_t* __restrict__ g_z, const acc_t* __restrict__ valid_tokens,
                                               acc_t* __restrict__ grad_logits) {
-  __shared__ GroupScratch<kThreads> scratch_rows[kThreads == 32 ? kRowsPerWarpBlock : 1];
-  GroupScratch<kThreads>* scratch = &scratch_rows[kThreads == 32 ? threadIdx.y : 0];
+  GroupScratch<kThreads>* scratch = row_group_scratch<kThreads>();
   const int lane = threadIdx.x;
   const acc_t Tv = *valid_tokens;
-  for (int64_t row = blockIdx.x * static_cast<int64_t>(blockDim.y) + threadIdx.y; row < T;
-       row += static_cast<int64_t>(gridDim.x) * blockDim.y) {
+  for (int64_t row = first_row(); row < T; row += row_stride()) {
     acc_t* out = grad_logits + row * E;
     if (Tv == acc_t(0) || (valid != nullptr && !valid[row])) {
       for (int64_t e = lane; e < E; e += kThreads) out[e] = acc_t(0);
@@ -114,16 +98,6 @@ __global__ void router_losses_backward_kernel(const scalar_t* __restrict__ logit
   }
 }
 
-template <typename Launch>
-void launch_rows(int64_t T, int64_t E, Launch launch) {
-  if (E <= kWarpPathMaxExperts) {
-    launch(std::integral_constant<int, 32>{}, dim3(32, kRowsPerWarpBlock),
-           blocks_for((T + kRowsPerWarpBlock - 1) / kRowsPerWarpBlock, 1));
-  } else {
-    launch(std::integral_constant<int, kBlockThreads>{}, dim3(kBlockThreads, 1), blocks_for(T, 1));
-  }
-}
-
 const bool* mask_ptr(const at::Tensor& mask) { return mask.defined() ? mask.data_ptr<bool>() : nullptr; }
 
 at::Tensor contiguous_mask(const std::optional<at::Tensor>& valid_mask) {
@@ -140,7 +114,7 @@ at::Tensor valid_token_count(const at::Tensor& mask, int64_t T, const at::Tensor
 std::tuple<at::Tensor, at::Tensor, at::Tensor> router_losses(const at::Tensor& logits_in, const at::Tensor& expert_ids,
                                                              const std::optional<at::Tensor>& valid_mask) {
   constexpr const char* op = "router_losses";
-  check_inputs(op, logits_in, expert_ids, valid_mask);
+  check_router_losses_args(op, logits_in, expert_ids, valid_mask, &cuda::check_expert_ids);
   const c10::cuda::CUDAGuard guard(logits_in.device());
   const auto acc_type = router_dtype(logits_in);
   const auto options = logits_in.options().dtype(acc_type);
@@ -180,7 +154,7 @@ at::Tensor router_losses_backward(const at::Tensor& grad_load_balancing, const a
                                   const at::Tensor& logits_in, const at::Tensor& expert_ids,
                                   const std::optional<at::Tensor>& valid_mask) {
   constexpr const char* op = "_router_losses_backward";
-  check_inputs(op, logits_in, expert_ids, valid_mask);
+  check_router_losses_args(op, logits_in, expert_ids, valid_mask, &cuda::check_expert_ids);
   check_floating(op, "grad_load_balancing", grad_load_balancing);
   check_floating(op, "grad_z", grad_z);
   TORCH_MOE_CHECK(grad_load_balancing.numel() == 1 && grad_z.numel() == 1,
@@ -215,8 +189,7 @@ at::Tensor router_losses_backward(const at::Tensor& grad_load_balancing, const a
 }
 
 TORCH_LIBRARY_IMPL(torch_moe, CUDA, m) {
-  m.impl("router_losses", &router_losses);
-  m.impl("_router_losses_backward", &router_losses_backward);
+  impl_with_backward(m, "router_losses", &router_losses, &router_losses_backward);
 }
 
 }  // namespace torch_moe::cuda

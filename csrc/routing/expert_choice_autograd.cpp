@@ -6,7 +6,6 @@
 namespace torch_moe {
 namespace {
 
-using OptTensor = std::optional<at::Tensor>;
 using ExpertChoiceSig = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, c10::SymInt,
                                                                                    const OptTensor&);
 using ExpertChoiceBackwardSig = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&);
@@ -41,9 +40,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> expert_choice_autogra
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(torch_moe, Autograd, m) {
-  m.impl("expert_choice", &expert_choice_autograd);
-  m.impl("_expert_choice_backward", refuse_double_backward());
-}
+TORCH_LIBRARY_IMPL(torch_moe, Autograd, m) { impl_autograd(m, "expert_choice", &expert_choice_autograd); }
 
 }  // namespace torch_moe

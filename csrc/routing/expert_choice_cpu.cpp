@@ -10,9 +10,9 @@
 #include <vector>
 
 #include "common/checks.h"
-#include "dispatch/capacity_plan.h"
-#include "routing/router_math.h"
-#include "routing/router_topk.h"
+#include "common/expert_ids.h"
+#include "common/kernel_registration.h"
+#include "common/router_math.h"
 
 namespace torch_moe {
 
@@ -125,8 +125,7 @@ at::Tensor expert_choice_backward(const at::Tensor& grad_weights_in, const at::T
 }  // namespace cpu
 
 TORCH_LIBRARY_IMPL(torch_moe, CPU, m) {
-  m.impl("expert_choice", &cpu::expert_choice);
-  m.impl("_expert_choice_backward", &cpu::expert_choice_backward);
+  impl_with_backward(m, "expert_choice", &cpu::expert_choice, &cpu::expert_choice_backward);
 }
 
 }  // namespace torch_moe

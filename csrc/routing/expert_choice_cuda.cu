@@ -8,14 +8,12 @@
 
 #include "common/checks.h"
 #include "common/cuda_utils.cuh"
+#include "common/kernel_registration.h"
+#include "common/router_math.h"
 #include "routing/expert_choice.h"
-#include "routing/router_topk.h"
 
 namespace torch_moe::cuda {
 namespace {
-
-constexpr int64_t kWarpPathMaxExperts = 256;
-constexpr int kRowsPerWarpBlock = 4;
 
 // Selection keys: softmax probabilities lie in [0, 1], so a NaN probability maps to -1 (below every number, as in
 // the CPU's RankBefore) and a padding token to -2 (below everything; never taken, whatever the capacity).
@@ -28,71 +26,18 @@ __device__ __forceinline__ acc_t padding_key() {
   return acc_t(-2);
 }
 
-// What the softmax of one row needs to score any of its logits: the CPU's score_row, special cases included.
-template <typename acc_t>
-struct SoftmaxStats {
-  acc_t max_logit;
-  acc_t sum;
-  int has_nan;
-  int64_t n_top;  // only when max_logit is infinite: how many logits share the mass
-};
-
-template <int kThreads, typename scalar_t, typename acc_t>
-__device__ SoftmaxStats<acc_t> softmax_stats(const scalar_t* logits, int64_t E, GroupScratch<kThreads>* scratch) {
-  SoftmaxStats<acc_t> st{acc_t(0), acc_t(0), 0, 0};
-  acc_t mx = -dev_inf<acc_t>();
-  int nan = 0;
-  for (int64_t e = threadIdx.x; e < E; e += kThreads) {
-    const acc_t v = static_cast<acc_t>(logits[e]);
-    if (isnan(v)) {
-      nan = 1;
-    } else if (mx < v) {
-      mx = v;
-    }
-  }
-  st.max_logit = group_max<kThreads>(mx, scratch);
-  st.has_nan = group_max<kThreads>(nan, scratch);
-  if (st.has_nan) return st;
-  if (isinf(st.max_logit)) {
-    const bool pos = st.max_logit > 0;
-    int64_t n = 0;
-    for (int64_t e = threadIdx.x; e < E; e += kThreads) {
-      const acc_t v = static_cast<acc_t>(logits[e]);
-      n += (!pos || v == st.max_logit) ? 1 : 0;
-    }
-    st.n_top = group_sum<kThreads>(n, scratch);
-    return st;
-  }
-  acc_t sum = 0;
-  for (int64_t e = threadIdx.x; e < E; e += kThreads) sum += dev_exp(static_cast<acc_t>(logits[e]) - st.max_logit);
-  st.sum = group_sum<kThreads>(sum, scratch);
-  return st;
-}
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t softmax_of(acc_t v, const SoftmaxStats<acc_t>& st) {
-  if (st.has_nan) return dev_nan<acc_t>();
-  if (isinf(st.max_logit)) {
-    const bool pos = st.max_logit > 0;
-    return (!pos || v == st.max_logit) ? acc_t(1) / static_cast<acc_t>(st.n_top) : acc_t(0);
-  }
-  return dev_exp(v - st.max_logit) / st.sum;
-}
-
 // scores [T, E] = softmax per row; keys [E, T] = the selection key of every (expert, token).
 template <typename scalar_t, typename acc_t, int kThreads>
 __global__ void expert_choice_scores_kernel(const scalar_t* __restrict__ logits, const bool* __restrict__ valid,
                                             int64_t T, int64_t E, acc_t* __restrict__ scores,
                                             acc_t* __restrict__ keys) {
-  __shared__ GroupScratch<kThreads> scratch_rows[kThreads == 32 ? kRowsPerWarpBlock : 1];
-  GroupScratch<kThreads>* scratch = &scratch_rows[kThreads == 32 ? threadIdx.y : 0];
-  for (int64_t row = blockIdx.x * static_cast<int64_t>(blockDim.y) + threadIdx.y; row < T;
-       row += static_cast<int64_t>(gridDim.x) * blockDim.y) {
+  GroupScratch<kThreads>* scratch = row_group_scratch<kThreads>();
+  for (int64_t row = first_row(); row < T; row += row_stride()) {
     const scalar_t* l = logits + row * E;
-    const SoftmaxStats<acc_t> st = softmax_stats<kThreads, scalar_t, acc_t>(l, E, scratch);
+    const RowStats<acc_t> st = row_stats<kThreads, scalar_t, acc_t>(l, E, /*softmax=*/true, scratch);
     const bool is_valid = valid == nullptr || valid[row];
     for (int64_t e = threadIdx.x; e < E; e += kThreads) {
-      const acc_t s = softmax_of(static_cast<acc_t>(l[e]), st);
+      const acc_t s = score_of(static_cast<acc_t>(l[e]), st, /*softmax=*/true);
       scores[row * E + e] = s;
       keys[e * T + row] = !is_valid ? padding_key<acc_t>() : (isnan(s) ? nan_key<acc_t>() : s);
     }
@@ -127,31 +72,18 @@ template <typename scalar_t, typename acc_t, int kThreads>
 __global__ void expert_choice_backward_kernel(const acc_t* __restrict__ grad_weights,
                                               const scalar_t* __restrict__ logits, const int64_t* __restrict__ slots,
                                               int64_t T, int64_t E, acc_t* __restrict__ grad_logits) {
-  __shared__ GroupScratch<kThreads> scratch_rows[kThreads == 32 ? kRowsPerWarpBlock : 1];
-  GroupScratch<kThreads>* scratch = &scratch_rows[kThreads == 32 ? threadIdx.y : 0];
-  for (int64_t row = blockIdx.x * static_cast<int64_t>(blockDim.y) + threadIdx.y; row < T;
-       row += static_cast<int64_t>(gridDim.x) * blockDim.y) {
+  GroupScratch<kThreads>* scratch = row_group_scratch<kThreads>();
+  for (int64_t row = first_row(); row < T; row += row_stride()) {
     const scalar_t* l = logits + row * E;
-    const SoftmaxStats<acc_t> st = softmax_stats<kThreads, scalar_t, acc_t>(l, E, scratch);
+    const RowStats<acc_t> st = row_stats<kThreads, scalar_t, acc_t>(l, E, /*softmax=*/true, scratch);
     auto grad_of = [&](int64_t e) -> acc_t { return slots[row * E + e] >= 0 ? grad_weights[row * E + e] : acc_t(0); };
     acc_t inner = 0;
-    for (int64_t e = threadIdx.x; e < E; e += kThreads) inner += grad_of(e) * softmax_of(static_cast<acc_t>(l[e]), st);
+    for (int64_t e = threadIdx.x; e < E; e += kThreads) inner += grad_of(e) * score_of(static_cast<acc_t>(l[e]), st, /*softmax=*/true);
     inner = group_sum<kThreads>(inner, scratch);
     for (int64_t e = threadIdx.x; e < E; e += kThreads) {
-      const acc_t s = softmax_of(static_cast<acc_t>(l[e]), st);
+      const acc_t s = score_of(static_cast<acc_t>(l[e]), st, /*softmax=*/true);
       grad_logits[row * E + e] = s * (grad_of(e) - inner);
     }
-  }
-}
-
-template <typename Launch>
-void launch_rows(int64_t T, int64_t E, Launch launch) {
-  if (E <= kWarpPathMaxExperts) {
-    const dim3 block(32, kRowsPerWarpBlock);
-    launch(std::integral_constant<int, 32>{}, block, blocks_for((T + kRowsPerWarpBlock - 1) / kRowsPerWarpBlock, 1));
-  } else {
-    const dim3 block(kBlockThreads, 1);
-    launch(std::integral_constant<int, kBlockThreads>{}, block, blocks_for(T, 1));
   }
 }
 
@@ -224,8 +156,7 @@ at::Tensor expert_choice_backward(const at::Tensor& grad_weights_in, const at::T
 }
 
 TORCH_LIBRARY_IMPL(torch_moe, CUDA, m) {
-  m.impl("expert_choice", &expert_choice);
-  m.impl("_expert_choice_backward", &expert_choice_backward);
+  impl_with_backward(m, "expert_choice", &expert_choice, &expert_choice_backward);
 }
 
 }  // namespace torch_moe::cuda

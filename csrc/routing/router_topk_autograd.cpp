@@ -53,9 +53,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> router_topk_autograd(const at::Te
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(torch_moe, Autograd, m) {
-  m.impl("router_topk", &router_topk_autograd);
-  m.impl("_router_topk_backward", refuse_double_backward());
-}
+TORCH_LIBRARY_IMPL(torch_moe, Autograd, m) { impl_autograd(m, "router_topk", &router_topk_autograd); }
 
 }  // namespace torch_moe

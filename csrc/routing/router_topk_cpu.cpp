@@ -13,17 +13,10 @@
 #include <vector>
 
 #include "common/checks.h"
-#include "routing/router_math.h"
+#include "common/kernel_registration.h"
+#include "common/router_math.h"
 
 namespace torch_moe {
-
-ScoreFunc parse_score_func(const char* op, c10::string_view name) {
-  if (name == "softmax") return ScoreFunc::kSoftmax;
-  if (name == "sigmoid") return ScoreFunc::kSigmoid;
-  TORCH_MOE_CHECK(false, "torch_moe.{}: argument 'score_func' must be \"softmax\" or \"sigmoid\", got \"{}\"", op,
-                  std::string(name));
-  return ScoreFunc::kSoftmax;
-}
 
 void check_expert_groups(const char* op, int64_t E, int64_t k, int64_t n_groups, int64_t topk_groups) {
   TORCH_MOE_CHECK(n_groups >= 1 && E % n_groups == 0,
@@ -38,51 +31,46 @@ void check_expert_groups(const char* op, int64_t E, int64_t k, int64_t n_groups,
                   op, k, topk_groups * (E / n_groups), topk_groups, E / n_groups);
 }
 
-at::ScalarType router_dtype(const at::Tensor& logits) {
-  return logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
-
-namespace cpu {
-
-at::Tensor score_rows(const at::Tensor& logits, ScoreFunc func) {
-  auto scores = func == ScoreFunc::kSoftmax ? at::softmax(logits, 1) : at::sigmoid(logits);
-  const int64_t T = logits.size(0), E = logits.size(1);
-  AT_DISPATCH_FLOATING_TYPES(logits.scalar_type(), "torch_moe_score_rows", [&] {
-    const scalar_t* lp = logits.data_ptr<scalar_t>();
-    scalar_t* sp = scores.data_ptr<scalar_t>();
-    at::parallel_for(0, T, std::max<int64_t>(1, 16384 / std::max<int64_t>(E, 1)), [&](int64_t begin, int64_t end) {
-      for (int64_t t = begin; t < end; ++t) {
-        bool has_nan = false;
-        for (int64_t e = 0; e < E; ++e) has_nan |= std::isnan(sp[t * E + e]);
-        if (has_nan) score_row(lp + t * E, E, func, sp + t * E);
-      }
-    });
-  });
-  return scores;
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> router_topk(const at::Tensor& logits_in, int64_t k,
-                                                           c10::string_view score_func,
-                                                           const std::optional<at::Tensor>& selection_bias,
-                                                           bool normalize, int64_t n_groups, int64_t topk_groups) {
-  constexpr const char* op = "router_topk";
-  check_floating(op, "logits", logits_in);
-  check_dim(op, "logits", logits_in, 2, "[T, E]");
+ScoreFunc check_router_topk_args(const char* op, const at::Tensor& logits, int64_t k, c10::string_view score_func,
+                                 const std::optional<at::Tensor>& selection_bias, int64_t n_groups,
+                                 int64_t topk_groups) {
+  check_floating(op, "logits", logits);
+  check_dim(op, "logits", logits, 2, "[T, E]");
   const ScoreFunc func = parse_score_func(op, score_func);
-  const int64_t T = logits_in.size(0), E = logits_in.size(1);
+  const int64_t E = logits.size(1);
   TORCH_MOE_CHECK(E > 0, "torch_moe.{}: argument 'logits' must have at least one expert (E > 0), got shape {}", op,
-                  shape_str(logits_in));
+                  shape_str(logits));
   TORCH_MOE_CHECK(k >= 1 && k <= E, "torch_moe.{}: argument 'k' must be in [1, E] = [1, {}], got {}", op, E, k);
   check_expert_groups(op, E, k, n_groups, topk_groups);
-  const auto acc_type = router_dtype(logits_in);
-  at::Tensor bias;
   if (selection_bias.has_value() && selection_bias->defined()) {
     check_floating(op, "selection_bias", *selection_bias);
     check_dim(op, "selection_bias", *selection_bias, 1, "[E]");
     check_size(op, "selection_bias", *selection_bias, 0, E, "number of experts");
-    check_same_device(op, {{"logits", &logits_in}, {"selection_bias", &*selection_bias}});
-    bias = selection_bias->to(acc_type).contiguous();
+    check_same_device(op, {{"logits", &logits}, {"selection_bias", &*selection_bias}});
   }
+  return func;
+}
+
+ScoreFunc check_router_topk_backward_args(const char* op, const at::Tensor& grad_weights, const at::Tensor& logits,
+                                          const at::Tensor& expert_ids, c10::string_view score_func) {
+  check_floating(op, "grad_weights", grad_weights);
+  check_dim(op, "logits", logits, 2, "[T, E]");
+  check_dtype(op, "expert_ids", expert_ids, at::kLong);
+  check_dim(op, "expert_ids", expert_ids, 2, "[T, k]");
+  check_same_shape(op, "grad_weights", grad_weights, "expert_ids", expert_ids);
+  const ScoreFunc func = parse_score_func(op, score_func);
+  check_size(op, "expert_ids", expert_ids, 0, logits.size(0), "tokens of logits");
+  return func;
+}
+
+namespace cpu {
+
+// router_topk after router_topk_op's checks; bias is selection_bias in the router dtype (undefined when absent).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> select_topk(const char* op, const at::Tensor& logits_in, int64_t k,
+                                                           ScoreFunc func, const at::Tensor& bias, bool normalize,
+                                                           int64_t n_groups, int64_t topk_groups) {
+  const int64_t T = logits_in.size(0), E = logits_in.size(1);
+  const auto acc_type = router_dtype(logits_in);
   const auto logits = logits_in.to(acc_type).contiguous();
   auto weights = at::empty({T, k}, logits.options());
   auto ids = at::empty({T, k}, logits.options().dtype(at::kLong));
@@ -153,17 +141,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> router_topk(const at::Tensor& log
   return {weights, ids, scores};
 }
 
-at::Tensor router_topk_backward(const at::Tensor& grad_weights_in, const at::Tensor& logits_in,
-                                const at::Tensor& expert_ids_in, c10::string_view score_func, bool normalize) {
-  constexpr const char* op = "_router_topk_backward";
-  check_floating(op, "grad_weights", grad_weights_in);
-  check_dim(op, "logits", logits_in, 2, "[T, E]");
-  check_dtype(op, "expert_ids", expert_ids_in, at::kLong);
-  check_dim(op, "expert_ids", expert_ids_in, 2, "[T, k]");
-  check_same_shape(op, "grad_weights", grad_weights_in, "expert_ids", expert_ids_in);
-  const ScoreFunc func = parse_score_func(op, score_func);
+// _router_topk_backward after router_topk_backward_op's checks.
+at::Tensor topk_grad(const char* op, const at::Tensor& grad_weights_in, const at::Tensor& logits_in,
+                     const at::Tensor& expert_ids_in, ScoreFunc func, bool normalize) {
   const int64_t T = logits_in.size(0), E = logits_in.size(1), k = expert_ids_in.size(1);
-  check_size(op, "expert_ids", expert_ids_in, 0, T, "tokens of logits");
   check_index_range(op, "expert_ids", expert_ids_in, 0, E);
   const auto acc_type = router_dtype(logits_in);
   const auto logits = logits_in.to(acc_type).contiguous();
@@ -212,11 +193,16 @@ at::Tensor router_topk_backward(const at::Tensor& grad_weights_in, const at::Ten
   return grad_logits.to(logits_in.scalar_type());
 }
 
+struct CpuRouterTopk {
+  static constexpr auto select_topk = &cpu::select_topk;
+  static constexpr auto topk_grad = &cpu::topk_grad;
+};
+
 }  // namespace cpu
 
 TORCH_LIBRARY_IMPL(torch_moe, CPU, m) {
-  m.impl("router_topk", &cpu::router_topk);
-  m.impl("_router_topk_backward", &cpu::router_topk_backward);
+  impl_with_backward(m, "router_topk", &router_topk_op<cpu::CpuRouterTopk>,
+                     &router_topk_backward_op<cpu::CpuRouterTopk>);
 }
 
 }  // namespace torch_moe

@@ -8,67 +8,12 @@
 
 #include "common/checks.h"
 #include "common/cuda_utils.cuh"
+#include "common/kernel_registration.h"
 #include "common/row_ops_cuda.h"
 #include "routing/router_topk.h"
 
 namespace torch_moe::cuda {
 namespace {
-
-constexpr int64_t kWarpPathMaxExperts = 256;
-constexpr int kRowsPerWarpBlock = 4;
-
-// What the softmax of one row needs to score any of its logits: the CPU's score_row, special cases included.
-template <typename acc_t>
-struct RowStats {
-  acc_t max_logit;
-  acc_t sum;
-  int has_nan;
-  int64_t n_top;  // only when max_logit is infinite: how many logits share the mass
-};
-
-template <int kThreads, typename scalar_t, typename acc_t>
-__device__ RowStats<acc_t> row_stats(const scalar_t* logits, int64_t E, bool softmax, GroupScratch<kThreads>* scratch) {
-  RowStats<acc_t> st{dev_inf<acc_t>(), acc_t(0), 0, 0};
-  if (!softmax) return st;
-  acc_t mx = -dev_inf<acc_t>();
-  int nan = 0;
-  for (int64_t e = threadIdx.x; e < E; e += kThreads) {
-    const acc_t v = static_cast<acc_t>(logits[e]);
-    if (isnan(v)) {
-      nan = 1;
-    } else if (mx < v) {
-      mx = v;
-    }
-  }
-  st.max_logit = group_max<kThreads>(mx, scratch);
-  st.has_nan = group_max<kThreads>(nan, scratch);
-  if (st.has_nan) return st;
-  if (isinf(st.max_logit)) {
-    const bool pos = st.max_logit > 0;
-    int64_t n = 0;
-    for (int64_t e = threadIdx.x; e < E; e += kThreads) {
-      const acc_t v = static_cast<acc_t>(logits[e]);
-      n += (!pos || v == st.max_logit) ? 1 : 0;
-    }
-    st.n_top = group_sum<kThreads>(n, scratch);
-    return st;
-  }
-  acc_t sum = 0;
-  for (int64_t e = threadIdx.x; e < E; e += kThreads) sum += dev_exp(static_cast<acc_t>(logits[e]) - st.max_logit);
-  st.sum = group_sum<kThreads>(sum, scratch);
-  return st;
-}
-
-template <typename acc_t>
-__device__ __forceinline__ acc_t score_of(acc_t v, const RowStats<acc_t>& st, bool softmax) {
-  if (!softmax) return acc_t(1) / (acc_t(1) + dev_exp(-v));
-  if (st.has_nan) return dev_nan<acc_t>();
-  if (isinf(st.max_logit)) {
-    const bool pos = st.max_logit > 0;
-    return (!pos || v == st.max_logit) ? acc_t(1) / static_cast<acc_t>(st.n_top) : acc_t(0);
-  }
-  return dev_exp(v - st.max_logit) / st.sum;
-}
 
 template <typename acc_t>
 __device__ __forceinline__ acc_t key_of(const acc_t* scores, const acc_t* bias, int64_t e) {
@@ -98,13 +43,11 @@ __global__ void router_topk_kernel(const scalar_t* __restrict__ logits, const ac
                                    int64_t E, int64_t k, bool softmax, bool normalize, int64_t n_groups,
                                    int64_t topk_groups, uint8_t* __restrict__ group_allowed, acc_t* __restrict__ weights,
                                    int64_t* __restrict__ ids, acc_t* __restrict__ scores) {
-  __shared__ GroupScratch<kThreads> scratch_rows[kThreads == 32 ? kRowsPerWarpBlock : 1];
-  GroupScratch<kThreads>* scratch = &scratch_rows[kThreads == 32 ? threadIdx.y : 0];
+  GroupScratch<kThreads>* scratch = row_group_scratch<kThreads>();
   const int lane = threadIdx.x;
   const bool grouped = topk_groups < n_groups;
   const int64_t group_size = E / n_groups;
-  for (int64_t row = blockIdx.x * static_cast<int64_t>(blockDim.y) + threadIdx.y; row < T;
-       row += static_cast<int64_t>(gridDim.x) * blockDim.y) {
+  for (int64_t row = first_row(); row < T; row += row_stride()) {
     const scalar_t* l = logits + row * E;
     acc_t* s = scores + row * E;
     const RowStats<acc_t> st = row_stats<kThreads, scalar_t, acc_t>(l, E, softmax, scratch);
@@ -161,11 +104,9 @@ template <typename scalar_t, typename acc_t, int kThreads>
 __global__ void router_topk_backward_kernel(const acc_t* __restrict__ grad_weights, const scalar_t* __restrict__ logits,
                                             const int64_t* __restrict__ ids, int64_t T, int64_t E, int64_t k,
                                             bool softmax, bool normalize, acc_t* __restrict__ grad_logits) {
-  __shared__ GroupScratch<kThreads> scratch_rows[kThreads == 32 ? kRowsPerWarpBlock : 1];
-  GroupScratch<kThreads>* scratch = &scratch_rows[kThreads == 32 ? threadIdx.y : 0];
+  GroupScratch<kThreads>* scratch = row_group_scratch<kThreads>();
   const int lane = threadIdx.x;
-  for (int64_t row = blockIdx.x * static_cast<int64_t>(blockDim.y) + threadIdx.y; row < T;
-       row += static_cast<int64_t>(gridDim.x) * blockDim.y) {
+  for (int64_t row = first_row(); row < T; row += row_stride()) {
     const scalar_t* l = logits + row * E;
     const acc_t* g = grad_weights + row * k;
     const int64_t* id = ids + row * k;
@@ -206,41 +147,14 @@ __global__ void router_topk_backward_kernel(const acc_t* __restrict__ grad_weigh
   }
 }
 
-template <typename Launch>
-void launch_rows(int64_t T, int64_t E, Launch launch) {
-  if (E <= kWarpPathMaxExperts) {
-    const dim3 block(32, kRowsPerWarpBlock);
-    launch(std::integral_constant<int, 32>{}, block, blocks_for((T + kRowsPerWarpBlock - 1) / kRowsPerWarpBlock, 1));
-  } else {
-    const dim3 block(kBlockThreads, 1);
-    launch(std::integral_constant<int, kBlockThreads>{}, block, blocks_for(T, 1));
-  }
-}
-
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> router_topk(const at::Tensor& logits_in, int64_t k,
-                                                           c10::string_view score_func,
-                                                           const std::optional<at::Tensor>& selection_bias,
-                                                           bool normalize, int64_t n_groups, int64_t topk_groups) {
-  constexpr const char* op = "router_topk";
-  check_floating(op, "logits", logits_in);
-  check_dim(op, "logits", logits_in, 2, "[T, E]");
-  const ScoreFunc func = parse_score_func(op, score_func);
+// router_topk after router_topk_op's checks; bias is selection_bias in the router dtype (undefined when absent).
+std::tuple<at::Tensor, at::Tensor, at::Tensor> select_topk(const char* op, const at::Tensor& logits_in, int64_t k,
+                                                           ScoreFunc func, const at::Tensor& bias, bool normalize,
+                                                           int64_t n_groups, int64_t topk_groups) {
   const int64_t T = logits_in.size(0), E = logits_in.size(1);
-  TORCH_MOE_CHECK(E > 0, "torch_moe.{}: argument 'logits' must have at least one expert (E > 0), got shape {}", op,
-                  shape_str(logits_in));
-  TORCH_MOE_CHECK(k >= 1 && k <= E, "torch_moe.{}: argument 'k' must be in [1, E] = [1, {}], got {}", op, E, k);
-  check_expert_groups(op, E, k, n_groups, topk_groups);
   const auto acc_type = router_dtype(logits_in);
-  at::Tensor bias;
-  if (selection_bias.has_value() && selection_bias->defined()) {
-    check_floating(op, "selection_bias", *selection_bias);
-    check_dim(op, "selection_bias", *selection_bias, 1, "[E]");
-    check_size(op, "selection_bias", *selection_bias, 0, E, "number of experts");
-    check_same_device(op, {{"logits", &logits_in}, {"selection_bias", &*selection_bias}});
-    bias = selection_bias->to(acc_type).contiguous();
-  }
   TORCH_MOE_CHECK(E < (int64_t{1} << 31), "torch_moe.{}: at most 2^31 - 1 experts on CUDA, got {}", op, E);
   const c10::cuda::CUDAGuard guard(logits_in.device());
   const auto logits = logits_in.contiguous();
@@ -266,17 +180,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> router_topk(const at::Tensor& log
   return {weights, ids, scores};
 }
 
-at::Tensor router_topk_backward(const at::Tensor& grad_weights_in, const at::Tensor& logits_in,
-                                const at::Tensor& expert_ids_in, c10::string_view score_func, bool normalize) {
-  constexpr const char* op = "_router_topk_backward";
-  check_floating(op, "grad_weights", grad_weights_in);
-  check_dim(op, "logits", logits_in, 2, "[T, E]");
-  check_dtype(op, "expert_ids", expert_ids_in, at::kLong);
-  check_dim(op, "expert_ids", expert_ids_in, 2, "[T, k]");
-  check_same_shape(op, "grad_weights", grad_weights_in, "expert_ids", expert_ids_in);
-  const ScoreFunc func = parse_score_func(op, score_func);
+// _router_topk_backward after router_topk_backward_op's checks.
+at::Tensor topk_grad(const char* op, const at::Tensor& grad_weights_in, const at::Tensor& logits_in,
+                     const at::Tensor& expert_ids_in, ScoreFunc func, bool normalize) {
   const int64_t T = logits_in.size(0), E = logits_in.size(1), k = expert_ids_in.size(1);
-  check_size(op, "expert_ids", expert_ids_in, 0, T, "tokens of logits");
   check_same_device(op, {{"logits", &logits_in}, {"expert_ids", &expert_ids_in}, {"grad_weights", &grad_weights_in}});
   check_index_range(op, "expert_ids", expert_ids_in, 0, E);
   const c10::cuda::CUDAGuard guard(logits_in.device());
@@ -301,9 +208,14 @@ at::Tensor router_topk_backward(const at::Tensor& grad_weights_in, const at::Ten
   return grad_logits.to(logits_in.scalar_type());
 }
 
+struct CudaRouterTopk {
+  static constexpr auto select_topk = &cuda::select_topk;
+  static constexpr auto topk_grad = &cuda::topk_grad;
+};
+
 TORCH_LIBRARY_IMPL(torch_moe, CUDA, m) {
-  m.impl("router_topk", &router_topk);
-  m.impl("_router_topk_backward", &router_topk_backward);
+  impl_with_backward(m, "router_topk", &router_topk_op<CudaRouterTopk>,
+                     &router_topk_backward_op<CudaRouterTopk>);
 }
 
 }  // namespace torch_moe::cuda

@@ -4,10 +4,10 @@
 
 #include <catch2/catch.hpp>
 
+#include "common/router_math.h"
 #include "common/row_math.h"
 #include "experts/glu.h"
 #include "experts/grouped_mm.h"
-#include "routing/router_math.h"
 
 #include <algorithm>
 #include <cmath>

@@ -1,14 +1,33 @@
-// Per-row router math shared by the CPU routing kernels: scoring one row and the ranking order of top-k.
+// Router math shared by the routing and loss kernels: the score function and router dtype (both backends), and
+// on the CPU scoring one row and the ranking order of top-k.
 #pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/string_view.h>
 
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <limits>
 
-#include "routing/router_topk.h"
+namespace torch_moe {
+
+enum class ScoreFunc { kSoftmax, kSigmoid };
+
+// Parses "softmax" | "sigmoid", raising an error that names the argument otherwise.
+ScoreFunc parse_score_func(const char* op, c10::string_view name);
+
+// Router math dtype: float64 for float64 logits, float32 for every other float dtype.
+at::ScalarType router_dtype(const at::Tensor& logits);
+
+}  // namespace torch_moe
 
 namespace torch_moe::cpu {
+
+// Scores of every row of logits [T, E] (contiguous, router dtype): ATen's vectorised softmax or sigmoid over the
+// whole tensor, then the scalar score_row below for the rows it leaves with a NaN, which gives those rows its
+// meaning. Both kernels of router_topk use it, so forward and backward see the same scores.
+at::Tensor score_rows(const at::Tensor& logits, ScoreFunc func);
 
 // Scores of one row in acc precision: softmax over the row or elementwise sigmoid.
 template <typename acc_t>
