@@ -13,6 +13,7 @@
 
 #include "common/checks.h"
 #include "common/cpu_cache.h"
+#include "common/kernel_registration.h"
 
 namespace torch_moe {
 
@@ -224,14 +225,8 @@ std::tuple<at::Tensor, at::Tensor> glu_backward(const at::Tensor& grad_act_in, c
 }  // namespace
 
 // The same ATen math serves both devices; only the output allocation and the chunking differ.
-TORCH_LIBRARY_IMPL(torch_moe, CPU, m) {
-  m.impl("glu", &glu);
-  m.impl("_glu_backward", &glu_backward);
-}
+TORCH_LIBRARY_IMPL(torch_moe, CPU, m) { impl_with_backward(m, "glu", &glu, &glu_backward); }
 
-TORCH_LIBRARY_IMPL(torch_moe, CUDA, m) {
-  m.impl("glu", &glu);
-  m.impl("_glu_backward", &glu_backward);
-}
+TORCH_LIBRARY_IMPL(torch_moe, CUDA, m) { impl_with_backward(m, "glu", &glu, &glu_backward); }
 
 }  // namespace torch_moe

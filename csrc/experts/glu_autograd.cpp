@@ -39,9 +39,6 @@ at::Tensor glu_autograd(const at::Tensor& gate, const at::Tensor& up, c10::strin
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(torch_moe, Autograd, m) {
-  m.impl("glu", &glu_autograd);
-  m.impl("_glu_backward", refuse_double_backward());
-}
+TORCH_LIBRARY_IMPL(torch_moe, Autograd, m) { impl_autograd(m, "glu", &glu_autograd); }
 
 }  // namespace torch_moe

@@ -1,4 +1,5 @@
-// Grouped GEMM over contiguous per-expert row segments (the dropless expert compute): CPU kernels.
+// Grouped GEMM over contiguous per-expert row segments (the dropless expert compute): the argument checks of both
+// backends and the CPU kernels.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -7,15 +8,98 @@
 #include <array>
 #include <tuple>
 
+#include "common/checks.h"
+#include "common/kernel_registration.h"
+
+// Registers a backend's kernels of the grouped GEMM family (named alike in cpu:: and cuda::; the backward of
+// grouped_mm is grouped_mm_backward_op over the backend's Segments) under the dispatch key of the
+// TORCH_LIBRARY_IMPL block it is expanded in, from inside that backend's namespace.
+#define TORCH_MOE_IMPL_GROUPED_MM_FAMILY(m, Segments)                                             \
+  impl_with_backward(m, "grouped_mm", &grouped_mm, &grouped_mm_backward_op<Segments>);            \
+  impl_with_backward(m, "gather_grouped_mm", &gather_grouped_mm, &gather_grouped_mm_backward);    \
+  impl_with_backward(m, "gather_grouped_glu", &gather_grouped_glu, &gather_grouped_glu_backward); \
+  impl_with_backward(m, "grouped_mm_unpermute", &grouped_mm_unpermute, &grouped_mm_unpermute_backward)
+
+namespace torch_moe {
+
+// Argument checks shared by the CPU and CUDA kernels of the grouped GEMM family (same order, same messages).
+// a [N, K] and b [E, K, M]: floating, one dtype, one device.
+inline void check_grouped_mm_operands(const char* op, const at::Tensor& a, const at::Tensor& b) {
+  check_floating(op, "a", a);
+  check_dim(op, "a", a, 2, "[N, K]");
+  check_floating(op, "b", b);
+  check_dim(op, "b", b, 3, "[E, K, M]");
+  TORCH_MOE_CHECK(a.scalar_type() == b.scalar_type(), "torch_moe.{}: arguments 'a' and 'b' must share a dtype, got {} and {}",
+                  op, dtype_name(a.scalar_type()), dtype_name(b.scalar_type()));
+  check_size(op, "b", b, 1, a.size(1), "columns of a");
+  check_same_device(op, {{"a", &a}, {"b", &b}});
+}
+
+// offsets [E + 1] int64.
+inline void check_offsets_shape(const char* op, const at::Tensor& offsets, int64_t num_experts) {
+  check_dtype(op, "offsets", offsets, at::kLong);
+  check_dim(op, "offsets", offsets, 1, "[E + 1]");
+  check_size(op, "offsets", offsets, 0, num_experts + 1, "experts + 1");
+}
+
+// The values of offsets, read into bounds[0, E]: from 0, non-decreasing, ending at most at num_rows.
+inline void check_offset_values(const char* op, const int64_t* bounds, int64_t num_experts, int64_t num_rows) {
+  TORCH_MOE_CHECK(bounds[0] == 0, "torch_moe.{}: argument 'offsets' must start at 0, got {}", op, bounds[0]);
+  for (int64_t e = 0; e < num_experts; ++e) {
+    TORCH_MOE_CHECK(bounds[e] <= bounds[e + 1],
+                    "torch_moe.{}: argument 'offsets' must be non-decreasing, got offsets[{}] = {} > offsets[{}] = {}",
+                    op, e, bounds[e], e + 1, bounds[e + 1]);
+  }
+  TORCH_MOE_CHECK(bounds[num_experts] <= num_rows,
+                  "torch_moe.{}: argument 'offsets' ends at {} but 'a' has only {} rows", op, bounds[num_experts],
+                  num_rows);
+}
+
+// The operands of _grouped_mm_backward, then grad_out [N, M]: floating, the rows of a and the columns of b.
+inline void check_grouped_mm_backward_args(const char* op, const at::Tensor& grad_out, const at::Tensor& a,
+                                           const at::Tensor& b) {
+  check_grouped_mm_operands(op, a, b);
+  check_floating(op, "grad_out", grad_out);
+  check_dim(op, "grad_out", grad_out, 2, "[N, M]");
+  check_size(op, "grad_out", grad_out, 0, a.size(0), "rows of a");
+  check_size(op, "grad_out", grad_out, 1, b.size(2), "columns of b");
+}
+
+// row_index [T, k] int64 naming distinct rows in [-1, num_rows), with the range and duplicate checks of the row
+// backend B (CpuRows, CudaRows).
+template <typename B>
+void check_row_plan(const char* op, const at::Tensor& row_index, int64_t tokens, int64_t num_rows) {
+  check_dtype(op, "row_index", row_index, at::kLong);
+  check_dim(op, "row_index", row_index, 2, "[T, k]");
+  check_size(op, "row_index", row_index, 0, tokens, "tokens");
+  B::check_index_range(op, "row_index", row_index, -1, num_rows, nullptr);
+  B::check_unique_destinations(op, "row_index", row_index, num_rows);
+}
+
+// _grouped_mm_backward, written once over a backend B -> (grad_a [N, K], grad_b [E, K, M]); experts without rows get
+// zero gradient. B::read_segments checks offsets and returns what B::segment_mm and B::segment_weight_grad take
+// (the bounds read to the host on the CPU, the offsets tensor on CUDA).
+template <typename B>
+std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_op(const at::Tensor& grad_out_in, const at::Tensor& a_in,
+                                                          const at::Tensor& b, const at::Tensor& offsets,
+                                                          std::array<bool, 2> output_mask) {
+  constexpr const char* op = "_grouped_mm_backward";
+  check_grouped_mm_backward_args(op, grad_out_in, a_in, b);
+  const auto segments = B::read_segments(op, offsets, b.size(0), a_in.size(0));
+  const typename B::Guard guard(a_in.device());
+  const auto grad_out = grad_out_in.to(a_in.scalar_type()).contiguous();
+  return {output_mask[0] ? B::segment_mm(grad_out, b.transpose(1, 2), segments) : at::Tensor(),
+          output_mask[1] ? B::segment_weight_grad(a_in.contiguous(), grad_out, segments) : at::Tensor()};
+}
+
+}  // namespace torch_moe
+
 namespace torch_moe::cpu {
 
 // out [N, M]: out[offsets[e]:offsets[e+1]] = a[offsets[e]:offsets[e+1]] @ b[e]; rows past offsets[E] are zero.
 at::Tensor grouped_mm(const at::Tensor& a, const at::Tensor& b, const at::Tensor& offsets);
-// -> (grad_a [N, K], grad_b [E, K, M]); experts without rows get zero gradient. In every backward here, an output
-// whose output_mask entry is false is neither computed nor allocated and comes back undefined.
-std::tuple<at::Tensor, at::Tensor> grouped_mm_backward(const at::Tensor& grad_out, const at::Tensor& a,
-                                                       const at::Tensor& b, const at::Tensor& offsets,
-                                                       std::array<bool, 2> output_mask);
+// In every backward here (and in grouped_mm_backward_op above), an output whose output_mask entry is false is
+// neither computed nor allocated and comes back undefined.
 
 // Dropless first projection with the permutation fused in: rows[row_index[t, j]] = x[t] are gathered one expert
 // segment at a time into a reused buffer, so neither pass builds nor keeps the k-times larger permuted rows.

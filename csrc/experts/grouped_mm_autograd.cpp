@@ -134,14 +134,10 @@ at::Tensor grouped_mm_unpermute_autograd(const at::Tensor& h, const at::Tensor& 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(torch_moe, Autograd, m) {
-  m.impl("grouped_mm", &grouped_mm_autograd);
-  m.impl("gather_grouped_mm", &gather_grouped_mm_autograd);
-  m.impl("gather_grouped_glu", &gather_grouped_glu_autograd);
-  m.impl("grouped_mm_unpermute", &grouped_mm_unpermute_autograd);
-  m.impl("_grouped_mm_backward", refuse_double_backward());
-  m.impl("_gather_grouped_mm_backward", refuse_double_backward());
-  m.impl("_gather_grouped_glu_backward", refuse_double_backward());
-  m.impl("_grouped_mm_unpermute_backward", refuse_double_backward());
+  impl_autograd(m, "grouped_mm", &grouped_mm_autograd);
+  impl_autograd(m, "gather_grouped_mm", &gather_grouped_mm_autograd);
+  impl_autograd(m, "gather_grouped_glu", &gather_grouped_glu_autograd);
+  impl_autograd(m, "grouped_mm_unpermute", &grouped_mm_unpermute_autograd);
 }
 
 }  // namespace torch_moe

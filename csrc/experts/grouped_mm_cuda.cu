@@ -17,7 +17,10 @@
 
 #include "common/checks.h"
 #include "common/cuda_utils.cuh"
+#include "common/kernel_registration.h"
+#include "common/row_backend_cuda.h"
 #include "common/row_ops_cuda.h"
+#include "experts/grouped_mm.h"
 #include "experts/glu.h"
 
 namespace torch_moe::cuda {
@@ -25,35 +28,14 @@ namespace {
 
 thread_local const char* g_last_path = "";
 
-void check_operands(const char* op, const at::Tensor& a, const at::Tensor& b) {
-  check_floating(op, "a", a);
-  check_dim(op, "a", a, 2, "[N, K]");
-  check_floating(op, "b", b);
-  check_dim(op, "b", b, 3, "[E, K, M]");
-  TORCH_MOE_CHECK(a.scalar_type() == b.scalar_type(), "torch_moe.{}: arguments 'a' and 'b' must share a dtype, got {} and {}",
-                  op, dtype_name(a.scalar_type()), dtype_name(b.scalar_type()));
-  check_size(op, "b", b, 1, a.size(1), "columns of a");
-  check_same_device(op, {{"a", &a}, {"b", &b}});
-}
-
 // The CPU's read_offsets checks: shape on the host always, values (one small device-to-host copy) when value
 // checks are on.
 void check_offsets(const char* op, const at::Tensor& offsets, int64_t num_experts, int64_t num_rows) {
-  check_dtype(op, "offsets", offsets, at::kLong);
-  check_dim(op, "offsets", offsets, 1, "[E + 1]");
-  check_size(op, "offsets", offsets, 0, num_experts + 1, "experts + 1");
+  check_offsets_shape(op, offsets, num_experts);
   if (!value_checks_enabled()) return;
   const auto host = offsets.to(at::kCPU).contiguous();
   const int64_t* bounds = host.data_ptr<int64_t>();
-  TORCH_MOE_CHECK(bounds[0] == 0, "torch_moe.{}: argument 'offsets' must start at 0, got {}", op, bounds[0]);
-  for (int64_t e = 0; e < num_experts; ++e) {
-    TORCH_MOE_CHECK(bounds[e] <= bounds[e + 1],
-                    "torch_moe.{}: argument 'offsets' must be non-decreasing, got offsets[{}] = {} > offsets[{}] = {}",
-                    op, e, bounds[e], e + 1, bounds[e + 1]);
-  }
-  TORCH_MOE_CHECK(bounds[num_experts] <= num_rows,
-                  "torch_moe.{}: argument 'offsets' ends at {} but 'a' has only {} rows", op, bounds[num_experts],
-                  num_rows);
+  check_offset_values(op, bounds, num_experts, num_rows);
 }
 
 int capability_major(int device) {
@@ -140,14 +122,16 @@ at::Tensor segment_weight_grad(const at::Tensor& a, const at::Tensor& g, const a
   return grad;
 }
 
-// row_index [T, k] int64 naming distinct rows in [-1, num_rows).
-void check_row_plan(const char* op, const at::Tensor& row_index, int64_t tokens, int64_t num_rows) {
-  check_dtype(op, "row_index", row_index, at::kLong);
-  check_dim(op, "row_index", row_index, 2, "[T, k]");
-  check_size(op, "row_index", row_index, 0, tokens, "tokens");
-  check_index_range(op, "row_index", row_index, -1, num_rows);
-  check_unique_destinations(op, "row_index", row_index, num_rows);
-}
+// grouped_mm_backward_op's segments: the offsets tensor itself, checked as check_offsets does.
+struct CudaSegments {
+  using Guard = c10::cuda::CUDAGuard;
+  static at::Tensor read_segments(const char* op, const at::Tensor& offsets, int64_t num_experts, int64_t num_rows) {
+    check_offsets(op, offsets, num_experts, num_rows);
+    return offsets;
+  }
+  static constexpr auto segment_mm = &cuda::segment_mm;
+  static constexpr auto segment_weight_grad = &cuda::segment_weight_grad;
+};
 
 }  // namespace
 
@@ -155,35 +139,20 @@ const char* last_grouped_mm_path() { return g_last_path; }
 
 at::Tensor grouped_mm(const at::Tensor& a_in, const at::Tensor& b, const at::Tensor& offsets) {
   constexpr const char* op = "grouped_mm";
-  check_operands(op, a_in, b);
+  check_grouped_mm_operands(op, a_in, b);
   check_same_device(op, {{"a", &a_in}, {"offsets", &offsets}});
   check_offsets(op, offsets, b.size(0), a_in.size(0));
   const c10::cuda::CUDAGuard guard(a_in.device());
   return segment_mm(a_in.contiguous(), b, offsets);
 }
 
-std::tuple<at::Tensor, at::Tensor> grouped_mm_backward(const at::Tensor& grad_out_in, const at::Tensor& a_in,
-                                                       const at::Tensor& b, const at::Tensor& offsets,
-                                                       std::array<bool, 2> output_mask) {
-  constexpr const char* op = "_grouped_mm_backward";
-  check_operands(op, a_in, b);
-  check_floating(op, "grad_out", grad_out_in);
-  check_dim(op, "grad_out", grad_out_in, 2, "[N, M]");
-  check_size(op, "grad_out", grad_out_in, 0, a_in.size(0), "rows of a");
-  check_size(op, "grad_out", grad_out_in, 1, b.size(2), "columns of b");
-  check_offsets(op, offsets, b.size(0), a_in.size(0));
-  const c10::cuda::CUDAGuard guard(a_in.device());
-  const auto grad_out = grad_out_in.to(a_in.scalar_type()).contiguous();
-  return {output_mask[0] ? segment_mm(grad_out, b.transpose(1, 2), offsets) : at::Tensor(),
-          output_mask[1] ? segment_weight_grad(a_in.contiguous(), grad_out, offsets) : at::Tensor()};
-}
 
 at::Tensor gather_grouped_mm(const at::Tensor& x, const at::Tensor& b, const at::Tensor& offsets,
                              const at::Tensor& row_index) {
   constexpr const char* op = "gather_grouped_mm";
   check_floating(op, "x", x);
   check_dim(op, "x", x, 2, "[T, K]");
-  check_row_plan(op, row_index, x.size(0), row_index.numel());
+  check_row_plan<CudaRows>(op, row_index, x.size(0), row_index.numel());
   const c10::cuda::CUDAGuard guard(x.device());
   return grouped_mm(scatter_rows(x, row_index, std::nullopt, row_index.numel()), b, offsets);
 }
@@ -195,10 +164,10 @@ std::tuple<at::Tensor, at::Tensor> gather_grouped_mm_backward(const at::Tensor& 
   constexpr const char* op = "_gather_grouped_mm_backward";
   check_floating(op, "x", x);
   check_dim(op, "x", x, 2, "[T, K]");
-  check_row_plan(op, row_index, x.size(0), row_index.numel());
+  check_row_plan<CudaRows>(op, row_index, x.size(0), row_index.numel());
   const c10::cuda::CUDAGuard guard(x.device());
   const auto rows = scatter_rows(x, row_index, std::nullopt, row_index.numel());
-  auto [grad_rows, grad_b] = grouped_mm_backward(grad_out, rows, b, offsets, output_mask);
+  auto [grad_rows, grad_b] = grouped_mm_backward_op<CudaSegments>(grad_out, rows, b, offsets, output_mask);
   return {output_mask[0] ? gather_rows(grad_rows, row_index, std::nullopt) : at::Tensor(), grad_b};
 }
 
@@ -206,7 +175,7 @@ at::Tensor grouped_mm_unpermute(const at::Tensor& h, const at::Tensor& b, const 
                                 const at::Tensor& weights, const at::Tensor& row_index) {
   constexpr const char* op = "grouped_mm_unpermute";
   check_floating(op, "weights", weights);
-  check_row_plan(op, row_index, weights.size(0), h.size(0));
+  check_row_plan<CudaRows>(op, row_index, weights.size(0), h.size(0));
   check_same_shape(op, "weights", weights, "row_index", row_index);
   const c10::cuda::CUDAGuard guard(h.device());
   return gather_rows(grouped_mm(h, b, offsets), row_index, weights);
@@ -216,9 +185,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_unpermute_backward(
     const at::Tensor& grad_y, const at::Tensor& h, const at::Tensor& b, const at::Tensor& offsets,
     const at::Tensor& weights, const at::Tensor& row_index, std::array<bool, 3> output_mask) {
   constexpr const char* op = "_grouped_mm_unpermute_backward";
-  check_operands(op, h, b);
+  check_grouped_mm_operands(op, h, b);
   check_floating(op, "weights", weights);
-  check_row_plan(op, row_index, weights.size(0), h.size(0));
+  check_row_plan<CudaRows>(op, row_index, weights.size(0), h.size(0));
   check_same_shape(op, "weights", weights, "row_index", row_index);
   check_floating(op, "grad_y", grad_y);
   check_dim(op, "grad_y", grad_y, 2, "[T, M]");
@@ -267,15 +236,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_grouped_glu_backward(
                                                offsets, row_index, activation, output_mask);
 }
 
-TORCH_LIBRARY_IMPL(torch_moe, CUDA, m) {
-  m.impl("grouped_mm", &grouped_mm);
-  m.impl("_grouped_mm_backward", &grouped_mm_backward);
-  m.impl("gather_grouped_mm", &gather_grouped_mm);
-  m.impl("_gather_grouped_mm_backward", &gather_grouped_mm_backward);
-  m.impl("gather_grouped_glu", &gather_grouped_glu);
-  m.impl("_gather_grouped_glu_backward", &gather_grouped_glu_backward);
-  m.impl("grouped_mm_unpermute", &grouped_mm_unpermute);
-  m.impl("_grouped_mm_unpermute_backward", &grouped_mm_unpermute_backward);
-}
+TORCH_LIBRARY_IMPL(torch_moe, CUDA, m) { TORCH_MOE_IMPL_GROUPED_MM_FAMILY(m, CudaSegments); }
 
 }  // namespace torch_moe::cuda

@@ -1,0 +1,124 @@
+// The CPU segment runtime of the grouped GEMM family: the parts that are not templates (see the header).
+#include "experts/segment_runtime_cpu.h"
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <vector>
+
+#include "common/checks.h"
+#include "common/cpu_cache.h"
+#include "experts/grouped_mm.h"
+
+namespace torch_moe::cpu {
+
+std::vector<int64_t> read_offsets(const char* op, const at::Tensor& offsets, int64_t num_experts, int64_t num_rows) {
+  check_offsets_shape(op, offsets, num_experts);
+  const auto c = offsets.contiguous();
+  std::vector<int64_t> bounds(c.data_ptr<int64_t>(), c.data_ptr<int64_t>() + num_experts + 1);
+  check_offset_values(op, bounds.data(), num_experts, num_rows);
+  return bounds;
+}
+
+int64_t longest_segment(const std::vector<int64_t>& bounds) {
+  int64_t longest = 0;
+  for (size_t e = 0; e + 1 < bounds.size(); ++e) longest = std::max(longest, bounds[e + 1] - bounds[e]);
+  return longest;
+}
+
+Schedule schedule_segments(const std::vector<int64_t>& bounds, int64_t macs_per_row) {
+  const int64_t E = static_cast<int64_t>(bounds.size()) - 1;
+  const int64_t rows = bounds[E];
+  int64_t busy = 0;
+  for (int64_t e = 0; e < E; ++e) busy += bounds[e + 1] > bounds[e] ? 1 : 0;
+  const int64_t threads = at::in_parallel_region() ? 1 : at::get_num_threads();
+  Schedule schedule;
+  if (threads < 2 || busy < 2 * threads || rows * macs_per_row >= kSideBySideMacs * busy) {
+    schedule.first_expert = {0, E};
+    return schedule;
+  }
+  schedule.first_expert.assign(static_cast<size_t>(threads) + 1, E);
+  schedule.first_expert[0] = 0;
+  for (int64_t s = 1; s < threads; ++s) {
+    const int64_t target = rows * s / threads;
+    const int64_t e = std::lower_bound(bounds.begin(), bounds.begin() + E, target) - bounds.begin();
+    schedule.first_expert[s] = std::max(e, schedule.first_expert[s - 1]);
+  }
+  return schedule;
+}
+
+void zero_empty_experts(at::Tensor& grad_b, const std::vector<int64_t>& bounds) {
+  for (size_t e = 0; e + 1 < bounds.size(); ++e) {
+    if (bounds[e + 1] == bounds[e]) grad_b.select(0, static_cast<int64_t>(e)).zero_();
+  }
+}
+
+void zero_rows_past_segments(at::Tensor& t, const std::vector<int64_t>& bounds) {
+  const int64_t end = bounds.back();
+  if (end < t.size(0)) t.narrow(0, end, t.size(0) - end).zero_();
+}
+
+std::vector<int64_t> assignment_of_rows(const at::Tensor& row_index, int64_t num_rows) {
+  const auto index = row_index.contiguous();
+  const int64_t* ip = index.data_ptr<int64_t>();
+  std::vector<int64_t> assignment(static_cast<size_t>(num_rows), -1);
+  for (int64_t a = 0; a < index.numel(); ++a) {
+    if (ip[a] >= 0) assignment[ip[a]] = a;
+  }
+  return assignment;
+}
+
+bool segments_repeat_tokens(const std::vector<int64_t>& assignment, const std::vector<int64_t>& bounds, int64_t k,
+                            int64_t tokens) {
+  std::vector<int64_t> last_segment(static_cast<size_t>(tokens), -1);
+  for (size_t e = 0; e + 1 < bounds.size(); ++e) {
+    for (int64_t r = bounds[e]; r < bounds[e + 1]; ++r) {
+      const int64_t a = assignment[r];
+      if (a < 0) continue;
+      int64_t& last = last_segment[a / k];
+      if (last == static_cast<int64_t>(e)) return true;
+      last = static_cast<int64_t>(e);
+    }
+  }
+  return false;
+}
+
+at::ScalarType opmath_of(at::ScalarType dtype) { return dtype == at::kDouble ? at::kDouble : at::kFloat; }
+
+
+SegmentPlan segment_plan(const char* op, const at::Tensor& offsets, const at::Tensor& row_index, int64_t num_experts,
+                         int64_t num_rows) {
+  SegmentPlan plan;
+  plan.bounds = read_offsets(op, offsets, num_experts, num_rows);
+  plan.assignment = assignment_of_rows(row_index, num_rows);
+  plan.k = std::max<int64_t>(row_index.size(1), 1);
+  plan.repeats_tokens = segments_repeat_tokens(plan.assignment, plan.bounds, plan.k, row_index.size(0));
+  return plan;
+}
+
+SegmentRun::SegmentRun(const char* op, const at::Tensor& offsets, const at::Tensor& row_index, int64_t num_experts,
+                       int64_t num_rows, int64_t macs_per_row, const at::Tensor& x_in, const at::Tensor& grad_in)
+    : plan(segment_plan(op, offsets, row_index, num_experts, num_rows)),
+      schedule(schedule_segments(plan.bounds, macs_per_row)),
+      x(x_in.contiguous()),
+      grad(grad_in.defined() ? grad_in.to(x.scalar_type()).contiguous() : at::Tensor()) {}
+
+at::Tensor SegmentRun::slot_buffers(int64_t cols, bool wanted) const {
+  return wanted ? empty_cached({schedule.slots(), longest_segment(plan.bounds), cols}, x.options()) : at::Tensor();
+}
+
+at::Tensor SegmentRun::weight_grad(const at::Tensor& w, bool wanted) const {
+  if (!wanted) return at::Tensor();
+  auto grad_w = empty_cached(w.sizes(), x.options());
+  zero_empty_experts(grad_w, plan.bounds);
+  return grad_w;
+}
+
+std::optional<SlotSums> SegmentRun::token_grad_sums(int64_t tokens, int64_t cols, bool wanted) const {
+  std::optional<SlotSums> sums;
+  if (wanted) sums.emplace(schedule.slots(), tokens, cols, x.options().dtype(opmath_of(x.scalar_type())));
+  return sums;
+}
+
+}  // namespace torch_moe::cpu
