@@ -74,7 +74,9 @@ def test_import_graph_sees_the_imports():
                                          ("torch_moe.dispatch", "torch_moe.layer"),
                                          ("torch_moe.routing", "torch_moe.layer"),
                                          ("torch_moe.layer", "torch_moe.parallel"),
-                                         ("torch_moe.layer", "torch_moe.convert")])
+                                         ("torch_moe.layer", "torch_moe.convert"),
+                                         ("torch_moe.feedforward", "torch_moe.convert"),
+                                         ("torch_moe.feedforward", "torch_moe.integrations.hf_moe")])
 def test_floors(lower, upper):
     """A lower floor never reaches an upper one, even through other modules."""
     graph = _graph()

@@ -152,3 +152,17 @@ def test_hf_aux_loss_is_top_k_times_torch_moe_on_one_layer():
         out = model(input_ids=ids, output_router_logits=True)
     (layer,) = moe_layers(model)
     torch.testing.assert_close(out.aux_loss, layer.top_k * layer.stats.load_balancing_loss, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("family", [f for f in ("mixtral", "qwen2_moe", "deepseek_v3") if f in SUPPORTED])
+def test_save_and_reload_with_convert_from_pretrained(tmp_path, family):
+    _, converted = make_pair(family, capacity_factor=1.25)
+    ids = input_ids(2, 9)
+    with torch.no_grad():
+        expected = converted(input_ids=ids).logits
+    converted.save_pretrained(tmp_path)
+    again = torch_moe.convert.from_pretrained(tmp_path, attn_implementation="eager")
+    assert [m.capacity_factor for m in moe_layers(again)] == [1.25] * len(moe_layers(converted))
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=ids).logits, expected, rtol=0, atol=0)
+    assert torch_moe.convert.from_hf_moe is from_hf_moe

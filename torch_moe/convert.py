@@ -1,4 +1,6 @@
-"""moefy: turn the dense FFNs of an existing model (Hugging Face or plain PyTorch) into MoE layers, in place."""
+"""Conversions: moefy turns the dense FFNs of an existing model (Hugging Face or plain PyTorch) into MoE layers, in
+place; from_hf_moe (re-exported) does it for the MoE blocks of Hugging Face MoE models; from_pretrained rebuilds a
+saved converted model."""
 
 from __future__ import annotations
 
@@ -6,163 +8,26 @@ import fnmatch
 import inspect
 import re
 import warnings
-from contextlib import contextmanager
 from dataclasses import dataclass, replace
-from typing import Callable, Iterator, Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .feedforward import (CONFIG_KEY, RECORD_FORMAT, MoEFeedForward, _install_attention_mask_hook, padding_mask,
+                          record_conversion)
+from .integrations.hf_moe import from_hf_moe
 from .layer import MoE
 
-__all__ = ["moefy", "from_pretrained", "DenseFFN", "MoEFeedForward", "padding_mask", "UPCYCLE_ROUTER_STD", "CONFIG_KEY"]
-
-# The key under which moefy records its conversions in a Hugging Face model's config (and so in config.json).
-CONFIG_KEY = "torch_moe"
-_RECORD_FORMAT = 1
+__all__ = ["moefy", "from_hf_moe", "from_pretrained", "DenseFFN", "MoEFeedForward", "padding_mask",
+           "UPCYCLE_ROUTER_STD", "CONFIG_KEY"]
 
 # Standard deviation of the router weights of an upcycled layer: small, so that the router starts near uniform
 # and learns from the data, but not zero, so that tokens do not all pick experts 0..k-1 (ties go to the lower id).
 UPCYCLE_ROUTER_STD = 0.02
 
 Select = Union[str, "re.Pattern[str]", Callable[[str, nn.Module], bool]]
-
-
-class MoEFeedForward(nn.Module):
-    """A MoE layer in the place of a dense FFN, keeping the FFN's calling convention.
-
-    ``forward(hidden_states [..., d_model]) -> [..., d_model]``: the MoE output, then the FFN's trailing dropout if
-    it had one. The padding mask comes from outside, because an FFN is not given the attention mask: the forward
-    pre-hook that :func:`moefy` puts on a converted model whose forward takes ``attention_mask`` stores the mask of
-    each call on every ``MoEFeedForward`` inside it; ``padding_mask`` (set by the :func:`padding_mask` context
-    manager) takes precedence over it. A mask [B, S_total] meets hidden states [B, S] by its last S columns
-    (decoding with a KV cache), and hidden states flattened to [B*S, d] (OPT's layers) by the same columns
-    flattened; any other shape raises ValueError. The hook also stores the call's ``input_ids``,
-    which a MoE with ``router="hash"`` takes as its ``token_ids``.
-    """
-
-    def __init__(self, moe: MoE, dropout: Optional[nn.Module] = None) -> None:
-        super().__init__()
-        self.moe = moe
-        self.dropout = dropout if dropout is not None else nn.Identity()
-        self.padding_mask: Optional[Tensor] = None
-        # Set by the model's forward pre-hook; kept until the next call of the model so that activation
-        # checkpointing recomputes with the mask of its forward.
-        self.attention_mask: Optional[Tensor] = None
-        self.token_ids: Optional[Tensor] = None
-
-    def forward(self, hidden_states: Tensor) -> Tensor:
-        mask = self.padding_mask if self.padding_mask is not None else self.attention_mask
-        if mask is not None:
-            mask = _fit_to_tokens(mask, hidden_states, "padding mask")
-            mask = mask if mask.dtype == torch.bool else mask != 0
-        if getattr(self.moe, "router_name", None) == "hash" and self.token_ids is not None:
-            token_ids = _fit_to_tokens(self.token_ids, hidden_states, "input_ids")
-            return self.dropout(self.moe(hidden_states, padding_mask=mask, token_ids=token_ids))
-        return self.dropout(self.moe(hidden_states, padding_mask=mask))
-
-
-def _fit_to_tokens(values: Tensor, hidden_states: Tensor, what: str) -> Tensor:
-    """values [..., S_total] -> [..., S], the last S positions (the new ones when decoding with a KV cache)."""
-    lead_shape = hidden_states.shape[:-1]
-    if values.dim() == len(lead_shape) and values.shape[:-1] == lead_shape[:-1] and values.shape[-1] >= lead_shape[-1]:
-        if values.shape[-1] != lead_shape[-1]:
-            values = values[..., values.shape[-1] - lead_shape[-1]:]
-        return values
-    if hidden_states.dim() == 2 and values.dim() == 2:
-        # Tokens flattened to [B*S, d] by the layer (OPT): the last S columns of each row, row-major.
-        batch, tokens = values.shape[0], hidden_states.shape[0]
-        if batch > 0 and tokens % batch == 0 and tokens // batch <= values.shape[1]:
-            return values[:, values.shape[1] - tokens // batch:].reshape(tokens)
-    raise ValueError(
-        f"MoEFeedForward: the stored {what} of shape {tuple(values.shape)} does not fit hidden states of shape "
-        f"{tuple(hidden_states.shape)}: it must be [..., S_total] with the hidden states' leading dims and "
-        f"S_total >= S (FFN chunking along the sequence is not supported with a {what})"
-    )
-
-
-def _ffn_modules(model: nn.Module) -> list[MoEFeedForward]:
-    return [m for m in model.modules() if isinstance(m, MoEFeedForward)]
-
-
-@contextmanager
-def padding_mask(model: nn.Module, mask: Optional[Tensor]) -> Iterator[None]:
-    """Give every converted FFN in ``model`` the padding mask ``mask`` ([B, S], True or nonzero = real token)
-    for the duration of the block; for models whose forward takes no ``attention_mask`` argument."""
-    ffns = _ffn_modules(model)
-    previous = [f.padding_mask for f in ffns]
-    for f in ffns:
-        f.padding_mask = mask
-    try:
-        yield
-    finally:
-        for f, old in zip(ffns, previous):
-            f.padding_mask = old
-
-
-def _attention_mask_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-    mask = kwargs.get("attention_mask")
-    position = getattr(module, "_torch_moe_attention_mask_position", None)
-    if mask is None and position is not None and len(args) > position:
-        mask = args[position]
-    if mask is not None and not isinstance(mask, Tensor):
-        mask = None
-    if mask is not None and mask.dim() != 2:
-        raise ValueError(
-            f"torch_moe: the attention_mask given to {type(module).__name__} has shape {tuple(mask.shape)}; the MoE "
-            "layers take a 2-D [batch, sequence] mask (1 = token, 0 = padding). Pass a 2-D mask, or call the model "
-            "inside torch_moe.convert.padding_mask(model, mask)"
-        )
-    token_ids = kwargs.get("input_ids")
-    ids_position = getattr(module, "_torch_moe_input_ids_position", None)
-    if token_ids is None and ids_position is not None and len(args) > ids_position:
-        token_ids = args[ids_position]
-    if not isinstance(token_ids, Tensor):
-        token_ids = None
-    decoder_ffns = set()
-    config = getattr(module, "config", None)
-    if getattr(config, "is_encoder_decoder", False) and callable(getattr(module, "get_decoder", None)):
-        # T5, Whisper: attention_mask / input_ids are the encoder's; the decoder's FFNs get decoder_attention_mask
-        # and decoder_input_ids (None when not given: no mask rather than the encoder's).
-        decoder_ffns = {id(f) for f in _ffn_modules(module.get_decoder())}
-    decoder_mask, decoder_ids = kwargs.get("decoder_attention_mask"), kwargs.get("decoder_input_ids")
-    decoder_mask = decoder_mask if isinstance(decoder_mask, Tensor) and decoder_mask.dim() == 2 else None
-    decoder_ids = decoder_ids if isinstance(decoder_ids, Tensor) else None
-    for ffn in _ffn_modules(module):
-        in_decoder = id(ffn) in decoder_ffns
-        ffn.attention_mask = decoder_mask if in_decoder else mask
-        ffn.token_ids = decoder_ids if in_decoder else token_ids
-
-
-def _install_attention_mask_hook(model: nn.Module) -> bool:
-    """Install the hook when ``model.forward`` takes ``attention_mask`` (or ``**kwargs``); says whether it is on."""
-    if getattr(model, "_torch_moe_attention_mask_hook", False):
-        return True
-    position, ids_position, accepted = None, None, False
-    try:
-        params = list(inspect.signature(model.forward).parameters.values())
-    except (TypeError, ValueError):
-        params = []
-    for i, p in enumerate(params):
-        positional = p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
-        if p.kind == p.VAR_KEYWORD or p.name == "attention_mask":
-            accepted = True
-        if p.name == "attention_mask" and positional:
-            position = i
-        if p.name == "input_ids" and positional:
-            ids_position = i
-    if not accepted:
-        return False
-    model._torch_moe_input_ids_position = ids_position
-    model._torch_moe_attention_mask_position = position
-    model._torch_moe_attention_mask_hook = True
-    model.register_forward_pre_hook(_attention_mask_pre_hook, with_kwargs=True)
-    return True
-
-
-# --------------------------------------------------------------------------------------------------
-# recognising dense FFNs
 
 
 @dataclass
@@ -686,9 +551,7 @@ def moefy(
             dense.install(module, replacement)
     _install_attention_mask_hook(model)
     if record is not None:
-        config = model.config
-        previous = getattr(config, CONFIG_KEY, None) or {"format": _RECORD_FORMAT, "conversions": []}
-        setattr(config, CONFIG_KEY, {**previous, "conversions": [*previous["conversions"], record]})
+        record_conversion(model, record)
     return model
 
 
@@ -703,8 +566,8 @@ def _conversion_record(model: nn.Module, targets, num_experts: int, top_k: int, 
         if value is not None and not isinstance(value, (bool, int, float, str)):
             raise ValueError(f"moefy: {key}={value!r} cannot be recorded in {type(model).__name__}.config (config.json "
                              "holds numbers, strings and None); build the MoE layers by hand for this model")
-    record = {"modules": [name for name, _, _ in targets], "num_experts": num_experts, "top_k": top_k,
-              "moe_kwargs": dict(moe_kwargs)}
+    record = {"method": "moefy", "modules": [name for name, _, _ in targets], "num_experts": num_experts,
+              "top_k": top_k, "moe_kwargs": dict(moe_kwargs)}
     if adapter:  # from_pretrained must be given the adapter again
         record["adapter"] = True
     return record
@@ -712,7 +575,8 @@ def _conversion_record(model: nn.Module, targets, num_experts: int, top_k: int, 
 
 def from_pretrained(path, model_class=None, *, dtype: Optional[torch.dtype] = None,
                     attn_implementation: Optional[str] = None, adapter: Optional[Adapter] = None) -> nn.Module:
-    """Rebuild a model converted by :func:`moefy` and saved with ``save_pretrained(path)``, with its weights.
+    """Rebuild a model converted by :func:`moefy` or :func:`from_hf_moe` and saved with ``save_pretrained(path)``,
+    with its weights.
 
     Reads config.json, builds ``model_class`` (default: the class named in ``config.architectures``) from it,
     replays the recorded conversions (same modules, experts, top-k and MoE arguments, capacity included), then loads
@@ -725,10 +589,10 @@ def from_pretrained(path, model_class=None, *, dtype: Optional[torch.dtype] = No
 
     config = transformers.AutoConfig.from_pretrained(path)
     record = getattr(config, CONFIG_KEY, None)
-    if not isinstance(record, dict) or record.get("format") != _RECORD_FORMAT:
+    if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
         raise ValueError(f"torch_moe.convert.from_pretrained: {path} holds no torch_moe conversion record (config "
-                         f"key {CONFIG_KEY!r}, format {_RECORD_FORMAT}); was it saved after moefy? For an unconverted "
-                         "model use transformers' from_pretrained")
+                         f"key {CONFIG_KEY!r}, format {RECORD_FORMAT}); was it saved after moefy or from_hf_moe? For "
+                         "an unconverted model use transformers' from_pretrained")
     if model_class is None:
         names = getattr(config, "architectures", None) or []
         if len(names) != 1 or not hasattr(transformers, names[0]):
@@ -741,7 +605,7 @@ def from_pretrained(path, model_class=None, *, dtype: Optional[torch.dtype] = No
     if dtype is None:
         dtype = next((t.dtype for t in state.values() if t.is_floating_point()), torch.float32)
     model = model_class(config).to(dtype)
-    setattr(model.config, CONFIG_KEY, None)  # moefy records each replayed conversion again
+    setattr(model.config, CONFIG_KEY, None)  # each replayed conversion is recorded again
     mismatch = (f"torch_moe.convert.from_pretrained: replaying the conversions of {path} on a fresh "
                 f"{model_class.__name__} did not convert the same modules; was model_class the saved one?")
     for conversion in record["conversions"]:
@@ -750,16 +614,33 @@ def from_pretrained(path, model_class=None, *, dtype: Optional[torch.dtype] = No
             raise ValueError(f"torch_moe.convert.from_pretrained: {path} was converted with an adapter; pass the "
                              "same adapter= to rebuild it")
         try:
-            with warnings.catch_warnings():  # moefy's warnings were given when the model was converted
+            with warnings.catch_warnings():  # the warnings were given when the model was converted
                 warnings.simplefilter("ignore")
-                moefy(model, conversion["num_experts"], conversion["top_k"], select=lambda name, _: name in modules,
-                      adapter=adapter if conversion.get("adapter") else None, **conversion["moe_kwargs"])
-        except ValueError as err:
+                if conversion.get("method", "moefy") == "from_hf_moe":
+                    from_hf_moe(model, select=modules, **conversion["overrides"])
+                else:
+                    moefy(model, conversion["num_experts"], conversion["top_k"],
+                          select=lambda name, _: name in modules, adapter=adapter if conversion.get("adapter") else None,
+                          **conversion["moe_kwargs"])
+        except (ValueError, NotImplementedError) as err:
             raise ValueError(f"{mismatch} ({err})") from None
     if getattr(model.config, CONFIG_KEY) != record:
         raise ValueError(mismatch)
-    _load_strict(model, state, path)
+    _load_strict(model, _as_loaded_by_transformers(model, state), path)
     return model.eval()
+
+
+def _as_loaded_by_transformers(model: nn.Module, state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The saved keys under the names transformers' loader would give them. save_pretrained writes some families
+    under legacy names (Mixtral's ``mlp`` as ``block_sparse_moe``), which its loader renames back; the converted
+    layers' keys went through the same renaming on the way out."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, apply_renamings
+    except ImportError:  # a transformers without checkpoint conversion mappings saves under the module names
+        return state
+    renamings = [t for t in get_model_conversion_mapping(model) if isinstance(t, WeightRenaming)]
+    return {apply_renamings(key, renamings): value for key, value in state.items()} if renamings else state
 
 
 def _load_saved_state(path) -> dict[str, Tensor]:

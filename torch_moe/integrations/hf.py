@@ -11,7 +11,8 @@ try:
 except ImportError as err:  # torch_moe itself never needs transformers; only this module does
     raise ImportError("torch_moe.integrations.hf needs the transformers package: pip install transformers") from err
 
-from ..convert import _install_attention_mask_hook, moefy, padding_mask
+from ..convert import moefy
+from ..feedforward import _install_attention_mask_hook, padding_mask
 from ..layer import aux_loss
 
 __all__ = ["MoETrainer", "add_aux_loss", "route_attention_mask", "moefy", "padding_mask"]

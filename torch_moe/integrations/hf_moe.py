@@ -16,7 +16,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ..convert import CONFIG_KEY, MoEFeedForward, _install_attention_mask_hook, _RECORD_FORMAT
+from ..feedforward import MoEFeedForward, _install_attention_mask_hook, record_conversion
 from ..layer import MoE
 
 __all__ = ["from_hf_moe", "SUPPORTED_ROUTERS"]
@@ -174,7 +174,8 @@ def from_hf_moe(model: nn.Module, *, select: Optional[set] = None, **overrides) 
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, MoEFeedForward(moe))
     _install_attention_mask_hook(model)
-    _record(model, [name for name, _ in read], overrides)
+    record_conversion(model, {"method": "from_hf_moe", "modules": [name for name, _ in read],
+                              "overrides": dict(overrides)})
     return model
 
 
@@ -195,12 +196,3 @@ def _record_router_logits(model: nn.Module, hf_router_class: type, router: nn.Mo
                         keys.add(key)
     for key in sorted(keys):
         install_output_capuring_hook(router, key, 0)
-
-
-def _record(model: nn.Module, modules: list[str], overrides: dict) -> None:
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "to_dict"):
-        return
-    previous = getattr(config, CONFIG_KEY, None) or {"format": _RECORD_FORMAT, "conversions": []}
-    entry = {"method": "from_hf_moe", "modules": modules, "overrides": dict(overrides)}
-    setattr(config, CONFIG_KEY, {**previous, "conversions": [*previous["conversions"], entry]})
