@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._checks import is_int
 from .feedforward import (CONFIG_KEY, RECORD_FORMAT, MoEFeedForward, _install_attention_mask_hook, padding_mask,
                           record_conversion)
 from .integrations.hf_moe import from_hf_moe
@@ -492,7 +493,7 @@ def moefy(
     ``AutoModel*.from_pretrained`` alone does not know it and returns the dense model with fresh MLPs.
     """
     for arg, value in (("num_experts", num_experts), ("top_k", top_k)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        if not is_int(value) or value < 1:
             raise ValueError(f"moefy: {arg} must be a positive int, got {value!r}")
     if top_k > num_experts:
         raise ValueError(f"moefy: top_k must be <= num_experts={num_experts}, got {top_k}")

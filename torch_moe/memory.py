@@ -11,6 +11,7 @@ variable ``TORCH_MOE_CPU_CACHE_MB`` before import (0 turns it off) or call :func
 from __future__ import annotations
 
 from . import _C
+from ._checks import is_int
 
 
 def cpu_cache_stats() -> dict[str, int]:
@@ -21,7 +22,7 @@ def cpu_cache_stats() -> dict[str, int]:
 
 def set_cpu_cache_limit(nbytes: int) -> None:
     """Keep at most ``nbytes`` of free blocks (0 keeps none); cached blocks above the new limit are freed now."""
-    if isinstance(nbytes, bool) or not isinstance(nbytes, int) or nbytes < 0:
+    if not is_int(nbytes) or nbytes < 0:
         raise ValueError(f"set_cpu_cache_limit: nbytes must be an int >= 0, got {nbytes!r}")
     _C.set_cpu_cache_limit(nbytes)
 

@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from ._checks import is_int
 from .experts import EXPERT_TYPES, Experts
 
 __all__ = ["SoftMoE"]
@@ -41,7 +42,7 @@ class SoftMoE(nn.Module):
         super().__init__()
         for name, value in (("d_model", d_model), ("d_ff", d_ff), ("num_experts", num_experts),
                             ("slots_per_expert", slots_per_expert)):
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if not is_int(value) or value <= 0:
                 raise ValueError(f"SoftMoE: {name} must be a positive int, got {value!r}")
         if expert not in EXPERT_TYPES:
             raise ValueError(f"SoftMoE: expert must be one of {EXPERT_TYPES}, got {expert!r}")
