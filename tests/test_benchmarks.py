@@ -23,9 +23,14 @@ def test_bench_cpu_quick_writes_every_row(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     report = out.read_text()
     contenders = ("torch_moe dropless", "torch_moe capacity 1.25", "HF MixtralSparseMoeBlock (eager)",
+                  "HF MixtralSparseMoeBlock (grouped_mm)", "HF MixtralSparseMoeBlock (batched_mm)",
                   "dense SwiGLU k·d_ff")
     table_rows = [line for line in report.splitlines() if line.startswith("| ") and "T=" in line]
-    # 4 cases x 4 contenders in the timing table, 4 cases x 2 pairs in the bandwidth table.
-    assert sum(any(f"| {c} |" in row for c in contenders) for row in table_rows) == 16
-    assert sum("| permute + unpermute |" in row or "| dispatch + combine |" in row for row in table_rows) == 8
-    assert report.count("HF vs dropless") == 4 and "## Issue 7 goals" in report
+    # 8 cases x 6 contenders in the timing table (the tiny shapes fit batched_mm's limit everywhere),
+    # 8 cases x 2 pairs in the bandwidth table.
+    assert sum(any(f"| {c} |" in row for c in contenders) for row in table_rows) == 48
+    assert sum("| permute + unpermute |" in row or "| dispatch + combine |" in row for row in table_rows) == 16
+    assert report.count("HF vs dropless") == 8 and "## Goals" in report
+    assert report.count("best HF: fwd HF MixtralSparseMoeBlock") == 8
+    assert report.count("decode forward not slower than HF grouped_mm") == 4
+    assert report.count("of copy_ bandwidth on") == 4
