@@ -35,6 +35,13 @@ def _both(t):
     return t, t.to(CUDA)
 
 
+def _leaf(t, device):
+    """A fresh leaf on ``device`` that requires grad. ``t.to(device).requires_grad_()`` is not one: on the CPU pass
+    ``.to("cpu")`` returns ``t`` itself, which becomes the leaf, and the CUDA pass's ``.to("cuda")`` of it is then a
+    non-leaf whose ``.grad`` stays None while its gradient accumulates into the CPU tensor."""
+    return t.detach().to(device, copy=True).requires_grad_()
+
+
 def _close(cuda_value, cpu_value, dtype):
     torch.testing.assert_close(cuda_value.cpu().to(torch.float64), cpu_value.to(torch.float64), **ref.tolerance(dtype))
 
@@ -62,7 +69,7 @@ def test_router_topk_agrees(dtype, score_func, T, E, k):
     for selection_bias in (None, bias):
         outs = []
         for device in ("cpu", CUDA):
-            x = logits.to(device).requires_grad_()
+            x = _leaf(logits, device)
             b = None if selection_bias is None else selection_bias.to(device)
             out = ops.router_topk(x, k, score_func, b)
             grad_w = torch.linspace(-1, 1, T * k, dtype=out.weights.dtype).reshape(T, k).to(device)
@@ -148,8 +155,8 @@ def test_dispatch_combine_agree(dtype, d):
     weights = torch.rand(T, k, generator=g, dtype=torch.float64).to(ref.router_dtype(dtype))
     grads = {}
     for device in ("cpu", CUDA):
-        xd = x.to(device).requires_grad_()
-        wd = weights.to(device).requires_grad_()
+        xd = _leaf(x, device)
+        wd = _leaf(weights, device)
         buffer = ops.dispatch(xd, ids.to(device), plan.slots.to(device), E, C)
         y = ops.combine(buffer * 1.5, wd, ids.to(device), plan.slots.to(device))
         y.backward(torch.ones_like(y))
@@ -182,8 +189,8 @@ def test_permute_unpermute_agree(dtype):
     weights = torch.rand(T, k, generator=g, dtype=torch.float64).to(ref.router_dtype(dtype))
     res = {}
     for device in ("cpu", CUDA):
-        xd = x.to(device).requires_grad_()
-        wd = weights.to(device).requires_grad_()
+        xd = _leaf(x, device)
+        wd = _leaf(weights, device)
         rows, row_index, offsets = ops.permute(xd, ids.to(device), E, valid.to(device))
         plan_row_index, plan_offsets = ops.permute_plan(ids.to(device), E, valid.to(device))
         y = ops.unpermute(rows * 2.0, wd, row_index)
@@ -231,7 +238,7 @@ def test_grouped_mm_agrees_with_zero_token_experts(dtype, counts):
     b = torch.randn(E, K, M, generator=g, dtype=torch.float64).to(dtype)
     res = {}
     for device in ("cpu", CUDA):
-        ad, bd = a.to(device).requires_grad_(), b.to(device).requires_grad_()
+        ad, bd = _leaf(a, device), _leaf(b, device)
         out = ops.grouped_mm(ad, bd, offsets.to(device))
         out.backward(torch.ones_like(out))
         res[device] = (out.detach(), ad.grad, bd.grad)
@@ -260,7 +267,7 @@ def test_fused_dropless_ops_agree(dtype):
     weights = torch.rand(T, k, generator=g)
     res = {}
     for device in ("cpu", CUDA):
-        xd, b1d, b2d, wd = (t.to(device).requires_grad_() for t in (x, b1, b2, weights))
+        xd, b1d, b2d, wd = (_leaf(t, device) for t in (x, b1, b2, weights))
         row_index, offsets = ops.permute_plan(ids.to(device), E)
         h = ops.gather_grouped_mm(xd, b1d, offsets, row_index)
         y = ops.grouped_mm_unpermute(torch.relu(h), b2d, offsets, wd, row_index)
@@ -283,7 +290,7 @@ def test_gather_grouped_glu_agrees(dtype, activation):
     upstream = torch.randn(T * k, M, generator=g).to(dtype)
     res = {}
     for device in ("cpu", CUDA):
-        xd, wgd, wud = (t.to(device).requires_grad_() for t in (x, w_gate, w_up))
+        xd, wgd, wud = (_leaf(t, device) for t in (x, w_gate, w_up))
         row_index, offsets = ops.permute_plan(ids.to(device), E)
         act = ops.gather_grouped_glu(xd, wgd, wud, offsets, row_index, activation)
         act.backward(upstream.to(device))
@@ -306,7 +313,7 @@ def test_router_losses_agree(dtype, E):
     valid = torch.rand(T, generator=g) < 0.7
     res = {}
     for device in ("cpu", CUDA):
-        ld = logits.to(device).requires_grad_()
+        ld = _leaf(logits, device)
         lb, z, h = ops.router_losses(ld, ids.to(device), valid.to(device))
         (lb * 0.7 + z * 0.3).backward()
         res[device] = (lb.detach(), z.detach(), h, ld.grad)
