@@ -101,4 +101,41 @@ void check_valid_mask(const char* op, const std::optional<at::Tensor>& valid_mas
   check_same_device(op, {{tokens_name, &tokens}, {"valid_mask", &*valid_mask}});
 }
 
+int64_t checked_mul(const char* op, const char* name, const char* expr, int64_t a, int64_t b) {
+  int64_t out = 0;
+  TORCH_MOE_CHECK(!__builtin_mul_overflow(a, b, &out),
+                  "torch_moe.{}: argument '{}' is too large: {} = {} * {} overflows int64", op, name, expr, a, b);
+  return out;
+}
+
+int64_t checked_add(const char* op, const char* name, const char* expr, int64_t a, int64_t b) {
+  int64_t out = 0;
+  TORCH_MOE_CHECK(!__builtin_add_overflow(a, b, &out),
+                  "torch_moe.{}: argument '{}' is too large: {} = {} + {} overflows int64", op, name, expr, a, b);
+  return out;
+}
+
+int64_t check_alloc_bytes(const char* op, const char* name, const char* what, int64_t numel, int64_t itemsize) {
+  int64_t bytes = 0;
+  const bool overflow = __builtin_mul_overflow(numel, itemsize, &bytes);
+  TORCH_MOE_CHECK(!overflow && bytes <= kMaxAllocBytes,
+                  "torch_moe.{}: argument '{}' is too large: {} of {} elements would need {} bytes, more than the {} "
+                  "bytes one allocation can have",
+                  op, name, what, numel, overflow ? fmt::format("{} * {}", numel, itemsize) : std::to_string(bytes),
+                  kMaxAllocBytes);
+  return bytes;
+}
+
+void throw_alloc_failure(const char* op, const char* name, int64_t value, int64_t bytes, const char* cause) {
+  TORCH_MOE_CHECK(false,
+                  "torch_moe.{}: argument '{}' = {} is too large: the request would need at least {} bytes, which could not be "
+                  "allocated ({})",
+                  op, name, value, bytes, cause);
+  TORCH_INTERNAL_ASSERT(false);
+}
+
+bool is_cpu_alloc_failure(const c10::Error& e) {
+  return std::string(e.what_without_backtrace()).find("DefaultCPUAllocator") != std::string::npos;
+}
+
 }  // namespace torch_moe

@@ -7,6 +7,8 @@
 #include <fmt/format.h>
 
 #include <initializer_list>
+#include <new>
+#include <stdexcept>
 #include <optional>
 #include <string>
 #include <utility>
@@ -38,5 +40,41 @@ void check_valid_mask(const char* op, const std::optional<at::Tensor>& valid_mas
 // Every entry of an int64 tensor in [low, high) (CPU tensors only; device kernels check on the device).
 void check_index_range(const char* op, const char* name, const at::Tensor& t, int64_t low, int64_t high,
                        const at::Tensor* rows_to_check = nullptr);
+
+// Size arithmetic. A size argument (num_experts, capacity, ...) comes from the user, so every product or sum of sizes
+// that sizes an allocation or an index goes through these: on int64 overflow they raise a user error naming the
+// argument (`name`) and the expression (`expr`, e.g. "num_experts * capacity") instead of wrapping around.
+int64_t checked_mul(const char* op, const char* name, const char* expr, int64_t a, int64_t b);
+int64_t checked_add(const char* op, const char* name, const char* expr, int64_t a, int64_t b);
+
+// No one allocation can exceed the 47-bit user address space of x86-64 / aarch64 Linux (128 TiB); a request above it
+// is refused before anything is allocated, with the same message as torch_moe/_fake.py gives.
+constexpr int64_t kMaxAllocBytes = int64_t{1} << 47;
+
+// Bytes of a tensor `what` (e.g. "buffer [E, C, d]") of `numel` elements of `itemsize` bytes, which argument `name`
+// sizes: a user error naming the argument and the bytes it would need when that overflows or exceeds kMaxAllocBytes.
+int64_t check_alloc_bytes(const char* op, const char* name, const char* what, int64_t numel, int64_t itemsize);
+
+// Runs body(); an allocation failure inside it (std::bad_alloc, std::length_error, c10::OutOfMemoryError, the
+// DefaultCPUAllocator's error) comes back as a user error naming argument `name` = `value` and the `bytes` the
+// request needs, instead of a bare std::bad_alloc.
+[[noreturn]] void throw_alloc_failure(const char* op, const char* name, int64_t value, int64_t bytes,
+                                      const char* cause);
+bool is_cpu_alloc_failure(const c10::Error& e);
+template <typename F>
+decltype(auto) rethrow_alloc_failure(const char* op, const char* name, int64_t value, int64_t bytes, F&& body) {
+  try {
+    return body();
+  } catch (const c10::OutOfMemoryError& e) {
+    throw_alloc_failure(op, name, value, bytes, e.what_without_backtrace());
+  } catch (const c10::Error& e) {
+    if (!is_cpu_alloc_failure(e)) throw;
+    throw_alloc_failure(op, name, value, bytes, e.what_without_backtrace());
+  } catch (const std::bad_alloc& e) {
+    throw_alloc_failure(op, name, value, bytes, e.what());
+  } catch (const std::length_error& e) {
+    throw_alloc_failure(op, name, value, bytes, e.what());
+  }
+}
 
 }  // namespace torch_moe
