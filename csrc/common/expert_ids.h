@@ -10,7 +10,7 @@
 
 namespace torch_moe {
 
-// expert_ids [T, k] int64, num_experts > 0, valid_mask [T] bool; the ids of valid tokens in [0, E) (checked on the
+// expert_ids [T, k] int64, num_experts > 0 and small enough that [num_experts + 1] int64 can be allocated, valid_mask [T] bool; the ids of valid tokens in [0, E) (checked on the
 // CPU only: a device tensor's range is its backend's to check, see cuda::check_expert_ids).
 void check_expert_ids(const char* op, const at::Tensor& expert_ids, int64_t num_experts,
                       const std::optional<at::Tensor>& valid_mask);

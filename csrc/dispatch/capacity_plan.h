@@ -6,6 +6,8 @@
 #include <c10/util/string_view.h>
 
 #include <optional>
+
+#include "common/checks.h"
 #include <tuple>
 
 namespace torch_moe {
@@ -29,6 +31,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> capacity_plan_op(const at::Tensor
   constexpr const char* op = "capacity_plan";
   const DropPolicy policy =
       check_capacity_plan_args(op, expert_ids, num_experts, capacity, drop_policy, priority, valid_mask);
-  return B::plan_slots(op, expert_ids, num_experts, capacity, policy, priority, valid_mask);
+  // tokens_per_expert and kept_per_expert [E] int64 (check_expert_ids has bounded E).
+  return rethrow_alloc_failure(op, "num_experts", num_experts, 2 * num_experts * int64_t{sizeof(int64_t)}, [&] {
+    return B::plan_slots(op, expert_ids, num_experts, capacity, policy, priority, valid_mask);
+  });
 }
 }  // namespace torch_moe

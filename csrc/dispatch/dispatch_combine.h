@@ -36,10 +36,21 @@ at::Tensor dispatch_op(const at::Tensor& x, const at::Tensor& expert_ids, const 
   TORCH_MOE_CHECK(num_experts > 0, "torch_moe.{}: argument 'num_experts' must be positive, got {}", op, num_experts);
   TORCH_MOE_CHECK(capacity >= 0, "torch_moe.{}: argument 'capacity' must be >= 0, got {}", op, capacity);
   check_same_device(op, {{"x", &x}, {"expert_ids", &expert_ids}});
+  // The buffer [E, C, d] and the CPU's slot table [E * C]: sized before anything is allocated or indexed, naming the
+  // larger of the two size arguments.
+  const bool experts_larger = num_experts > capacity;
+  const char* name = experts_larger ? "num_experts" : "capacity";
+  const int64_t value = experts_larger ? num_experts : capacity;
+  const int64_t rows = checked_mul(op, name, "num_experts * capacity", num_experts, capacity);
+  const int64_t numel = checked_mul(op, name, "num_experts * capacity * d", rows, x.size(1));
+  const int64_t bytes = check_alloc_bytes(op, name, "buffer [E, C, d]", numel, x.element_size()) +
+                        check_alloc_bytes(op, name, "slot table [E * C]", rows, sizeof(int64_t));
   const typename B::Guard guard(x.device());
-  const auto index = slot_index<B>(op, expert_ids, slots, num_experts, capacity);
-  check_size(op, "expert_ids", expert_ids, 0, x.size(0), "tokens of x");
-  return B::scatter_rows(x, index, std::nullopt, num_experts * capacity).view({num_experts, capacity, x.size(1)});
+  return rethrow_alloc_failure(op, name, value, bytes, [&] {
+    const auto index = slot_index<B>(op, expert_ids, slots, num_experts, capacity);
+    check_size(op, "expert_ids", expert_ids, 0, x.size(0), "tokens of x");
+    return B::scatter_rows(x, index, std::nullopt, rows).view({num_experts, capacity, x.size(1)});
+  });
 }
 
 template <typename B>

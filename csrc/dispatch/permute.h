@@ -39,17 +39,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> permute_op(const at::Tensor& x, c
   B::check_expert_ids(op, expert_ids, num_experts, valid_mask);
   check_size(op, "expert_ids", expert_ids, 0, x.size(0), "tokens of x");
   check_same_device(op, {{"x", &x}, {"expert_ids", &expert_ids}});
+  // rows [T * k, d]: an expanded expert_ids can make T * k * d overflow although each input fits.
+  const int64_t numel = checked_mul(op, "expert_ids", "T * k * d", expert_ids.numel(), x.size(1));
+  const int64_t bytes = check_alloc_bytes(op, "expert_ids", "rows [T * k, d]", numel, x.element_size());
   const typename B::Guard guard(x.device());
-  auto [row_index, offsets] = B::permute_plan(expert_ids, num_experts, valid_mask);
-  auto rows = B::scatter_rows(x, row_index, std::nullopt, expert_ids.numel());
-  return {rows, row_index, offsets};
+  return rethrow_alloc_failure(op, "num_experts", num_experts, bytes + (num_experts + 1) * int64_t{sizeof(int64_t)},
+                               [&]() -> std::tuple<at::Tensor, at::Tensor, at::Tensor> {
+    auto [row_index, offsets] = B::permute_plan(expert_ids, num_experts, valid_mask);
+    auto rows = B::scatter_rows(x, row_index, std::nullopt, expert_ids.numel());
+    return {rows, row_index, offsets};
+  });
 }
 
 template <typename B>
 std::tuple<at::Tensor, at::Tensor> permute_plan_op(const at::Tensor& expert_ids, int64_t num_experts,
                                                    const std::optional<at::Tensor>& valid_mask) {
   B::check_expert_ids("permute_plan", expert_ids, num_experts, valid_mask);
-  return B::permute_plan(expert_ids, num_experts, valid_mask);
+  return rethrow_alloc_failure("permute_plan", "num_experts", num_experts, (num_experts + 1) * int64_t{sizeof(int64_t)},
+                               [&] { return B::permute_plan(expert_ids, num_experts, valid_mask); });
 }
 
 template <typename B>

@@ -33,6 +33,8 @@ inline void check_grouped_mm_operands(const char* op, const at::Tensor& a, const
                   op, dtype_name(a.scalar_type()), dtype_name(b.scalar_type()));
   check_size(op, "b", b, 1, a.size(1), "columns of a");
   check_same_device(op, {{"a", &a}, {"b", &b}});
+  // The output [N, M]: each operand fits, but an expanded a or b can make N * M overflow.
+  check_alloc_bytes(op, "a", "output [N, M]", checked_mul(op, "a", "N * M", a.size(0), b.size(2)), a.element_size());
 }
 
 // offsets [E + 1] int64.

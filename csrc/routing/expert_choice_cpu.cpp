@@ -24,6 +24,9 @@ void check_expert_choice_args(const char* op, const at::Tensor& logits, int64_t 
                   "torch_moe.{}: argument 'logits' must have at least one expert (E > 0), got shape {}", op,
                   shape_str(logits));
   TORCH_MOE_CHECK(capacity >= 0, "torch_moe.{}: argument 'capacity' must be >= 0, got {}", op, capacity);
+  // token_ids [E, C] int64; E * C also bounds the device kernel's flat index.
+  check_alloc_bytes(op, "capacity", "token_ids [E, C]",
+                    checked_mul(op, "capacity", "E * capacity", logits.size(1), capacity), sizeof(int64_t));
   check_valid_mask(op, valid_mask, logits, "logits");
 }
 

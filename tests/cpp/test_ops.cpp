@@ -4,6 +4,7 @@
 
 #include <catch2/catch.hpp>
 
+#include "common/checks.h"
 #include "common/router_math.h"
 #include "common/row_math.h"
 #include "experts/glu.h"
@@ -12,6 +13,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <new>
 #include <numeric>
 #include <random>
 #include <string>
@@ -77,6 +79,32 @@ TEST_CASE("router_topk refuses k outside [1, E] with a message naming k", "[rout
   auto logits = torch::randn({3, 4});
   CHECK_THROWS_WITH(router.call(logits, 5, "softmax", std::nullopt, true, 1, 1), Catch::Contains("'k'"));
   CHECK_THROWS_WITH(router.call(logits, 2, "tanh", std::nullopt, true, 1, 1), Catch::Contains("score_func"));
+}
+
+TEST_CASE("checked size arithmetic names the argument on overflow and on unallocatable requests", "[sizes][errors]") {
+  using torch_moe::check_alloc_bytes;
+  using torch_moe::checked_add;
+  using torch_moe::checked_mul;
+  const int64_t max = std::numeric_limits<int64_t>::max();
+  CHECK(checked_mul("op", "capacity", "E * C", 4, int64_t{1} << 40) == int64_t{1} << 42);
+  CHECK(checked_mul("op", "capacity", "E * C", -3, 5) == -15);
+  CHECK_THROWS_WITH(checked_mul("op", "capacity", "E * C", 4, int64_t{1} << 62),
+                    Catch::Contains("'capacity'") && Catch::Contains("overflows int64"));
+  CHECK_THROWS_WITH(checked_mul("op", "capacity", "E * C", max, -2), Catch::Contains("overflows int64"));
+  CHECK(checked_add("op", "num_experts", "E + 1", max - 1, 1) == max);
+  CHECK_THROWS_WITH(checked_add("op", "num_experts", "E + 1", max, 1), Catch::Contains("'num_experts'"));
+  CHECK(check_alloc_bytes("op", "capacity", "buffer", 10, 4) == 40);
+  CHECK(check_alloc_bytes("op", "capacity", "buffer", torch_moe::kMaxAllocBytes, 1) == torch_moe::kMaxAllocBytes);
+  CHECK_THROWS_WITH(check_alloc_bytes("op", "capacity", "buffer", torch_moe::kMaxAllocBytes, 2),
+                    Catch::Contains("'capacity'") && Catch::Contains("bytes"));
+  CHECK_THROWS_WITH(check_alloc_bytes("op", "capacity", "buffer", max, 8), Catch::Contains("'capacity'"));
+  CHECK_THROWS_WITH(torch_moe::rethrow_alloc_failure("op", "capacity", 7, 56, []() -> int { throw std::bad_alloc(); }),
+                    Catch::Contains("'capacity' = 7") && Catch::Contains("56 bytes"));
+  const auto dispatch = op<Dispatch>("torch_moe::dispatch");
+  const auto ids = torch::zeros({2, 1}, torch::kLong);
+  const auto slots = torch::full({2, 1}, -1, torch::kLong);
+  CHECK_THROWS_WITH(dispatch.call(torch::randn({2, 3}), ids, slots, 4, c10::SymInt(int64_t{1} << 62)),
+                    Catch::Contains("'capacity'") && Catch::Contains("overflows int64"));
 }
 
 TEST_CASE("capacity mode: plan, dispatch and combine round-trip with gradients from C++", "[dispatch]") {
