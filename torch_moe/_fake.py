@@ -22,6 +22,46 @@ def _check(cond: bool, message: str) -> None:
     torch._check(cond, lambda: message)
 
 
+# The size checks of csrc/common/checks.h (checked_mul, checked_add, check_alloc_bytes), with the same messages, so
+# that a fake asked for an absurd size raises what the kernel raises instead of building an unallocatable shape.
+# Symbolic sizes are left to the kernels: checking them here would guard on their values.
+_INT64_MAX = 2**63 - 1
+_MAX_ALLOC_BYTES = 1 << 47
+
+
+def _concrete(*sizes) -> bool:
+    return all(isinstance(s, int) for s in sizes)
+
+
+def _checked_mul(op: str, name: str, expr: str, a, b):
+    if _concrete(a, b):
+        _check(a * b <= _INT64_MAX, f"torch_moe.{op}: argument '{name}' is too large: {expr} = {a} * {b} overflows int64")
+    return a * b
+
+
+def _checked_add(op: str, name: str, expr: str, a, b):
+    if _concrete(a, b):
+        _check(a + b <= _INT64_MAX, f"torch_moe.{op}: argument '{name}' is too large: {expr} = {a} + {b} overflows int64")
+    return a + b
+
+
+def _check_alloc_bytes(op: str, name: str, what: str, numel, itemsize: int):
+    if _concrete(numel):
+        bytes_ = numel * itemsize
+        shown = bytes_ if bytes_ <= _INT64_MAX else f"{numel} * {itemsize}"
+        _check(bytes_ <= _MAX_ALLOC_BYTES,
+               f"torch_moe.{op}: argument '{name}' is too large: {what} of {numel} elements would need {shown} bytes, "
+               f"more than the {_MAX_ALLOC_BYTES} bytes one allocation can have")
+
+
+def _check_num_experts(op: str, num_experts) -> None:
+    """check_expert_ids's size check: offsets [num_experts + 1] int64 must be allocatable."""
+    if _concrete(num_experts):
+        _check(num_experts > 0, f"torch_moe.{op}: argument 'num_experts' must be positive, got {num_experts}")
+    _check_alloc_bytes(op, "num_experts", "offsets [num_experts + 1]",
+                       _checked_add(op, "num_experts", "num_experts + 1", num_experts, 1), 8)
+
+
 def _fake(name: str):
     """Registers the decorated function as the fake kernel of ``torch_moe::name``, behind the check the real
     kernels make first: every tensor argument on one device. Without it a call mixing meta and real tensors lands
@@ -72,6 +112,10 @@ def _expert_choice(logits, capacity, valid_mask=None):
     _check(logits.dim() == 2, f"torch_moe.expert_choice: argument 'logits' must be a 2-D tensor [T, E], got {tuple(logits.shape)}")
     T, E = logits.shape
     dtype = _router_dtype(logits)
+    if _concrete(capacity):
+        _check(capacity >= 0, f"torch_moe.expert_choice: argument 'capacity' must be >= 0, got {capacity}")
+    _check_alloc_bytes("expert_choice", "capacity", "token_ids [E, C]",
+                       _checked_mul("expert_choice", "capacity", "E * capacity", E, capacity), 8)
     return (
         logits.new_empty((T, E), dtype=dtype),
         logits.new_empty((T, E), dtype=torch.int64),
@@ -99,6 +143,7 @@ def _noisy_topk_load_backward(grad_load, clean_logits, noisy_logits, noise_std, 
 @_fake("capacity_plan")
 def _capacity_plan(expert_ids, num_experts, capacity, drop_policy="position", priority=None, valid_mask=None):
     _check(expert_ids.dim() == 2, "torch_moe.capacity_plan: argument 'expert_ids' must be a 2-D tensor [T, k]")
+    _check_num_experts("capacity_plan", num_experts)
     return (
         torch.empty_like(expert_ids),
         expert_ids.new_empty((num_experts,)),
@@ -109,6 +154,15 @@ def _capacity_plan(expert_ids, num_experts, capacity, drop_policy="position", pr
 @_fake("dispatch")
 def _dispatch(x, expert_ids, slots, num_experts, capacity):
     _check(x.dim() == 2, "torch_moe.dispatch: argument 'x' must be a 2-D tensor [T, d]")
+    if _concrete(num_experts, capacity):
+        _check(num_experts > 0, f"torch_moe.dispatch: argument 'num_experts' must be positive, got {num_experts}")
+        _check(capacity >= 0, f"torch_moe.dispatch: argument 'capacity' must be >= 0, got {capacity}")
+        # As dispatch_op: name the larger of the two size arguments.
+        name = "num_experts" if num_experts > capacity else "capacity"
+        rows = _checked_mul("dispatch", name, "num_experts * capacity", num_experts, capacity)
+        numel = _checked_mul("dispatch", name, "num_experts * capacity * d", rows, x.shape[1])
+        _check_alloc_bytes("dispatch", name, "buffer [E, C, d]", numel, x.element_size())
+        _check_alloc_bytes("dispatch", name, "slot table [E * C]", rows, 8)
     return x.new_empty((num_experts, capacity, x.shape[1]))
 
 
@@ -131,7 +185,10 @@ def _combine_backward(grad_y, buffer, weights, expert_ids, slots):
 @_fake("permute")
 def _permute(x, expert_ids, num_experts, valid_mask=None):
     _check(x.dim() == 2, "torch_moe.permute: argument 'x' must be a 2-D tensor [T, d]")
+    _check_num_experts("permute", num_experts)
     T, k = expert_ids.shape
+    _check_alloc_bytes("permute", "expert_ids", "rows [T * k, d]",
+                       _checked_mul("permute", "expert_ids", "T * k * d", T * k, x.shape[1]), x.element_size())
     return (
         x.new_empty((T * k, x.shape[1])),
         torch.empty_like(expert_ids),
@@ -173,6 +230,7 @@ def _grouped_mm_backward(grad_out, a, b, offsets, output_mask=(True, True)):
 
 @_fake("permute_plan")
 def _permute_plan(expert_ids, num_experts, valid_mask=None):
+    _check_num_experts("permute_plan", num_experts)
     return torch.empty_like(expert_ids), expert_ids.new_empty((num_experts + 1,))
 
 
