@@ -42,7 +42,13 @@ class Capacity:
 
     def __call__(self, num_tokens: int) -> int:
         capacity = max(self.minimum, math.ceil(self.factor * num_tokens * self.top_k / self.num_experts))
-        return min(num_tokens, capacity) if self.at_most_tokens else capacity
+        capacity = min(num_tokens, capacity) if self.at_most_tokens else capacity
+        # The kernels refuse it too, but only this knows which setting made it: factor and minimum are user input.
+        if isinstance(capacity, int) and capacity * self.num_experts > 2**63 - 1:
+            raise ValueError(f"MoE: capacity_factor={self.factor} and min_capacity={self.minimum} give {capacity} slots "
+                             f"per expert for {num_tokens} tokens: num_experts * capacity = {self.num_experts} * "
+                             f"{capacity} overflows int64")
+        return capacity
 
 
 class Load(NamedTuple):

@@ -342,6 +342,9 @@ def _validate(d_model, d_ff, num_experts, top_k, capacity_factor, min_capacity, 
         raise ValueError(f"MoE: capacity_factor must be > 0 and finite, or None (dropless), got {capacity_factor!r}")
     if not is_int(min_capacity) or min_capacity < 0:
         raise ValueError(f"MoE: min_capacity must be an int >= 0, got {min_capacity!r}")
+    if min_capacity * num_experts > 2**63 - 1:  # the [E, C, d] buffer's E * C must fit in int64
+        raise ValueError(f"MoE: min_capacity is too large: num_experts * min_capacity = {num_experts} * {min_capacity} "
+                         f"overflows int64")
     if drop_policy not in DROP_POLICIES:
         raise ValueError(f"MoE: drop_policy must be one of {DROP_POLICIES}, got {drop_policy!r}")
     if expert not in EXPERT_TYPES:
