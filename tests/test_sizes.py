@@ -45,6 +45,19 @@ CASES = {
     "moe_min_capacity": ("torch_moe.MoE(8, 16, 4, 1, min_capacity=2**62)", "ValueError", ["min_capacity", "overflows int64"]),
 }
 
+# The CUDA kernels share the checks above; these run only with a GPU (the child moves the inputs there).
+CUDA_CASES = {
+    "dispatch_capacity_overflow_cuda": ("ops.dispatch(x.cuda(), ids.cuda(), slots.cuda(), 4, 2**62)", "RuntimeError",
+                                        ["'capacity'", "overflows int64"]),
+    "capacity_plan_experts_cuda": ("ops.capacity_plan(ids.cuda(), 2**62, 2)", "RuntimeError", ["'num_experts'", "bytes"]),
+    "permute_experts_overflow_cuda": ("ops.permute(x.cuda(), ids.cuda(), 2**63 - 1)", "RuntimeError",
+                                      ["'num_experts'", "overflows int64"]),
+    "expert_choice_capacity_overflow_cuda": ("ops.expert_choice(logits.cuda(), 2**62)", "RuntimeError",
+                                             ["'capacity'", "overflows int64"]),
+}
+if torch.cuda.is_available():
+    CASES.update(CUDA_CASES)
+
 _CHILD = textwrap.dedent("""
     import json, sys
     import torch
@@ -92,8 +105,10 @@ def outcomes():
     return results
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", list(dict(CASES, **CUDA_CASES)))
 def test_size_is_refused_with_the_argument_named(outcomes, name):
+    if name not in CASES:
+        pytest.skip("CUDA not available")
     _, expected_type, words = CASES[name]
     got = outcomes[name]
     assert got["type"] == expected_type, got
