@@ -25,7 +25,7 @@ CASES = [
 
 def _params(fn):
     """The first parameter set of a parametrised test function (its pytest marks), as keyword arguments."""
-    names, values = {}, {}
+    values = {}
     for mark in getattr(fn, "pytestmark", []):
         if mark.name != "parametrize":
             continue
