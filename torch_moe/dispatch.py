@@ -176,7 +176,16 @@ class ExpertGroup:
                                  {"num_tokens": x.shape[0], "capacity": capacity or 0}, x.device, describe=_describe)
 
 
-class ExpertParallelCapacityDispatch(CapacityDispatch):
+class _OverGroup:
+    """What both expert-parallel strategies share: their ExpertGroup, and the router's load summed over it."""
+
+    group: ExpertGroup
+
+    def summed_over_group(self, counts: Tensor) -> Tensor:
+        return distributed.all_reduce_sum(counts, self.group.group)
+
+
+class ExpertParallelCapacityDispatch(_OverGroup, CapacityDispatch):
     """Capacity mode over an expert-parallel group. Drops follow this rank's own C = capacity(T_local), exactly as
     the single-process layer on these tokens. The exchanged buffers have the group's largest C, so every
     all_to_all_single has equal, static splits; slots at or past this rank's C stay empty and are never read back
@@ -185,9 +194,6 @@ class ExpertParallelCapacityDispatch(CapacityDispatch):
     def __init__(self, num_experts: int, capacity: Capacity, drop_policy: str, group: ExpertGroup) -> None:
         super().__init__(num_experts, capacity, drop_policy)
         self.group = group
-
-    def summed_over_group(self, counts: Tensor) -> Tensor:
-        return distributed.all_reduce_sum(counts, self.group.group)
 
     def prepare(self, x: Tensor, capacity: int) -> tuple[int, Optional[Tensor]]:
         peers = self.group.agree(x, capacity)
@@ -209,16 +215,13 @@ class ExpertParallelCapacityDispatch(CapacityDispatch):
         return distributed.AllToAll.apply(back, anchor, None, None, self.group.group)
 
 
-class ExpertParallelDroplessDispatch(DroplessDispatch):
+class ExpertParallelDroplessDispatch(_OverGroup, DroplessDispatch):
     """Dropless mode over an expert-parallel group: the counts are exchanged first (one host read, as every
     dropless all-to-all needs the split sizes), then the sorted rows, then the expert outputs back."""
 
     def __init__(self, num_experts: int, group: ExpertGroup) -> None:
         super().__init__(num_experts)
         self.group = group
-
-    def summed_over_group(self, counts: Tensor) -> Tensor:
-        return distributed.all_reduce_sum(counts, self.group.group)
 
     def __call__(self, experts, x: Tensor, routing, valid: Optional[Tensor]) -> tuple[Tensor, Load]:
         self.group.agree(x, None)
