@@ -339,3 +339,114 @@ def test_merge_refuses_bad_input():
     with pytest.raises(ValueError, match="router='expert_choice' is not supported"):
         merge_experts(_layer(router="expert_choice", capacity_factor=1.0), groups=[[0, 1], [2, 3, 4]],
                       frequencies=ones)
+
+
+# --------------------------------------------------------------------------------------------------
+# drop-upcycling and granular upcycling (moefy options)
+
+def _hf(family: str, dtype=torch.float64):
+    pytest.importorskip("transformers")
+    import tiny_hf
+
+    return tiny_hf, tiny_hf.make_model(family, dtype=dtype)
+
+
+def _dense_ffn(seed: int = 0, d: int = 32, f: int = 64) -> torch.nn.Sequential:
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Sequential(torch.nn.Linear(d, f), torch.nn.GELU(), torch.nn.Linear(f, d)))
+
+
+def _upcycled(ratio: float, seed: int = 7, **kwargs):
+    model = _dense_ffn()
+    dense = {"w1": model[0][0].weight.detach().t().clone(), "b1": model[0][0].bias.detach().clone(),
+             "w2": model[0][2].weight.detach().t().clone(), "b2": model[0][2].bias.detach().clone()}
+    torch.manual_seed(seed)
+    torch_moe.moefy(model, 4, 2, upcycle=True, select="0", drop_upcycling_ratio=ratio, **kwargs)
+    return model[0].moe, dense
+
+
+def test_drop_upcycling_zero_is_plain_upcycling():
+    with_ratio, _ = _upcycled(0.0)
+    plain_model = _dense_ffn()
+    torch.manual_seed(7)
+    torch_moe.moefy(plain_model, 4, 2, upcycle=True, select="0")
+    for name, value in plain_model[0].moe.state_dict().items():
+        assert torch.equal(with_ratio.state_dict()[name], value), name
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.5])
+def test_drop_upcycling_redraws_a_subset_per_expert(ratio):
+    moe, dense = _upcycled(ratio)
+    f = dense["w1"].shape[1]
+    subsets = []
+    for e in range(4):
+        kept_w1 = (moe.experts.w1[e] == dense["w1"]).all(0)  # [d_ff]: unit still the dense one
+        kept_w2 = (moe.experts.w2[e] == dense["w2"]).all(1)
+        kept_b1 = moe.experts.b1[e] == dense["b1"]
+        assert torch.equal(kept_w1, kept_w2) and torch.equal(kept_w1, kept_b1)
+        assert int((~kept_w1).sum()) == round(ratio * f)
+        subsets.append(frozenset((~kept_w1).nonzero().flatten().tolist()))
+    assert len(set(subsets)) == 4, "each expert draws its own subset"
+    assert torch.equal(moe.experts.b2, dense["b2"].expand(4, -1))  # b2 is no hidden unit's: untouched
+
+
+def test_drop_upcycling_one_redraws_everything_with_dense_statistics():
+    moe, dense = _upcycled(1.0)
+    for name in ("w1", "w2"):
+        redrawn = getattr(moe.experts, name).detach()
+        source = dense[name]
+        if name == "w1":
+            assert not (redrawn == source.unsqueeze(0)).all(1).any()  # no column left
+        else:
+            assert not (redrawn == source.unsqueeze(0)).all(2).any()  # no row left
+        # N(mean, std²) of the dense matrix: 4·32·64 draws, the estimates are within a few percent.
+        assert abs(float(redrawn.mean() - source.mean())) < 0.1 * float(source.std())
+        assert abs(float(redrawn.std() / source.std()) - 1) < 0.05
+
+
+def test_drop_upcycling_is_seeded():
+    a, _ = _upcycled(0.5, seed=3)
+    b, _ = _upcycled(0.5, seed=3)
+    c, _ = _upcycled(0.5, seed=4)
+    assert all(torch.equal(a.state_dict()[k], v) for k, v in b.state_dict().items())
+    assert not torch.equal(a.experts.w1, c.experts.w1)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"upcycle": True, "drop_upcycling_ratio": 1.5}, r"drop_upcycling_ratio must be a float in \[0, 1\], got 1.5"),
+    ({"upcycle": True, "drop_upcycling_ratio": -0.1}, r"drop_upcycling_ratio must be a float in \[0, 1\]"),
+    ({"drop_upcycling_ratio": 0.5}, "drop_upcycling_ratio is only used with upcycle=True"),
+    ({"upcycle": True, "expert_granularity": 2, "router": "expert_choice", "capacity_factor": 1.0},
+     "router='expert_choice' does not take"),
+    ({"upcycle": True, "expert_granularity": 5}, "expert_granularity=5 must divide d_ff=64"),
+])
+def test_upcycling_options_refuse_bad_input(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        torch_moe.moefy(_dense_ffn(), 4, 2, select="0", **kwargs)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
+@pytest.mark.parametrize("granularity", [2, 4])
+def test_granular_upcycling_equals_dense(family, granularity):
+    tiny_hf, model = _hf(family)
+    ids = tiny_hf.input_ids(2, 9)
+    with torch.no_grad():
+        dense = tiny_hf.logits(model, ids)
+    torch_moe.moefy(model, 4, 2, upcycle=True, expert_granularity=granularity)
+    moe = next(m for m in model.modules() if isinstance(m, torch_moe.MoE))
+    assert (moe.num_experts, moe.top_k, moe.d_ff) == (4 * granularity, 2 * granularity, 32 // granularity)
+    rows = moe.router.weight.detach().view(4, granularity, -1)
+    assert torch.equal(rows, rows[:, :1].expand_as(rows))  # the slices of a copy share its router row
+    with torch.no_grad():
+        torch.testing.assert_close(tiny_hf.logits(model, ids), dense, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("family, router", [("llama", "softmax"), ("gpt2", "softmax"), ("llama", "sigmoid")])
+def test_granular_upcycling_equals_dense_float32(family, router):
+    tiny_hf, model = _hf(family, dtype=torch.float32)
+    ids = tiny_hf.input_ids(2, 9)
+    with torch.no_grad():
+        dense = tiny_hf.logits(model, ids)
+    torch_moe.moefy(model, 4, 2, upcycle=True, expert_granularity=2, router=router)
+    with torch.no_grad():
+        torch.testing.assert_close(tiny_hf.logits(model, ids), dense, rtol=1e-6, atol=1e-6)
