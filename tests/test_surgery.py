@@ -336,6 +336,11 @@ def test_merge_refuses_bad_input():
         merge_experts(layer, groups=[[0, 1], [2, 3, 4]], frequencies=torch.ones(4))
     with pytest.raises(ValueError, match="frequencies must be finite and >= 0"):
         merge_experts(layer, groups=[[0, 1], [2, 3, 4]], frequencies=-ones)
+    merged = merge_experts(layer, groups=[[0, 1], [2, 3, 4]], frequencies=ones)
+    with pytest.raises(ValueError, match="already merged"):
+        prune_experts(merged, drop=[0])
+    with pytest.raises(ValueError, match="already merged"):
+        merge_experts(merged, groups=[[0], [1]], frequencies=torch.ones(2))
     with pytest.raises(ValueError, match="router='expert_choice' is not supported"):
         merge_experts(_layer(router="expert_choice", capacity_factor=1.0), groups=[[0, 1], [2, 3, 4]],
                       frequencies=ones)
@@ -450,3 +455,19 @@ def test_granular_upcycling_equals_dense_float32(family, router):
     torch_moe.moefy(model, 4, 2, upcycle=True, expert_granularity=2, router=router)
     with torch.no_grad():
         torch.testing.assert_close(tiny_hf.logits(model, ids), dense, rtol=1e-6, atol=1e-6)
+
+
+def test_granular_upcycled_model_saves_and_reloads(tmp_path):
+    """The recorded conversion holds the scaled routed_scaling_factor, so from_pretrained (which replays moefy
+    without upcycling) rebuilds the same layers: outputs equal exactly."""
+    tiny_hf, model = _hf("llama", dtype=torch.float32)
+    torch_moe.moefy(model, 4, 2, upcycle=True, expert_granularity=2, drop_upcycling_ratio=0.5)
+    ids = tiny_hf.input_ids(2, 9)
+    with torch.no_grad():
+        expected = tiny_hf.logits(model, ids)
+    model.save_pretrained(tmp_path)
+    again = torch_moe.convert.from_pretrained(tmp_path, attn_implementation="eager")
+    layer = next(m for m in again.modules() if isinstance(m, torch_moe.MoE))
+    assert (layer.num_experts, layer.top_k, layer.router.routed_scaling_factor) == (8, 4, 2.0)
+    with torch.no_grad():
+        torch.testing.assert_close(tiny_hf.logits(again, ids), expected, rtol=0, atol=0)

@@ -48,6 +48,9 @@ def _check_layer(layer, caller: str) -> MoE:
                          "(torch_moe.parallel) and operate on the single-process layer")
     if unwrapped(layer.experts) is not layer.experts or unwrapped(layer.router) is not layer.router:
         raise ValueError(f"{caller}: the layer's experts or router are wrapped (PEFT LoRA?); merge_and_unload() first")
+    if isinstance(layer.router, MergedRouter) and caller != "expert_importance":
+        raise ValueError(f"{caller}: the layer is already merged (its router is a MergedRouter over the original "
+                         "experts); operate on the layer before merging")
     return layer
 
 
