@@ -12,7 +12,7 @@ upcycling) are options of :func:`torch_moe.convert.moefy`.
 
 from __future__ import annotations
 
-import math
+import copy
 from typing import Iterable, Optional, Sequence, Union
 
 import torch
@@ -21,7 +21,6 @@ from torch import Tensor, nn
 from . import ops
 from ._checks import is_int
 from .diagnostics import MoETracker, expert_output_similarity
-from .dispatch import Capacity
 from .experts import unwrapped
 from .layer import MoE
 from .routing import RouterBase, Routing, router_class
@@ -506,13 +505,8 @@ def merge_experts(layer: MoE, num_groups: Optional[int] = None, *, groups=None, 
                              "b1": lambda v: v[perm], "b3": lambda v: v[perm], "b2": lambda v: v}[name](value)
                     total += weight * value
                 getattr(merged.experts, name)[g].copy_(total)
-    merged.router = MergedRouter(_copy_module(layer.router), expert_map.to(experts.w1.device), num_merged)
+    merged.router = MergedRouter(copy.deepcopy(layer.router), expert_map.to(experts.w1.device), num_merged)
     merged.router_name = layer.router_name
     _copy_shared(layer, merged)
     return merged.train(layer.training)
 
-
-def _copy_module(module: nn.Module) -> nn.Module:
-    import copy
-
-    return copy.deepcopy(module)
