@@ -30,7 +30,6 @@ _SOFTMAX_ROUTERS = {"MixtralTopKRouter": True, "GraniteMoeTopKRouter": True, "Qw
 _SIGMOID_ROUTERS = ("DeepseekV3TopkRouter",)
 _SPARSEMIXER_ROUTERS = ("PhimoeTopKRouter",)
 SUPPORTED_ROUTERS = tuple(_SOFTMAX_ROUTERS) + _SIGMOID_ROUTERS + _SPARSEMIXER_ROUTERS
-_UNSUPPORTED: dict = {}  # HF router class -> why its blocks cannot be converted (none at present)
 # Router options derived from the HF block; dropped when the user picks another router (router_bias is kept where
 # the new router takes it, normalize_weights unless the new router is sparsemixer, which never renormalises).
 _ROUTER_SPECIFIC = ("bias_update_rate", "n_groups", "topk_groups", "routed_scaling_factor", "jitter_eps")
@@ -64,7 +63,7 @@ def _router_of(block: nn.Module) -> Optional[nn.Module]:
 def _is_moe_block(module: nn.Module) -> bool:
     router, experts = _router_of(module), getattr(module, "experts", None)
     return (router is not None and isinstance(experts, nn.Module)
-            and type(router).__name__ in (*SUPPORTED_ROUTERS, *_UNSUPPORTED))
+            and type(router).__name__ in SUPPORTED_ROUTERS)
 
 
 def _expert_type(experts: nn.Module, where: str) -> str:
@@ -82,11 +81,6 @@ def _expert_type(experts: nn.Module, where: str) -> str:
 def _read(name: str, block: nn.Module) -> _Block:
     router, experts = _router_of(block), block.experts
     where = f"{name} ({type(block).__name__})"
-    reason = _UNSUPPORTED.get(type(router).__name__)
-    if reason is not None:
-        raise NotImplementedError(f"from_hf_moe: {where}: {reason} has no torch_moe equivalent yet; run its experts "
-                                  "on torch_moe with import torch_moe.integrations.hf_experts and "
-                                  "experts_implementation='torch_moe'")
     expert = _expert_type(experts, where)
     has_bias = getattr(experts, "has_bias", False)
     if not getattr(experts, "has_gate", True) or (has_bias and expert != "swiglu_oss") \
@@ -202,7 +196,7 @@ def from_hf_moe(model: nn.Module, *, select: Optional[set] = None, **overrides) 
               if _is_moe_block(module) and (select is None or name in select)]
     if not blocks:
         raise ValueError(f"from_hf_moe: found no sparse MoE block in {type(model).__name__} (looked for a module "
-                         f"with `experts` and a router of {SUPPORTED_ROUTERS + tuple(_UNSUPPORTED)})")
+                         f"with `experts` and a router of {SUPPORTED_ROUTERS})")
     read = [(name, _read(name, module)) for name, module in blocks]  # every block checked before any is replaced
     for name, block in read:
         kwargs = _derived_kwargs(block)
