@@ -251,3 +251,14 @@ def test_bad_arguments(kwargs, needle):
 def test_experts_refuse_swiglu_options_for_other_types():
     with pytest.raises(ValueError, match="swiglu_limit applies to expert='swiglu_oss' only"):
         Experts(D, FF, E, expert="geglu", swiglu_limit=3.0)
+
+
+@pytest.mark.parametrize("kwargs", [dict(router="sparsemixer", jitter_eps=0.2),
+                                    dict(expert="swiglu_oss", bias=True, up_bias=True, router_bias=True)])
+def test_compile_fullgraph_matches_eager(kwargs):
+    torch.manual_seed(0)
+    moe = torch_moe.MoE(8, 16, 4, 2, capacity_factor=1.5, **kwargs).eval()
+    x = torch.randn(2, 6, 8)
+    eager = moe(x)
+    compiled = torch.compile(moe, fullgraph=True, backend="aot_eager")(x)
+    assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
