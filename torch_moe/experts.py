@@ -171,7 +171,9 @@ class Experts(nn.Module):
             w1 = torch.cat([w1, _bias_row(self.b1, w1)], dim=1)
             if w3 is not None:
                 w3 = torch.cat([w3, _bias_row(self.b3, w3)], dim=1)
-        if self._gate_activation is not None and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, w3))):
+        # The fused op takes the glu activations of ops.glu only (not swiglu_oss's clamps); None for mlp too.
+        fused = self._gate_activation is not None
+        if fused and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, w3))):
             # Inference: one op for both gated projections (rows gathered once, activation formed in cache).
             # Training keeps the projections as separate ops: autograd then frees each one's activations before
             # the next weight gradient is allocated, where the fused op's backward needs both projections, their

@@ -253,8 +253,8 @@ class HFMoEFeedForward(MoEFeedForward):
         return (out, None) if self.returns_router_scores else out
 
     def extra_repr(self) -> str:
-        return (f"input_jitter={self.input_jitter}" if self.input_jitter else "") + \
-            (", returns_router_scores=True" if self.returns_router_scores else "")
+        parts = [f"input_jitter={self.input_jitter}"] if self.input_jitter else []
+        return ", ".join(parts + (["returns_router_scores=True"] if self.returns_router_scores else []))
 
 
 def _record_router_logits(model: nn.Module, hf_router_class: type, router: nn.Module) -> None:
