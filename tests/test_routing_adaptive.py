@@ -1,0 +1,174 @@
+"""Top-p routing (Huang et al. 2024) and DS-MoE (Pan et al. 2024) against float64 references."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from reference_adaptive import (entropy, layer_params, mixture, mutual_information_loss, top_p_balance_loss,
+                                top_p_choice)
+from torch_moe import MoE
+from torch_moe.routing import TopPRouter
+
+F64 = torch.float64
+D, D_FF, E = 8, 16, 6
+
+
+def _tokens(T: int = 24, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (2 * torch.randn(T, D, generator=g, dtype=F64)).requires_grad_()
+
+
+def _top_p_layer(threshold: float, top_k: int = 4, **options) -> MoE:
+    torch.manual_seed(1)
+    options.setdefault("capacity_factor", None)
+    return MoE(D, D_FF, E, top_k, router="top_p", top_p_threshold=threshold, dtype=F64, **options)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# top-p
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.6, 0.9])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_top_p_router_matches_reference(threshold, normalize):
+    torch.manual_seed(0)
+    router = TopPRouter(D, E, 4, top_p_threshold=threshold, normalize_weights=normalize, dtype=F64)
+    x = _tokens()
+    routing = router(x)
+    probs = torch.softmax(x.detach() @ router.weight.detach().t(), -1)
+    chosen = top_p_choice(probs, threshold, 4)
+    for t, experts in enumerate(chosen):
+        n = len(experts)
+        assert routing.active[t].tolist() == [True] * n + [False] * (4 - n)
+        assert routing.expert_ids[t, :n].tolist() == experts
+        expected = probs[t, experts]
+        expected = expected / expected.sum() if normalize else expected
+        torch.testing.assert_close(routing.weights[t, :n].detach(), expected)
+        assert (routing.weights[t, n:] == 0).all()
+    assert {len(c) for c in chosen} != {1}, "the thresholds should give some tokens several experts"
+
+
+def test_top_p_near_zero_is_top_1():
+    layer = _top_p_layer(1e-9)
+    plain = MoE(D, D_FF, E, 1, router="softmax", normalize_weights=False, capacity_factor=None, dtype=F64)
+    plain.load_state_dict(layer.state_dict())
+    x = _tokens()
+    y = layer(x)
+    torch.testing.assert_close(y, plain(x))
+    assert layer.stats.experts_per_token.item() == 1.0
+    torch.testing.assert_close(layer.stats.tokens_per_expert, plain.stats.tokens_per_expert)
+
+
+def test_top_p_one_uses_every_expert():
+    layer = _top_p_layer(1.0, top_k=E)
+    x = _tokens()
+    y = layer(x)
+    assert layer.stats.experts_per_token.item() == E
+    assert layer.stats.tokens_per_expert.tolist() == [x.shape[0]] * E
+    params = layer_params(layer)
+    probs = torch.softmax(x.detach() @ params["router.weight"].t(), -1)
+    dense = mixture(params, x.detach(), [list(range(E))] * x.shape[0], list(probs))
+    torch.testing.assert_close(y, dense)
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 8.0])
+def test_top_p_layer_output_gradients_and_losses_match_reference(capacity_factor):
+    threshold = 0.6
+    layer = _top_p_layer(threshold, capacity_factor=capacity_factor, dynamic_loss_coef=0.5, aux_loss_coef=0.25,
+                         z_loss_coef=0.0)
+    x = _tokens()
+    y = layer(x)
+    assert layer.stats.dropped_fraction.item() == 0.0  # capacity 8.0: nothing drops, so the reference needs none
+    params = layer_params(layer)
+    x_ref = x.detach().clone().requires_grad_()
+    logits = x_ref @ params["router.weight"].t()
+    probs = torch.softmax(logits, -1)
+    chosen = top_p_choice(probs.detach(), threshold, 4)
+    y_ref = mixture(params, x_ref, chosen, [probs[t, c] for t, c in enumerate(chosen)])
+    torch.testing.assert_close(y, y_ref)
+
+    dynamic = entropy(probs).mean()
+    balance = top_p_balance_loss(probs, chosen)
+    torch.testing.assert_close(layer.stats.losses["dynamic"], dynamic.detach())
+    torch.testing.assert_close(layer.stats.load_balancing_loss, balance.detach())
+    expected_per_token = sum(len(c) for c in chosen) / len(chosen)
+    assert layer.stats.experts_per_token.item() == pytest.approx(expected_per_token)
+
+    grad_out = torch.randn_like(y)
+    ((y * grad_out).sum() + layer.aux_loss).backward()
+    ((y_ref * grad_out).sum() + 0.25 * balance + 0.5 * dynamic).backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    named = dict(layer.named_parameters())
+    for name in ("router.weight", "experts.w1", "experts.w2", "experts.w3"):
+        torch.testing.assert_close(named[name].grad, params[name].grad, msg=name)
+
+
+def test_top_p_dropless_rows_are_the_active_assignments(monkeypatch):
+    layer = _top_p_layer(0.6)
+    seen = {}
+    forward_dropless = layer.experts.forward_dropless
+
+    def spy(x, weights, row_index, offsets):
+        seen["rows"] = offsets[-1].item()  # rows the grouped GEMMs compute: offsets [E + 1]
+        seen["experts"] = offsets.shape[0] - 1
+        return forward_dropless(x, weights, row_index, offsets)
+
+    monkeypatch.setattr(layer.experts, "forward_dropless", spy)
+    x = _tokens()
+    layer(x)
+    routing = layer.router(x)
+    active = int(routing.active.sum())
+    assert active < routing.active.numel()  # some slots unused, else the test proves nothing
+    assert seen == {"rows": active, "experts": E}
+    assert layer.stats.tokens_per_expert.sum().item() == active
+
+
+def test_top_p_unused_slots_take_no_capacity():
+    layer = _top_p_layer(0.6, capacity_factor=0.5, min_capacity=1)
+    x = _tokens()
+    routing = layer.router(x)
+    capacity = layer.capacity(x.shape[0])
+    load = layer.dispatcher.plan(routing, None, capacity)
+    # GShard's position order over the active assignments only: every token's 1st choice, then 2nd, ...
+    used, expected = [0] * E, torch.full(routing.expert_ids.shape, -1)
+    for j in range(routing.expert_ids.shape[1]):
+        for t in range(x.shape[0]):
+            e = int(routing.expert_ids[t, j])
+            if routing.active[t, j] and used[e] < capacity:
+                expected[t, j] = used[e]
+                used[e] += 1
+    assert torch.equal(load.slots, expected)
+    assert (expected[~routing.active] == -1).all() and (expected[routing.active] == -1).any()  # some drops
+    counts = torch.zeros(E, dtype=torch.int64).index_add_(0, routing.expert_ids[routing.active],
+                                                          torch.ones(int(routing.active.sum()), dtype=torch.int64))
+    assert torch.equal(load.tokens_per_expert, counts)
+
+
+def test_top_p_padding_tokens_are_left_out():
+    layer = _top_p_layer(0.6, capacity_factor=4.0)
+    x = _tokens(T=12).detach()
+    mask = torch.tensor([True, False] * 6)
+    y = layer(x.unsqueeze(0), mask.unsqueeze(0)).squeeze(0)
+    assert (y[~mask] == 0).all()
+    full = layer(x[mask])
+    torch.testing.assert_close(y[mask], full)
+
+
+@pytest.mark.parametrize("threshold", [0, -0.1, 1.5, float("nan"), "0.5"])
+def test_top_p_threshold_is_checked(threshold):
+    with pytest.raises(ValueError, match="top_p_threshold must be a number in"):
+        MoE(D, D_FF, E, 2, router="top_p", top_p_threshold=threshold)
+
+
+def test_top_p_options_belong_to_top_p():
+    with pytest.raises(ValueError, match="top_p_threshold applies to router='top_p' only"):
+        MoE(D, D_FF, E, 2, router="softmax", top_p_threshold=0.5)
+    with pytest.raises(ValueError, match="dynamic_loss_coef must be a number >= 0"):
+        MoE(D, D_FF, E, 2, router="top_p", dynamic_loss_coef=-1.0)
+
+
+def test_fixed_top_k_reports_k_experts_per_token():
+    layer = MoE(D, D_FF, E, 3, capacity_factor=1.0, dtype=F64)
+    layer(_tokens())
+    assert layer.stats.experts_per_token.item() == 3.0
