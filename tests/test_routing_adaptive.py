@@ -172,3 +172,70 @@ def test_fixed_top_k_reports_k_experts_per_token():
     layer = MoE(D, D_FF, E, 3, capacity_factor=1.0, dtype=F64)
     layer(_tokens())
     assert layer.stats.experts_per_token.item() == 3.0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# DS-MoE
+
+
+def _ds_layer(top_k: int = 2, **options) -> MoE:
+    torch.manual_seed(3)
+    options.setdefault("capacity_factor", None)
+    return MoE(D, D_FF, E, top_k, router="ds_moe", dtype=F64, **options)
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 1.25])
+def test_ds_moe_training_is_the_dense_mixture(capacity_factor):
+    layer = _ds_layer(capacity_factor=capacity_factor, mutual_information_loss_coef=0.5, aux_loss_coef=0.0,
+                      z_loss_coef=0.0)
+    x = _tokens()
+    y = layer(x)
+    params = layer_params(layer)
+    x_ref = x.detach().clone().requires_grad_()
+    probs = torch.softmax(x_ref @ params["router.weight"].t(), -1)
+    y_ref = mixture(params, x_ref, [list(range(E))] * x.shape[0], list(probs))
+    torch.testing.assert_close(y, y_ref)
+    mi = mutual_information_loss(probs)
+    torch.testing.assert_close(layer.stats.losses["mutual_information"], mi.detach())
+    assert layer.stats.experts_per_token.item() == E
+    assert layer.stats.tokens_per_expert.tolist() == [x.shape[0]] * E
+    assert layer.stats.dropped_fraction.item() == 0.0
+
+    grad_out = torch.randn_like(y)
+    ((y * grad_out).sum() + layer.aux_loss).backward()
+    ((y_ref * grad_out).sum() + 0.5 * mi).backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    named = dict(layer.named_parameters())
+    for name in ("router.weight", "experts.w1", "experts.w2", "experts.w3"):
+        torch.testing.assert_close(named[name].grad, params[name].grad, msg=name)
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 1.0])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_ds_moe_eval_is_top_k_routing_of_the_same_router(capacity_factor, normalize):
+    layer = _ds_layer(capacity_factor=capacity_factor, normalize_weights=normalize)
+    plain = MoE(D, D_FF, E, 2, router="softmax", normalize_weights=normalize, capacity_factor=capacity_factor,
+                dtype=F64)
+    plain.load_state_dict(layer.state_dict())
+    layer.eval(), plain.eval()
+    x = _tokens().detach()
+    assert torch.equal(layer(x), plain(x))
+    assert torch.equal(layer.stats.tokens_per_expert, plain.stats.tokens_per_expert)
+    assert layer.stats.experts_per_token.item() == 2.0
+
+
+def test_ds_moe_mutual_information_loss_skips_padding():
+    layer = _ds_layer()
+    x = _tokens(T=10).detach()
+    mask = torch.tensor([True, True, False, True, False, True, True, True, False, True])
+    layer(x.unsqueeze(0), mask.unsqueeze(0))
+    probs = torch.softmax(x[mask] @ layer.router.weight.detach().t(), -1)
+    torch.testing.assert_close(layer.stats.losses["mutual_information"], mutual_information_loss(probs))
+    assert layer.stats.experts_per_token.item() == E
+
+
+def test_ds_moe_options_are_checked():
+    with pytest.raises(ValueError, match="mutual_information_loss_coef must be a number >= 0"):
+        MoE(D, D_FF, E, 2, router="ds_moe", capacity_factor=None, mutual_information_loss_coef=float("inf"))
+    with pytest.raises(ValueError, match="mutual_information_loss_coef applies to router='ds_moe' only"):
+        MoE(D, D_FF, E, 2, mutual_information_loss_coef=0.1)
