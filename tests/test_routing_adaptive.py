@@ -239,3 +239,24 @@ def test_ds_moe_options_are_checked():
         MoE(D, D_FF, E, 2, router="ds_moe", capacity_factor=None, mutual_information_loss_coef=float("inf"))
     with pytest.raises(ValueError, match="mutual_information_loss_coef applies to router='ds_moe' only"):
         MoE(D, D_FF, E, 2, mutual_information_loss_coef=0.1)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# torch.compile
+
+
+@pytest.mark.parametrize("options", [
+    dict(router="top_p", top_k=3, top_p_threshold=0.5, capacity_factor=1.5),
+    dict(router="ds_moe", capacity_factor=1.5),
+    dict(num_zero_experts=1, num_copy_experts=1, num_constant_experts=1, capacity_factor=1.5),
+], ids=["top_p", "ds_moe", "null_experts"])
+def test_compile_fullgraph_matches_eager_in_training(options):
+    torch.manual_seed(0)
+    options = dict(options)
+    layer = MoE(D, D_FF, E, options.pop("top_k", 2), **options)
+    x = torch.randn(2, 6, D)
+    eager = layer(x)
+    eager_aux = layer.aux_loss
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(layer.aux_loss, eager_aux, rtol=1e-5, atol=1e-6)
