@@ -135,3 +135,15 @@ def test_null_expert_counts_are_checked(name, value):
 def test_null_experts_need_token_choice():
     with pytest.raises(ValueError, match="null experts .* need token-choice routing"):
         MoE(D, D_FF, E, 2, router="expert_choice", num_zero_experts=1)
+
+
+def test_null_experts_refuse_global_load_balancing():
+    with pytest.raises(ValueError, match="global_load_balancing counts top_k FFN assignments .* null experts"):
+        MoE(D, D_FF, E, 2, num_copy_experts=1, global_load_balancing=True)
+
+
+def test_repr_names_the_null_experts_and_dropouts():
+    layer = MoE(D, D_FF, E, 2, num_zero_experts=1, num_constant_experts=1, gating_dropout=0.1, expert_dropout=0.2)
+    text = repr(layer)
+    assert "num_zero=1, num_copy=0, num_constant=1" in text
+    assert "gating_dropout=0.1" in text and "hidden_dropout=0.2" in text

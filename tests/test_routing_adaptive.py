@@ -260,3 +260,10 @@ def test_compile_fullgraph_matches_eager_in_training(options):
     compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(layer.aux_loss, eager_aux, rtol=1e-5, atol=1e-6)
+
+
+def test_top_p_refuses_losses_that_count_top_k_per_token():
+    with pytest.raises(ValueError, match="seq_balance_loss_coef counts top_k assignments per token"):
+        MoE(D, D_FF, E, 2, router="top_p", seq_balance_loss_coef=0.1)
+    with pytest.raises(ValueError, match="global_load_balancing counts top_k FFN assignments"):
+        MoE(D, D_FF, E, 2, router="top_p", global_load_balancing=True)

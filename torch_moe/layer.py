@@ -71,7 +71,8 @@ class MoE(nn.Module):
         aux_loss_coef, z_loss_coef: weights of the load-balancing loss and the router z-loss in ``aux_loss``.
         jitter_eps: multiplicative U(1 - eps, 1 + eps) noise on the router input, training only.
         router: one of :data:`torch_moe.routing.ROUTERS`: ``"softmax"`` (default), ``"noisy_topk"``,
-            ``"expert_choice"``, ``"sigmoid"``, ``"hash"``, ``"random"``; see :mod:`torch_moe.routing`.
+            ``"expert_choice"``, ``"sigmoid"``, ``"hash"``, ``"random"``, ``"top_p"``, ``"ds_moe"``; see
+            :mod:`torch_moe.routing`.
         bias_update_rate: ``"sigmoid"`` only: step of the loss-free balancing bias (default 1e-3; 0 disables).
         n_groups, topk_groups: ``"softmax"`` / ``"sigmoid"`` only: group-limited routing over n_groups contiguous
             expert groups, tokens choose inside their topk_groups best groups (default: all groups).
@@ -179,7 +180,7 @@ class MoE(nn.Module):
                                 routed_scaling_factor, top_p_threshold, dynamic_loss_coef,
                                 mutual_information_loss_coef)
         num_null = _validate_part2(router_type, num_zero_experts, num_copy_experts, num_constant_experts,
-                                   gating_dropout, expert_dropout, global_load_balancing)
+                                   gating_dropout, expert_dropout, global_load_balancing, seq_balance_loss_coef)
         _validate_losses(router_type, aux_loss_coef, z_loss_coef, importance_loss_coef, load_loss_coef, seq_balance_loss_coef,
                          global_load_balancing)
         router_type.check(num_experts + num_null, top_k, options, capacity_factor=capacity_factor,
@@ -381,6 +382,8 @@ class MoE(nn.Module):
             f"z_loss_coef={self.z_loss_coef}"
             + (f", num_shared_experts={self.num_shared_experts}" if self.num_shared_experts else "")
             + (f", expert_granularity={self.expert_granularity}" if self.expert_granularity > 1 else "")
+            + (f", gating_dropout={self.gating_dropout}" if self.gating_dropout else "")
+            + (f", expert_dropout={self.expert_dropout}" if self.expert_dropout else "")
             + (f", expert_parallel=rank {self.expert_parallel_rank} of {self.expert_parallel_size}"
                if self.expert_parallel_group is not None else "")
         )
@@ -444,7 +447,7 @@ def _assignments_per_expert(routing, valid: Optional[Tensor], num_experts: int) 
 
 
 def _validate_part2(router_type, num_zero_experts, num_copy_experts, num_constant_experts, gating_dropout,
-                    expert_dropout, global_load_balancing) -> int:
+                    expert_dropout, global_load_balancing, seq_balance_loss_coef) -> int:
     """Checks the options of routing part 2 (null experts, gating / expert dropout); returns the null experts."""
     for name, value in (("num_zero_experts", num_zero_experts), ("num_copy_experts", num_copy_experts),
                         ("num_constant_experts", num_constant_experts)):
@@ -460,6 +463,9 @@ def _validate_part2(router_type, num_zero_experts, num_copy_experts, num_constan
     if num_null and not router_type.token_choice:
         raise ValueError(f"MoE(router={router_type.name!r}): null experts (num_zero_experts, num_copy_experts, "
                          "num_constant_experts) need token-choice routing")
+    if router_type.name == "top_p" and is_finite_number(seq_balance_loss_coef) and seq_balance_loss_coef > 0:
+        raise ValueError("MoE(router='top_p'): seq_balance_loss_coef counts top_k assignments per token; top-p "
+                         "routing takes a varying number (its load-balancing loss counts the taken ones)")
     if gating_dropout > 0 and not router_type.token_choice:
         raise ValueError(f"MoE(router={router_type.name!r}): gating_dropout needs token-choice routing (expert "
                          "choice plans its slots in the router)")

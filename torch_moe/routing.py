@@ -2,7 +2,8 @@
 
 Token-choice routers (every token picks experts): ``"softmax"`` (:class:`Router`), ``"noisy_topk"``
 (:class:`NoisyTopKRouter`), ``"sigmoid"`` (:class:`SigmoidRouter`), ``"hash"`` (:class:`HashRouter`),
-``"random"`` (:class:`RandomRouter`). Expert-choice (every expert picks tokens): ``"expert_choice"``
+``"random"`` (:class:`RandomRouter`), ``"top_p"`` (:class:`TopPRouter`, a varying number of experts per token),
+``"ds_moe"`` (:class:`DSMoERouter`, dense in training). Expert-choice (every expert picks tokens): ``"expert_choice"``
 (:class:`ExpertChoiceRouter`). Soft MoE is a layer of its own: :class:`torch_moe.SoftMoE`.
 
 A router owns its options (:class:`RouterOptions`), their checks (:meth:`Router.check`), how it is built from
