@@ -267,3 +267,49 @@ def test_top_p_refuses_losses_that_count_top_k_per_token():
         MoE(D, D_FF, E, 2, router="top_p", seq_balance_loss_coef=0.1)
     with pytest.raises(ValueError, match="global_load_balancing counts top_k FFN assignments"):
         MoE(D, D_FF, E, 2, router="top_p", global_load_balancing=True)
+
+
+@pytest.mark.parametrize("capacity_factor", [None, 8.0])
+@pytest.mark.parametrize("normalize", [False, True])
+def test_ds_moe_threshold_inference_matches_reference(capacity_factor, normalize):
+    threshold = 0.2
+    layer = _ds_layer(top_k=4, capacity_factor=capacity_factor, normalize_weights=normalize,
+                      sparse_inference_threshold=threshold)
+    layer.eval()
+    x = _tokens().detach()
+    y = layer(x)
+    params = layer_params(layer)
+    probs = torch.softmax(x @ params["router.weight"].detach().t(), -1)
+    chosen, weights = [], []
+    for row in probs:
+        top = sorted(range(E), key=lambda e: (-float(row[e]), e))[:4]
+        kept = [top[0]] + [e for e in top[1:] if row[e] >= threshold]
+        w = row[kept] / (row[kept].sum() if normalize else 1.0)
+        chosen.append(kept)
+        weights.append(w)
+    with torch.no_grad():
+        y_ref = mixture({n: p.detach() for n, p in params.items()}, x, chosen, weights)
+    torch.testing.assert_close(y, y_ref)
+    lengths = [len(c) for c in chosen]
+    assert min(lengths) == 1 and max(lengths) > 1, "the threshold should keep 1 expert for some tokens, more for others"
+    assert layer.stats.experts_per_token.item() == pytest.approx(sum(lengths) / len(lengths))
+    assert layer.stats.dropped_fraction.item() == 0.0
+    torch.testing.assert_close(layer.stats.load_balancing_loss, top_p_balance_loss(probs, chosen))
+
+
+def test_ds_moe_threshold_zero_is_top_k_and_training_ignores_it():
+    layer = _ds_layer(top_k=2, sparse_inference_threshold=0.0)
+    plain = _ds_layer(top_k=2)
+    x = _tokens().detach()
+    torch.testing.assert_close(layer(x), plain(x))  # training: dense either way
+    layer.eval(), plain.eval()
+    torch.testing.assert_close(layer(x), plain(x))
+    assert layer.stats.experts_per_token.item() == 2.0
+
+
+@pytest.mark.parametrize("threshold", [-0.1, 1.0, float("nan")])
+def test_ds_moe_threshold_is_checked(threshold):
+    with pytest.raises(ValueError, match="sparse_inference_threshold must be a number in \\[0, 1\\)"):
+        MoE(D, D_FF, E, 2, router="ds_moe", sparse_inference_threshold=threshold)
+    with pytest.raises(ValueError, match="sparse_inference_threshold applies to router='ds_moe' only"):
+        MoE(D, D_FF, E, 2, sparse_inference_threshold=0.1)

@@ -99,8 +99,10 @@ class MoE(nn.Module):
         top_p_threshold, dynamic_loss_coef: ``"top_p"`` only (Huang et al. 2024): each token takes the fewest
             experts whose probs sum to at least top_p_threshold (default 0.4), at most top_k; the dynamic (router
             entropy) loss's weight (default 1e-4). See :class:`torch_moe.routing.TopPRouter`.
-        mutual_information_loss_coef: ``"ds_moe"`` only (Pan et al. 2024, dense training / top-k inference): the
-            weight of its mutual-information loss (default 1e-2). See :class:`torch_moe.routing.DSMoERouter`.
+        mutual_information_loss_coef, sparse_inference_threshold: ``"ds_moe"`` only (Pan et al. 2024, dense
+            training / sparse inference): the weight of its mutual-information loss (default 1e-2); at inference keep
+            only those of the top_k experts with prob >= this threshold (default None: all top_k). See
+            :class:`torch_moe.routing.DSMoERouter`.
         num_zero_experts, num_copy_experts, num_constant_experts: MoE++'s zero-computation experts (Jin et al.
             2024, :class:`torch_moe.experts.NullExperts`): the router scores E + these, ids E.. in that order; a
             token's choices among them cost no FFN row and no capacity slot (they need no capacity: each runs on
@@ -159,6 +161,7 @@ class MoE(nn.Module):
         top_p_threshold: Optional[float] = None,
         dynamic_loss_coef: Optional[float] = None,
         mutual_information_loss_coef: Optional[float] = None,
+        sparse_inference_threshold: Optional[float] = None,
         num_zero_experts: int = 0,
         num_copy_experts: int = 0,
         num_constant_experts: int = 0,
@@ -178,7 +181,7 @@ class MoE(nn.Module):
         router_type = router_class(router)
         options = RouterOptions(normalize_weights, jitter_eps, bias_update_rate, n_groups, topk_groups,
                                 routed_scaling_factor, top_p_threshold, dynamic_loss_coef,
-                                mutual_information_loss_coef)
+                                mutual_information_loss_coef, sparse_inference_threshold)
         num_null = _validate_part2(router_type, num_zero_experts, num_copy_experts, num_constant_experts,
                                    gating_dropout, expert_dropout, global_load_balancing, seq_balance_loss_coef)
         _validate_losses(router_type, aux_loss_coef, z_loss_coef, importance_loss_coef, load_loss_coef, seq_balance_loss_coef,

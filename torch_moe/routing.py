@@ -80,13 +80,15 @@ class RouterOptions:
     top_p_threshold: Optional[float] = None
     dynamic_loss_coef: Optional[float] = None
     mutual_information_loss_coef: Optional[float] = None
+    sparse_inference_threshold: Optional[float] = None
 
 
 # Options that only some routers take, with the words the error uses when another router is given them.
 _RESTRICTED_OPTIONS = {"bias_update_rate": ("bias_update_rate",), "n_groups": ("n_groups", "topk_groups"),
                        "topk_groups": ("n_groups", "topk_groups"), "routed_scaling_factor": ("routed_scaling_factor",),
                        "top_p_threshold": ("top_p_threshold",), "dynamic_loss_coef": ("dynamic_loss_coef",),
-                       "mutual_information_loss_coef": ("mutual_information_loss_coef",)}
+                       "mutual_information_loss_coef": ("mutual_information_loss_coef",),
+                       "sparse_inference_threshold": ("sparse_inference_threshold",)}
 
 
 def _router_dtype(x: Tensor) -> torch.dtype:
@@ -149,8 +151,13 @@ class RouterBase(nn.Module):
         per expert [E] and the layer's output; nothing to do here."""
 
     def balance_losses(self, routing: Routing, valid: Optional[Tensor]) -> ops.RouterLosses:
-        """(load-balancing loss, z-loss, router entropy) of this routing, each 0-dim."""
-        return ops.router_losses(routing.logits, routing.expert_ids, valid)
+        """(load-balancing loss, z-loss, router entropy) of this routing, each 0-dim. With ``routing.active`` the
+        load-balancing loss counts the active assignments only."""
+        if routing.active is None:
+            return ops.router_losses(routing.logits, routing.expert_ids, valid)
+        _, z_loss, entropy = ops.router_losses(routing.logits, routing.expert_ids[:, :1].contiguous(), valid)
+        return ops.RouterLosses(_masked_balance_loss(routing.logits, routing.expert_ids, routing.active, valid),
+                                z_loss, entropy)
 
     def extra_losses(self, routing: Routing, valid: Optional[Tensor]) -> dict[str, tuple[float, Tensor]]:
         """The router's own aux losses, by name: (coefficient, unweighted 0-dim loss); none here."""
@@ -621,12 +628,6 @@ class TopPRouter(Router):
             weights = weights / weights.sum(1, keepdim=True)
         return Routing(logits, weights, out.expert_ids, out.scores, active=active)
 
-    def balance_losses(self, routing: Routing, valid: Optional[Tensor]) -> ops.RouterLosses:
-        """The load-balancing loss over the active assignments; z-loss and entropy as every softmax router's."""
-        _, z_loss, entropy = ops.router_losses(routing.logits, routing.expert_ids[:, :1].contiguous(), valid)
-        return ops.RouterLosses(_masked_balance_loss(routing.logits, routing.expert_ids, routing.active, valid),
-                                z_loss, entropy)
-
     def extra_losses(self, routing: Routing, valid: Optional[Tensor]) -> dict[str, tuple[float, Tensor]]:
         if self.dynamic_loss_coef == 0:
             return {}
@@ -647,13 +648,14 @@ class DSMoERouter(Router):
     mean_t H(probs_t)`` with p̄ the mean of probs over valid tokens, balances the experts (high H(p̄)) while
     making each token's distribution peaked (low H(probs_t)), so that top-k at inference loses little; it is the aux
     loss ``mutual_information`` with ``mutual_information_loss_coef`` (default 1e-2, an assumption: not the paper's
-    stated value). Training runs T·E rows; in capacity mode its capacity is that of E experts per token,
+    stated value). ``sparse_inference_threshold`` τ (the paper's other inference mode): in eval a token keeps, of
+    its top_k most probable experts, those with prob >= τ (always its first); the others are inactive slots. Training runs T·E rows; in capacity mode its capacity is that of E experts per token,
     C = ceil(capacity_factor · T), so nothing drops when capacity_factor >= 1, and eval uses the top_k capacity.
     Parameters: ``weight`` [E, d_model].
     """
 
     name = "ds_moe"
-    accepts = ("mutual_information_loss_coef",)
+    accepts = ("mutual_information_loss_coef", "sparse_inference_threshold")
 
     @classmethod
     def default_normalize_weights(cls, top_k: int) -> bool:
@@ -668,22 +670,37 @@ class DSMoERouter(Router):
         if coef is not None and not (is_finite_number(coef) and coef >= 0):
             raise ValueError(f"MoE(router='ds_moe'): mutual_information_loss_coef must be a number >= 0 and finite, "
                              f"got {coef!r}")
+        threshold = options.sparse_inference_threshold
+        if threshold is not None and not (is_finite_number(threshold) and 0 <= threshold < 1):
+            raise ValueError(f"MoE(router='ds_moe'): sparse_inference_threshold must be a number in [0, 1), got "
+                             f"{threshold!r}")
 
     @classmethod
     def build(cls, d_model, num_experts, top_k, options, capacity, *, device=None, dtype=None) -> "Router":
         coef = 1e-2 if options.mutual_information_loss_coef is None else options.mutual_information_loss_coef
         return cls(d_model, num_experts, top_k, normalize_weights=bool(options.normalize_weights),
-                   jitter_eps=options.jitter_eps, mutual_information_loss_coef=coef, device=device, dtype=dtype)
+                   jitter_eps=options.jitter_eps, mutual_information_loss_coef=coef,
+                   sparse_inference_threshold=options.sparse_inference_threshold, device=device, dtype=dtype)
 
     def __init__(self, d_model: int, num_experts: int, top_k: int, *, mutual_information_loss_coef: float = 1e-2,
-                 normalize_weights: bool = False, **router_options) -> None:
+                 sparse_inference_threshold: Optional[float] = None, normalize_weights: bool = False,
+                 **router_options) -> None:
         super().__init__(d_model, num_experts, top_k, normalize_weights=normalize_weights, **router_options)
         self.mutual_information_loss_coef = mutual_information_loss_coef
+        self.sparse_inference_threshold = sparse_inference_threshold
 
     def forward(self, x: Tensor, *, token_ids: Optional[Tensor] = None, valid: Optional[Tensor] = None) -> Routing:
         logits = self.logits(x)
         if not self.training:
             out = self.choose(logits)
+            if self.sparse_inference_threshold is None:
+                return Routing(logits, out.weights, out.expert_ids, out.scores)
+            active = out.scores.gather(1, out.expert_ids) >= self.sparse_inference_threshold
+            active[:, 0] = True
+            weights = torch.where(active, out.weights, 0)
+            if self.normalize_weights:  # proportional to the probs: renormalising over the kept ones suffices
+                weights = weights / weights.sum(1, keepdim=True)
+            return Routing(logits, weights, out.expert_ids, out.scores, active=active)
         else:  # dense: the fused top-k op with k = E gives every prob, sorted, with its expert id
             out = ops.router_topk(logits, self.num_experts, "softmax", None, False)
         return Routing(logits, out.weights, out.expert_ids, out.scores)
