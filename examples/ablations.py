@@ -12,6 +12,8 @@
 #    loss-free balancing (DeepSeek-V3) and hash routing (Roller 2021)
 # 5. capacity factor sweep, drop rate against loss
 # 6. dense FFN vs MoE at equal active parameters
+# 7. routing part 2: top-p routing (Huang et al. 2024), MoE++ null experts (Jin et al. 2024), DS-MoE dense training
+#    with sparse inference (Pan et al. 2024), gating dropout (Liu et al. 2022) and expert dropout (Fedus et al. 2021)
 #
 # Every run shares the seed, the initialisation order and the batches. This notebook is generated from its twin
 # `examples/ablations.py` (`python examples/ablations.py` runs the same code); `ABLATION_SIZE=tiny|small|medium`
@@ -108,7 +110,7 @@ def run(name, spec):
     moes = [m for m in model.modules() if isinstance(m, torch_moe.MoE)]
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     generator = torch.Generator().manual_seed(1)
-    dropped, imbalance, entropy = [], [], []
+    dropped, imbalance, entropy, per_token = [], [], [], []
     start = time.perf_counter()
     for step in range(CFG["steps"]):
         for group in optimizer.param_groups:
@@ -125,6 +127,7 @@ def run(name, spec):
             load = torch.stack([m.stats.tokens_per_expert.float() for m in moes])
             imbalance.append((load.max(1).values / load.mean(1).clamp(min=1e-9)).mean())
             entropy.append(torch.stack([m.stats.router_entropy for m in moes]).mean())
+            per_token.append(torch.stack([m.stats.experts_per_token for m in moes]).mean())
     wall = time.perf_counter() - start
     model.eval()
     with torch.no_grad():
@@ -134,13 +137,18 @@ def run(name, spec):
             val.append(F.cross_entropy(model(xb).flatten(0, 1), yb.flatten()))
     total = sum(p.numel() for p in model.parameters())
     expert = sum(p.numel() for m in moes for n, p in m.named_parameters() if n.startswith("experts."))
-    active = total - expert + expert * spec["top_k"] // CFG["experts"] if moes else total
     tail = max(1, len(dropped) // 5)  # routing statistics over the last fifth of training
+    # Active expert parameters follow the FFN experts a token used (fewer than top_k with top-p or null experts);
+    # DS-MoE uses all in training but top_k at inference, hence the min.
+    experts_used = min(spec["top_k"], float(torch.stack(per_token[-tail:]).mean())) if moes else 0
+    active = total - expert + int(expert * experts_used / CFG["experts"]) if moes else total
     return dict(
         name=name, val_loss=float(torch.stack(val).mean()), wall_s=wall, total_params=total, active_params=active,
         dropped=float(torch.stack(dropped[-tail:]).mean()) if moes else 0.0,
         imbalance=float(torch.stack(imbalance[-tail:]).mean()) if moes else 1.0,
         entropy=float(torch.stack(entropy[-tail:]).mean()) if moes else float("nan"),
+        experts_per_token=float(torch.stack(per_token[-tail:]).mean()) if moes else float("nan"),
+        extra_options=sorted(spec.get("extra", {})),
         **{k: v for k, v in spec.items() if k != "extra"},
     )
 
@@ -163,6 +171,12 @@ SPECS["hash router"] = dict(BASE, router="hash", alpha=0.0)
 for cf in CAPACITY_FACTORS:
     if cf != 1.25:
         SPECS[f"cf={cf}" if cf is not None else "dropless"] = dict(BASE, capacity_factor=cf)
+SPECS["top-p routing (p=0.4, at most 4)"] = dict(BASE, router="top_p", top_k=4, extra=dict(top_p_threshold=0.4))
+SPECS["MoE++ null experts (1 zero, 1 copy, 2 constant)"] = dict(
+    BASE, extra=dict(num_zero_experts=1, num_copy_experts=1, num_constant_experts=2))
+SPECS["DS-MoE (dense training, top-2 eval)"] = dict(BASE, router="ds_moe", capacity_factor=None)
+SPECS["gating dropout 0.2"] = dict(BASE, extra=dict(gating_dropout=0.2))
+SPECS["expert dropout 0.2"] = dict(BASE, extra=dict(expert_dropout=0.2))
 SPECS["dense, equal active params"] = dict(top_k=2, dense=True)
 
 results = {}
@@ -174,11 +188,12 @@ for name, spec in tqdm(SPECS.items(), desc="runs"):
 
 # %%
 def table(rows):
-    lines = ["| run | val loss | dropped | max/mean load | router entropy | active / total params | s |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| run | val loss | dropped | max/mean load | router entropy | experts / token | active / total params "
+             "| s |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['name']} | {r['val_loss']:.4f} | {r['dropped']:.3f} | {r['imbalance']:.2f} | "
-                     f"{r['entropy']:.3f} | {r['active_params']:,} / {r['total_params']:,} | {r['wall_s']:.1f} |")
+                     f"{r['entropy']:.3f} | {r['experts_per_token']:.2f} | {r['active_params']:,} / "
+                     f"{r['total_params']:,} | {r['wall_s']:.1f} |")
     return "\n".join(lines)
 
 
@@ -193,7 +208,7 @@ else:
 
 # %%
 def by(key, values, fmt=lambda value: value):
-    rows = [r for r in results.values() if not r.get("dense") and r.get(key) in values
+    rows = [r for r in results.values() if not r.get("dense") and r.get(key) in values and not r["extra_options"]
             and all(r.get(k) == v for k, v in BASE.items() if k != key)]
     rows.sort(key=lambda r: values.index(r[key]))
     return [fmt(r[key]) for r in rows], rows
@@ -219,7 +234,8 @@ for label, r in zip(labels, rows):
     ax.annotate(f"cf={label}", (r["dropped"], r["val_loss"]))
 ax.set(title="capacity factor: drops against loss", xlabel="dropped fraction", ylabel="validation loss")
 names = [BASELINE, "noisy top-k", "frozen random router", "sigmoid, loss-free balancing",
-         "hash router", "dense, equal active params"]
+         "hash router", "top-p routing (p=0.4, at most 4)", "MoE++ null experts (1 zero, 1 copy, 2 constant)",
+         "DS-MoE (dense training, top-2 eval)", "dense, equal active params"]
 axes[1, 1].barh([n.split(" (")[0] for n in names], [results[n]["val_loss"] for n in names], color="tab:green")
 axes[1, 1].set(title="routers, and dense at equal active params", xlabel="validation loss")
 losses_shown = [results[n]["val_loss"] for n in names]
@@ -238,5 +254,9 @@ print(f"wrote {OUT / 'ablations.md'} and {OUT / 'ablations.png'}")
 # conclusions. What to look for: drops fall to zero as the capacity factor grows, and the loss follows them; a large
 # α flattens the load (max/mean → 1) at a cost in loss; the frozen random and hash routers show how much learned
 # routing buys at this scale (with characters as tokens, hashing the current character is itself an informative
-# route, so the hash router is a strong baseline here); the sigmoid router balances without any loss term. Expert choice and Soft MoE are left
+# route, so the hash router is a strong baseline here); the sigmoid router balances without any loss term. The
+# `experts / token` column is the training mean of FFN experts per token: top-p spends more or fewer than top-2
+# depending on how peaked the router is, MoE++ fewer than 2 when tokens pick null experts, DS-MoE all of them in
+# training (its validation loss is that of top-2 inference); the two dropouts are regularisers, which at 150 steps
+# mostly cost loss. Expert choice and Soft MoE are left
 # out on purpose: both look across the sequence, which leaks future tokens into a causal LM.

@@ -13,6 +13,7 @@ values, never with the layer: ``strategy(experts, x [T, d], routing, valid [T] |
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Mapping, NamedTuple, Optional
@@ -68,6 +69,14 @@ def _no_drops(weights: Tensor) -> Tensor:
     return torch.zeros((), dtype=weights.dtype, device=weights.device)
 
 
+def _ffn_expert_ids(routing, num_experts: int) -> tuple[Tensor, Tensor]:
+    """(ids for planning [T, k], ids for moving rows [T, k]) when ``routing.active`` marks slots that take no FFN
+    row: planning sends those to a sink expert E past the real ones (so they take no slot and no row of experts
+    0..E-1; the plan ops refuse -1 ids of valid tokens), moving rows reads only kept slots, whose ids are real."""
+    ids = routing.expert_ids
+    return torch.where(routing.active, ids, num_experts), torch.where(routing.active, ids, 0)
+
+
 class CapacityDispatch:
     """Capacity mode: the capacity plan gives each kept assignment a slot of its expert, ``dispatch`` copies the
     tokens into [E, C, d], the experts run batched, ``combine`` sums the weighted outputs back per token.
@@ -83,11 +92,19 @@ class CapacityDispatch:
 
     def plan(self, routing, valid: Optional[Tensor], capacity: int) -> Load:
         priority = routing.scores.gather(1, routing.expert_ids) if self.drop_policy == "probability" else None
-        plan = ops.capacity_plan(routing.expert_ids, self.num_experts, capacity, self.drop_policy, priority, valid)
-        assigned = plan.tokens_per_expert.sum()
-        dropped = assigned - plan.kept_per_expert.sum()
+        if routing.active is None:
+            plan = ops.capacity_plan(routing.expert_ids, self.num_experts, capacity, self.drop_policy, priority, valid)
+            tokens_per_expert, kept_per_expert, slots = plan.tokens_per_expert, plan.kept_per_expert, plan.slots
+        else:
+            plan_ids, _ = _ffn_expert_ids(routing, self.num_experts)
+            plan = ops.capacity_plan(plan_ids, self.num_experts + 1, capacity, self.drop_policy, priority, valid)
+            tokens_per_expert = plan.tokens_per_expert[:self.num_experts]
+            kept_per_expert = plan.kept_per_expert[:self.num_experts]
+            slots = torch.where(routing.active, plan.slots, -1)
+        assigned = tokens_per_expert.sum()
+        dropped = assigned - kept_per_expert.sum()
         dtype = routing.weights.dtype
-        return Load(plan.tokens_per_expert, dropped.to(dtype) / assigned.clamp(min=1).to(dtype), plan.slots)
+        return Load(tokens_per_expert, dropped.to(dtype) / assigned.clamp(min=1).to(dtype), slots)
 
     def prepare(self, x: Tensor, capacity: int) -> tuple[int, Optional[Tensor]]:
         """(the buffer's capacity, what :meth:`run_experts` needs besides the buffer)."""
@@ -102,11 +119,14 @@ class CapacityDispatch:
 
     def __call__(self, experts, x: Tensor, routing, valid: Optional[Tensor]) -> tuple[Tensor, Load]:
         capacity = self.capacity(x.shape[0])
+        if routing.expert_ids.shape[1] > self.capacity.top_k:  # wider than top_k (DS-MoE's dense training)
+            capacity = dataclasses.replace(self.capacity, top_k=routing.expert_ids.shape[1])(x.shape[0])
         buffer_capacity, context = self.prepare(x, capacity)
         load = self.plan(routing, valid, capacity)
-        buffer = ops.dispatch(x, routing.expert_ids, load.slots, self.num_experts, buffer_capacity)
+        expert_ids = routing.expert_ids if routing.active is None else _ffn_expert_ids(routing, self.num_experts)[1]
+        buffer = ops.dispatch(x, expert_ids, load.slots, self.num_experts, buffer_capacity)
         out = self.run_experts(experts, buffer, context)
-        return ops.combine(out, routing.weights, routing.expert_ids, load.slots), load
+        return ops.combine(out, routing.weights, expert_ids, load.slots), load
 
 
 class ExpertChoiceDispatch(CapacityDispatch):
@@ -127,7 +147,12 @@ class DroplessDispatch:
         return counts
 
     def __call__(self, experts, x: Tensor, routing, valid: Optional[Tensor]) -> tuple[Tensor, Load]:
-        row_index, offsets = ops.permute_plan(routing.expert_ids, self.num_experts, valid)
+        if routing.active is None:
+            row_index, offsets = ops.permute_plan(routing.expert_ids, self.num_experts, valid)
+        else:  # inactive slots sort last, to a sink expert whose rows the grouped GEMMs never read
+            row_index, offsets = ops.permute_plan(_ffn_expert_ids(routing, self.num_experts)[0], self.num_experts + 1,
+                                                  valid)
+            row_index, offsets = torch.where(routing.active, row_index, -1), offsets[:self.num_experts + 1]
         y = experts(x, offsets, routing.weights, row_index)
         return y, Load(offsets.diff(), _no_drops(routing.weights), None)
 
@@ -228,8 +253,13 @@ class ExpertParallelDroplessDispatch(_OverGroup, DroplessDispatch):
         anchor = distributed.anchor(x.device)
         group, world_size = self.group.group, self.group.size
         num_experts, local_experts = self.num_experts, self.num_experts // self.group.size
-        permuted = ops.permute(x, routing.expert_ids, num_experts, valid)
-        tokens_per_expert = permuted.offsets.diff()
+        if routing.active is None:
+            permuted = ops.permute(x, routing.expert_ids, num_experts, valid)
+            tokens_per_expert = permuted.offsets.diff()
+        else:  # inactive slots sort last, to a sink expert: never sent, their rows count as padding below
+            permuted = ops.permute(x, _ffn_expert_ids(routing, num_experts)[0], num_experts + 1, valid)
+            permuted = permuted._replace(row_index=torch.where(routing.active, permuted.row_index, -1))
+            tokens_per_expert = permuted.offsets.diff()[:num_experts]
         # Counts first (E per rank, equal splits): afterwards every rank knows what it sends and receives.
         received_counts = distributed.exchange(tokens_per_expert, None, None, group)  # [W (source) * E/W]
         counts = torch.cat([tokens_per_expert, received_counts]).tolist()  # dropless needs the sizes on the host

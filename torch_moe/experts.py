@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from . import ops
 from ._checks import is_finite_number
 
-__all__ = ["Experts", "EXPERT_TYPES", "ACTIVATIONS", "unwrapped"]
+__all__ = ["Experts", "NullExperts", "EXPERT_TYPES", "ACTIVATIONS", "unwrapped"]
 
 EXPERT_TYPES = ("swiglu", "geglu", "mlp", "geglu_tanh", "swiglu_oss")
 _GATE_ACTIVATIONS = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh"}
@@ -51,7 +51,9 @@ class Experts(nn.Module):
     ``activation`` in gelu (exact) / gelu_tanh / relu / silu.
     Parameters: w1 [E, d_model, d_ff], w2 [E, d_ff, d_model], w3 [E, d_model, d_ff] (gated types only),
     b1 [E, d_ff] and b2 [E, d_model] when ``bias``, b3 [E, d_ff] when ``up_bias`` (gated types only: Llama's
-    ``mlp_bias``). ``last_path`` names the expert-compute path of the last forward:
+    ``mlp_bias``). ``hidden_dropout`` > 0 (Fedus et al. 2021's expert dropout) applies ``dropout`` (an nn.Dropout,
+    training only) to the hidden activations [rows, d_ff] before w2. ``last_path`` names the expert-compute path of
+    the last forward:
     "bmm" (capacity mode), "grouped_mm" (torch's grouped GEMM) or "per_expert_loop" on CUDA, "cpu" on the CPU.
     """
 
@@ -69,10 +71,13 @@ class Experts(nn.Module):
         up_bias: bool = False,
         swiglu_alpha: Optional[float] = None,
         swiglu_limit: Optional[float] = None,
+        hidden_dropout: float = 0.0,
         device=None,
         dtype=None,
     ) -> None:
         super().__init__()
+        # None at 0, so the layer without expert dropout runs exactly the ops it ran before the option existed.
+        self.dropout = nn.Dropout(hidden_dropout) if hidden_dropout > 0 else None
         if expert not in EXPERT_TYPES:
             raise ValueError(f"expert must be one of {EXPERT_TYPES}, got {expert!r}")
         if activation not in ACTIVATIONS:
@@ -153,6 +158,8 @@ class Experts(nn.Module):
             h = self._gated(h, up if self.b3 is None else up + self.b3.unsqueeze(1))
         else:
             h = self._act(h)
+        if self.dropout is not None:
+            h = self.dropout(h)
         out = torch.bmm(h, self.w2)
         if self.b2 is not None:
             out = out + self.b2.unsqueeze(1)
@@ -176,6 +183,8 @@ class Experts(nn.Module):
             h = self._gated(h, up if self.b3 is None else up + self.b3[expert_of_row])
         else:
             h = self._act(h)
+        if self.dropout is not None:
+            h = self.dropout(h)
         out = ops.grouped_mm(h, self.w2, offsets)
         if self.b2 is not None:
             out = out + self.b2[expert_of_row]
@@ -209,6 +218,8 @@ class Experts(nn.Module):
             h = self._gated(gate, ops.gather_grouped_mm(x, w3, offsets, row_index))
         else:
             h = self._act(ops.gather_grouped_mm(x, w1, offsets, row_index))
+        if self.dropout is not None:
+            h = self.dropout(h)
         if self.b2 is not None:
             h = torch.cat([h, h.new_ones(h.shape[0], 1)], dim=1)
             w2 = torch.cat([w2, self.b2.unsqueeze(1)], dim=1)
@@ -223,7 +234,64 @@ class Experts(nn.Module):
             + (", up_bias=True" if self.b3 is not None else "")
             + (f", swiglu_alpha={self.swiglu_alpha}, swiglu_limit={self.swiglu_limit}"
                if self.expert == "swiglu_oss" else "")
+            + (f", hidden_dropout={self.dropout.p}" if self.dropout is not None else "")
         )
+
+
+class NullExperts(nn.Module):
+    """MoE++'s zero-computation experts (Jin et al. 2024, "MoE++: Accelerating Mixture-of-Experts Methods with
+    Zero-Computation Experts"): ``num_zero`` zero experts (output 0: the token is discarded), ``num_copy`` copy
+    experts (output x: the token skips the layer) and ``num_constant`` constant experts, expert c giving
+    α1·x + α2·v_c with [α1, α2] = softmax(W_c·x), v_c [d_model] and W_c [2, d_model] learned. They take expert ids
+    E .. E + N − 1 (zero, then copy, then constant) after the E FFN experts and run on every token without a GEMM.
+    MoE++'s gating residuals (adding the previous layer's router logits) are not part of this.
+
+    Parameters: ``constant_vectors`` [num_constant, d_model] (v, N(0, 1/d_model) at start) and
+    ``constant_gate.weight`` [2·num_constant, d_model] (W_c of every constant expert), when num_constant > 0.
+    """
+
+    def __init__(self, d_model: int, num_ffn_experts: int, num_zero: int, num_copy: int, num_constant: int, *,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        self.num_ffn_experts, self.num_zero, self.num_copy, self.num_constant = (num_ffn_experts, num_zero, num_copy,
+                                                                                 num_constant)
+        self.num_experts = num_zero + num_copy + num_constant
+        factory = {"device": device, "dtype": dtype}
+        if num_constant:
+            self.constant_vectors = nn.Parameter(torch.empty(num_constant, d_model, **factory))
+            self.constant_gate = nn.Linear(d_model, 2 * num_constant, bias=False, **factory)
+        else:
+            self.constant_vectors, self.constant_gate = None, None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.constant_vectors is not None:
+            nn.init.normal_(self.constant_vectors, std=self.constant_vectors.shape[1] ** -0.5)
+            self.constant_gate.reset_parameters()
+
+    def forward(self, x: Tensor, weights: Tensor, expert_ids: Tensor, valid: Optional[Tensor]) -> Tensor:
+        """x: [T, d], weights / expert_ids [T, k] of the router over E + N experts -> [T, d] in weights' dtype,
+        Σ over the token's null choices of weight · output (0 for padding tokens)."""
+        null_ids = expert_ids - self.num_ffn_experts
+        is_null = null_ids >= 0
+        if valid is not None:
+            is_null = is_null & valid.unsqueeze(1)
+        # gate[t, n]: the weight token t gives null expert n (a token chooses an expert at most once).
+        gate = weights.new_zeros(weights.shape[0], self.num_experts).scatter_add(
+            1, null_ids.clamp(min=0), torch.where(is_null, weights, 0))
+        x = x.to(weights.dtype)
+        copy = gate[:, self.num_zero:self.num_zero + self.num_copy].sum(1, keepdim=True)
+        y = copy * x
+        if self.num_constant:
+            constant_gate = gate[:, self.num_zero + self.num_copy:]  # [T, num_constant]
+            alphas = torch.softmax(F.linear(x, self.constant_gate.weight.to(x.dtype)).view(-1, self.num_constant, 2),
+                                   dim=-1)
+            y = y + (constant_gate * alphas[..., 0]).sum(1, keepdim=True) * x
+            y = y + (constant_gate * alphas[..., 1]) @ self.constant_vectors.to(x.dtype)
+        return y
+
+    def extra_repr(self) -> str:
+        return f"num_zero={self.num_zero}, num_copy={self.num_copy}, num_constant={self.num_constant}"
 
 
 def unwrapped(module: nn.Module) -> nn.Module:

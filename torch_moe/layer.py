@@ -17,7 +17,7 @@ from . import losses as moe_losses
 from ._checks import is_finite_number, is_int, is_number
 from .dispatch import (DROP_POLICIES, Capacity, CapacityDispatch, DroplessDispatch, ExpertChoiceDispatch,
                        ExpertGroup, ExpertParallelCapacityDispatch, ExpertParallelDroplessDispatch, Load)
-from .experts import ACTIVATIONS, EXPERT_TYPES, Experts, _check_swiglu_oss, unwrapped
+from .experts import ACTIVATIONS, EXPERT_TYPES, Experts, NullExperts, _check_swiglu_oss, unwrapped
 from .routing import ROUTER_CLASSES, RouterOptions, recomputing, router_class
 
 __all__ = ["MoE", "MoEStats", "aux_loss", "DROP_POLICIES"]
@@ -34,7 +34,11 @@ class MoEStats:
     unrouted_fraction: 0-dim, fraction of valid tokens that reached no expert (every choice dropped; with expert
         choice, no expert took the token).
     losses: every unweighted aux loss the layer computed, by name (``load_balancing``, ``z``, and ``importance``,
-        ``load``, ``sequence_balance`` when their coefficients are set).
+        ``load``, ``sequence_balance`` when their coefficients are set; ``dynamic`` for ``"top_p"``,
+        ``mutual_information`` for ``"ds_moe"``).
+    experts_per_token: 0-dim, mean over valid tokens of the FFN experts assigned to a token before dropping: top_k
+        for fixed top-k, the taken experts for ``"top_p"``, E for ``"ds_moe"`` in training, the experts that took
+        the token for expert choice, 1 for a gating-dropout forward; null experts (MoE++) are not counted.
     """
 
     tokens_per_expert: Tensor
@@ -44,6 +48,7 @@ class MoEStats:
     z_loss: Tensor
     unrouted_fraction: Tensor
     losses: dict = field(default_factory=dict)
+    experts_per_token: Optional[Tensor] = None
 
     def as_dict(self) -> dict[str, Tensor]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -69,8 +74,9 @@ class MoE(nn.Module):
             (``"sparsemixer"``: the relative threshold of its masks instead, see its class).
         router_bias: a learned bias b [E] on the router logits, x·wᵀ + b (GPT-OSS); ``"softmax"``, ``"sigmoid"``
             and ``"sparsemixer"`` only.
-        router: one of :data:`torch_moe.routing.ROUTERS`: ``"softmax"`` (default), ``"noisy_topk"``, ``"sparsemixer"``,
-            ``"expert_choice"``, ``"sigmoid"``, ``"hash"``, ``"random"``; see :mod:`torch_moe.routing`.
+        router: one of :data:`torch_moe.routing.ROUTERS`: ``"softmax"`` (default), ``"noisy_topk"``,
+            ``"sparsemixer"``, ``"expert_choice"``, ``"sigmoid"``, ``"hash"``, ``"random"``, ``"top_p"``, ``"ds_moe"``;
+            see :mod:`torch_moe.routing`.
         bias_update_rate: ``"sigmoid"`` only: step of the loss-free balancing bias (default 1e-3; 0 disables).
         n_groups, topk_groups: ``"softmax"`` / ``"sigmoid"`` only: group-limited routing over n_groups contiguous
             expert groups, tokens choose inside their topk_groups best groups (default: all groups).
@@ -94,6 +100,25 @@ class MoE(nn.Module):
             (and backward) the same number of times. ``None``: all experts on this process.
         global_load_balancing: compute the load-balancing loss's expert fractions over the whole group (an
             all-reduce of the counts, Megatron's global-batch balancing); needs ``expert_parallel_group``.
+        top_p_threshold, dynamic_loss_coef: ``"top_p"`` only (Huang et al. 2024): each token takes the fewest
+            experts whose probs sum to at least top_p_threshold (default 0.4), at most top_k; the dynamic (router
+            entropy) loss's weight (default 1e-4). See :class:`torch_moe.routing.TopPRouter`.
+        mutual_information_loss_coef, sparse_inference_threshold: ``"ds_moe"`` only (Pan et al. 2024, dense
+            training / sparse inference): the weight of its mutual-information loss (default 1e-2); at inference keep
+            only those of the top_k experts with prob >= this threshold (default None: all top_k). See
+            :class:`torch_moe.routing.DSMoERouter`.
+        num_zero_experts, num_copy_experts, num_constant_experts: MoE++'s zero-computation experts (Jin et al.
+            2024, :class:`torch_moe.experts.NullExperts`): the router scores E + these, ids E.. in that order; a
+            token's choices among them cost no FFN row and no capacity slot (they need no capacity: each runs on
+            every token without a GEMM). ``top_k`` counts them; ``stats.tokens_per_expert`` and
+            ``stats.experts_per_token`` count FFN experts only; the balance losses cover all E + N.
+        gating_dropout: Gating Dropout (Liu et al. 2022): with this probability a training forward skips the router
+            and sends every token to one local expert with weight 1 (one draw per forward, as in the paper, where
+            it skips the all-to-all). Local expert of token t of T on expert-parallel rank r of W: r·E/W +
+            ⌊t·(E/W)/T⌋; without expert parallelism (W = 1) the tokens split into E contiguous blocks, block b to
+            expert b, as if each expert had its own machine. The aux losses are still those of the router's choice.
+        expert_dropout: dropout rate on the experts' hidden activations in training (Fedus et al. 2021's expert
+            dropout, a higher rate inside the experts than elsewhere); routed experts only.
 
     ``forward(x [..., d_model], padding_mask bool [...] | None, *, token_ids int [...] | None) -> [..., d_model]``.
     Padding tokens (mask False) take no slot, output zero and are left out of every loss and statistic.
@@ -140,6 +165,15 @@ class MoE(nn.Module):
         shared_expert_gate: bool = False,
         expert_parallel_group=None,
         global_load_balancing: bool = False,
+        top_p_threshold: Optional[float] = None,
+        dynamic_loss_coef: Optional[float] = None,
+        mutual_information_loss_coef: Optional[float] = None,
+        sparse_inference_threshold: Optional[float] = None,
+        num_zero_experts: int = 0,
+        num_copy_experts: int = 0,
+        num_constant_experts: int = 0,
+        gating_dropout: float = 0.0,
+        expert_dropout: float = 0.0,
         device=None,
         dtype=None,
     ) -> None:
@@ -152,12 +186,18 @@ class MoE(nn.Module):
         self.num_shared_experts = num_shared_experts
         d_ff, num_experts, top_k = d_ff // expert_granularity, num_experts * expert_granularity, top_k * expert_granularity
         router_type = router_class(router)
-        options = RouterOptions(normalize_weights, jitter_eps, bias_update_rate, n_groups, topk_groups,
-                                routed_scaling_factor, router_bias=router_bias or None)
+        options = RouterOptions(
+            normalize_weights=normalize_weights, jitter_eps=jitter_eps, bias_update_rate=bias_update_rate,
+            n_groups=n_groups, topk_groups=topk_groups, routed_scaling_factor=routed_scaling_factor,
+            router_bias=router_bias or None, top_p_threshold=top_p_threshold, dynamic_loss_coef=dynamic_loss_coef,
+            mutual_information_loss_coef=mutual_information_loss_coef,
+            sparse_inference_threshold=sparse_inference_threshold)
+        num_null = _validate_part2(router_type, num_zero_experts, num_copy_experts, num_constant_experts,
+                                   gating_dropout, expert_dropout, global_load_balancing, seq_balance_loss_coef)
         _validate_losses(router_type, aux_loss_coef, z_loss_coef, importance_loss_coef, load_loss_coef, seq_balance_loss_coef,
                          global_load_balancing)
-        router_type.check(num_experts, top_k, options, capacity_factor=capacity_factor, drop_policy=drop_policy,
-                          expert_parallel=expert_parallel_group is not None)
+        router_type.check(num_experts + num_null, top_k, options, capacity_factor=capacity_factor,
+                          drop_policy=drop_policy, expert_parallel=expert_parallel_group is not None)
         self.d_model = d_model
         self.d_ff = d_ff
         self.num_experts = num_experts
@@ -179,17 +219,21 @@ class MoE(nn.Module):
         self._capacity = None if capacity_factor is None else Capacity(
             capacity_factor, min_capacity, top_k, num_experts, at_most_tokens=not router_type.token_choice)
         factory = {"device": device, "dtype": dtype}
-        self.router = router_type.build(d_model, num_experts, top_k,
+        self.gating_dropout, self.expert_dropout = gating_dropout, expert_dropout
+        self.router = router_type.build(d_model, num_experts + num_null, top_k,
                                         dataclasses.replace(options, normalize_weights=self.normalize_weights),
                                         self._capacity, **factory)
         experts = {"expert": expert, "activation": activation, "bias": bias, "up_bias": up_bias, **factory}
         if expert == "swiglu_oss":
             experts.update(swiglu_alpha=swiglu_alpha, swiglu_limit=swiglu_limit)
+        routed = {"hidden_dropout": expert_dropout} if expert_dropout else {}
         if expert_parallel_group is None:
-            self.experts = Experts(d_model, d_ff, num_experts, **experts)
+            self.experts = Experts(d_model, d_ff, num_experts, **experts, **routed)
         else:
             with distributed.local_expert_rng(self.expert_parallel_rank, device):
-                self.experts = Experts(d_model, d_ff, num_experts // self.expert_parallel_size, **experts)
+                self.experts = Experts(d_model, d_ff, num_experts // self.expert_parallel_size, **experts, **routed)
+        self.null_experts = NullExperts(d_model, num_experts, num_zero_experts, num_copy_experts, num_constant_experts,
+                                        **factory) if num_null else None
         shared_d_ff = shared_expert_d_ff or num_shared_experts * d_ff
         self.shared_experts = Experts(d_model, shared_d_ff, 1, **experts) if num_shared_experts else None
         self.shared_expert_gate = nn.Linear(d_model, 1, bias=False, **factory) if shared_expert_gate else None
@@ -251,16 +295,38 @@ class MoE(nn.Module):
         # nothing of theirs reaches an output or a weight gradient (0 * NaN would).
         clean = tokens if valid is None else torch.where(valid.unsqueeze(1), tokens, 0)
         routing = self.router(clean, token_ids=token_ids, valid=valid)
+        gate_dropped = self.training and self.gating_dropout > 0 and float(torch.rand(())) < self.gating_dropout
+        dispatched = self._ffn_routing(routing, tokens.shape[0], gate_dropped)
         expert_input = tokens.to(unwrapped(self.experts).w1.dtype)
-        y, load = self.dispatcher(self.experts, expert_input, routing, valid)
+        y, load = self.dispatcher(self.experts, expert_input, dispatched, valid)
+        if self.null_experts is not None and not gate_dropped:
+            y = y + self.null_experts(clean, routing.weights, routing.expert_ids, valid).to(y.dtype)
         if self.shared_experts is not None:
             y = y + self._shared(clean.to(expert_input.dtype), valid)
         router = unwrapped(self.router)  # its hooks, not its forward: a LoRA wrapper need not be active for them
         if self.training and router.adapts_to_load and not recomputing():
+            router_load = load.tokens_per_expert
+            if self.null_experts is not None or gate_dropped:
+                router_load = _assignments_per_expert(routing, valid, router.num_experts)  # the router's choice
             # Under expert parallelism the load is summed over the group, so the replicated state stays identical.
-            router.observe_load(self.dispatcher.summed_over_group(load.tokens_per_expert), y)
-        self._record_losses_and_stats(x, routing, valid, load)
+            router.observe_load(self.dispatcher.summed_over_group(router_load), y)
+        self._record_losses_and_stats(x, routing, valid, load, dispatched)
         return y.to(x.dtype).reshape(x.shape)
+
+    def _ffn_routing(self, routing, num_tokens: int, gate_dropped: bool):
+        """The routing the FFN experts see: the router's, with null-expert choices marked inactive, or in a
+        gating-dropout forward (drawn by the caller on the CPU generator: no device sync) every token to its local
+        expert."""
+        if gate_dropped:
+            local = self.num_experts // self.expert_parallel_size
+            positions = torch.arange(num_tokens, device=routing.weights.device)
+            expert_ids = (self.expert_parallel_rank * local + positions * local // max(num_tokens, 1)).unsqueeze(1)
+            return routing._replace(weights=routing.weights.new_ones(num_tokens, 1), expert_ids=expert_ids,
+                                    slots=None, active=None)
+        if self.null_experts is not None:
+            active = routing.expert_ids < self.num_experts
+            return routing._replace(active=active if routing.active is None else routing.active & active)
+        return routing
 
     def _shared(self, tokens: Tensor, valid: Optional[Tensor]) -> Tensor:
         """The shared experts' output [T, d] on padding-zeroed tokens, 0 on padding rows."""
@@ -294,7 +360,7 @@ class MoE(nn.Module):
                              f"{tuple(x.shape)}")
         return x.reshape(-1, self.d_model), valid
 
-    def _record_losses_and_stats(self, x: Tensor, routing, valid: Optional[Tensor], load: Load) -> None:
+    def _record_losses_and_stats(self, x: Tensor, routing, valid: Optional[Tensor], load: Load, dispatched) -> None:
         router = unwrapped(self.router)
         load_balancing_loss, z_loss, router_entropy = router.balance_losses(routing, valid)
         if self.global_load_balancing:
@@ -310,6 +376,9 @@ class MoE(nn.Module):
             if coef > 0:
                 losses[name] = loss()
                 aux = aux + coef * losses[name]
+        for name, (coef, loss) in router.extra_losses(routing, valid).items():
+            losses[name] = loss
+            aux = aux + coef * loss
         self.aux_loss = aux
         self.stats = MoEStats(
             tokens_per_expert=load.tokens_per_expert.detach(),
@@ -319,6 +388,7 @@ class MoE(nn.Module):
             z_loss=z_loss.detach(),
             unrouted_fraction=_unrouted_fraction(load.slots, valid, routing.weights.dtype, x.device).detach(),
             losses={name: value.detach() for name, value in losses.items()},
+            experts_per_token=_experts_per_token(dispatched, valid).detach(),
         )
 
     def extra_repr(self) -> str:
@@ -329,6 +399,8 @@ class MoE(nn.Module):
             f"z_loss_coef={self.z_loss_coef}"
             + (f", num_shared_experts={self.num_shared_experts}" if self.num_shared_experts else "")
             + (f", expert_granularity={self.expert_granularity}" if self.expert_granularity > 1 else "")
+            + (f", gating_dropout={self.gating_dropout}" if self.gating_dropout else "")
+            + (f", expert_dropout={self.expert_dropout}" if self.expert_dropout else "")
             + (f", expert_parallel=rank {self.expert_parallel_rank} of {self.expert_parallel_size}"
                if self.expert_parallel_group is not None else "")
         )
@@ -367,6 +439,55 @@ def _validate(d_model, d_ff, num_experts, top_k, capacity_factor, min_capacity, 
         raise ValueError(f"MoE: activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
     if not (is_number(jitter_eps) and 0.0 <= jitter_eps < 1.0):
         raise ValueError(f"MoE: jitter_eps must be in [0, 1), got {jitter_eps!r}")
+
+
+def _experts_per_token(routing, valid: Optional[Tensor]) -> Tensor:
+    """0-dim: mean over valid tokens of the FFN assignments of a token before dropping (0 with no valid token)."""
+    if routing.slots is not None:  # expert choice: the experts that took the token
+        per_token = (routing.slots >= 0).sum(1)
+    elif routing.active is not None:
+        per_token = routing.active.sum(1)
+    else:
+        per_token = torch.full(routing.expert_ids.shape[:1], routing.expert_ids.shape[1],
+                               device=routing.expert_ids.device)
+    dtype = routing.weights.dtype
+    if valid is None:
+        return per_token.sum().to(dtype) / max(per_token.shape[0], 1)
+    return torch.where(valid, per_token, 0).sum().to(dtype) / valid.sum().clamp(min=1).to(dtype)
+
+
+def _assignments_per_expert(routing, valid: Optional[Tensor], num_experts: int) -> Tensor:
+    """[num_experts] int64, the router's valid assignments per expert (null experts included)."""
+    counted = torch.ones_like(routing.expert_ids) if valid is None else valid.unsqueeze(1).expand_as(
+        routing.expert_ids).to(torch.int64)
+    return torch.zeros(num_experts, dtype=torch.int64, device=routing.expert_ids.device).index_add_(
+        0, routing.expert_ids.reshape(-1), counted.reshape(-1))
+
+
+def _validate_part2(router_type, num_zero_experts, num_copy_experts, num_constant_experts, gating_dropout,
+                    expert_dropout, global_load_balancing, seq_balance_loss_coef) -> int:
+    """Checks the options of routing part 2 (null experts, gating / expert dropout); returns the null experts."""
+    for name, value in (("num_zero_experts", num_zero_experts), ("num_copy_experts", num_copy_experts),
+                        ("num_constant_experts", num_constant_experts)):
+        if not is_int(value) or value < 0:
+            raise ValueError(f"MoE: {name} must be an int >= 0, got {value!r}")
+    for name, value in (("gating_dropout", gating_dropout), ("expert_dropout", expert_dropout)):
+        if not (is_finite_number(value) and 0 <= value <= 1):
+            raise ValueError(f"MoE: {name} must be a probability in [0, 1], got {value!r}")
+    num_null = num_zero_experts + num_copy_experts + num_constant_experts
+    if global_load_balancing and (num_null or router_type.name in ("top_p", "ds_moe")):
+        raise ValueError("MoE: global_load_balancing counts top_k FFN assignments per token; it does not support "
+                         f"null experts or router={router_type.name!r} (a varying number of experts per token)")
+    if num_null and not router_type.token_choice:
+        raise ValueError(f"MoE(router={router_type.name!r}): null experts (num_zero_experts, num_copy_experts, "
+                         "num_constant_experts) need token-choice routing")
+    if router_type.name == "top_p" and is_finite_number(seq_balance_loss_coef) and seq_balance_loss_coef > 0:
+        raise ValueError("MoE(router='top_p'): seq_balance_loss_coef counts top_k assignments per token; top-p "
+                         "routing takes a varying number (its load-balancing loss counts the taken ones)")
+    if gating_dropout > 0 and not router_type.token_choice:
+        raise ValueError(f"MoE(router={router_type.name!r}): gating_dropout needs token-choice routing (expert "
+                         "choice plans its slots in the router)")
+    return num_null
 
 
 def _unrouted_fraction(slots: Optional[Tensor], valid: Optional[Tensor], dtype, device) -> Tensor:

@@ -2,7 +2,9 @@
 
 Token-choice routers (every token picks experts): ``"softmax"`` (:class:`Router`), ``"noisy_topk"``
 (:class:`NoisyTopKRouter`), ``"sigmoid"`` (:class:`SigmoidRouter`), ``"hash"`` (:class:`HashRouter`),
-``"random"`` (:class:`RandomRouter`), ``"sparsemixer"`` (:class:`SparseMixerRouter`). Expert-choice (every expert picks tokens): ``"expert_choice"``
+``"random"`` (:class:`RandomRouter`), ``"sparsemixer"`` (:class:`SparseMixerRouter`), ``"top_p"``
+(:class:`TopPRouter`, a varying number of experts per token), ``"ds_moe"`` (:class:`DSMoERouter`, dense in
+training). Expert-choice (every expert picks tokens): ``"expert_choice"``
 (:class:`ExpertChoiceRouter`). Soft MoE is a layer of its own: :class:`torch_moe.SoftMoE`.
 
 A router owns its options (:class:`RouterOptions`), their checks (:meth:`Router.check`), how it is built from
@@ -37,6 +39,8 @@ __all__ = [
     "RandomRouter",
     "ExpertChoiceRouter",
     "SparseMixerRouter",
+    "TopPRouter",
+    "DSMoERouter",
     "router_class",
     "SoftMoE",
 ]
@@ -50,6 +54,8 @@ class Routing(NamedTuple):
         softmax or sigmoid of the logits, not differentiable (``None`` for hash).
     Router-specific, ``None`` elsewhere: slots [T, E] int64 (expert choice: the slot each expert gave the token,
     -1 for none); clean_logits, noise_std [T, E] (noisy top-k: the logits before the noise and its scale).
+    active: [T, k] bool, False for a slot that takes no FFN row and no capacity slot (top-p's unused slots, null
+    experts); ``None``: every slot is an FFN assignment.
     """
 
     logits: Optional[Tensor]
@@ -59,6 +65,7 @@ class Routing(NamedTuple):
     slots: Optional[Tensor] = None
     clean_logits: Optional[Tensor] = None
     noise_std: Optional[Tensor] = None
+    active: Optional[Tensor] = None
 
 
 @dataclass(frozen=True)
@@ -73,12 +80,19 @@ class RouterOptions:
     topk_groups: Optional[int] = None
     routed_scaling_factor: Optional[float] = None
     router_bias: Optional[bool] = None
+    top_p_threshold: Optional[float] = None
+    dynamic_loss_coef: Optional[float] = None
+    mutual_information_loss_coef: Optional[float] = None
+    sparse_inference_threshold: Optional[float] = None
 
 
 # Options that only some routers take, with the words the error uses when another router is given them.
 _RESTRICTED_OPTIONS = {"bias_update_rate": ("bias_update_rate",), "n_groups": ("n_groups", "topk_groups"),
                        "topk_groups": ("n_groups", "topk_groups"), "routed_scaling_factor": ("routed_scaling_factor",),
-                       "router_bias": ("router_bias",)}
+                       "router_bias": ("router_bias",),
+                       "top_p_threshold": ("top_p_threshold",), "dynamic_loss_coef": ("dynamic_loss_coef",),
+                       "mutual_information_loss_coef": ("mutual_information_loss_coef",),
+                       "sparse_inference_threshold": ("sparse_inference_threshold",)}
 
 
 def _router_dtype(x: Tensor) -> torch.dtype:
@@ -143,8 +157,17 @@ class RouterBase(nn.Module):
         per expert [E] and the layer's output; nothing to do here."""
 
     def balance_losses(self, routing: Routing, valid: Optional[Tensor]) -> ops.RouterLosses:
-        """(load-balancing loss, z-loss, router entropy) of this routing, each 0-dim."""
-        return ops.router_losses(routing.logits, routing.expert_ids, valid)
+        """(load-balancing loss, z-loss, router entropy) of this routing, each 0-dim. With ``routing.active`` the
+        load-balancing loss counts the active assignments only."""
+        if routing.active is None:
+            return ops.router_losses(routing.logits, routing.expert_ids, valid)
+        _, z_loss, entropy = ops.router_losses(routing.logits, routing.expert_ids[:, :1].contiguous(), valid)
+        return ops.RouterLosses(_masked_balance_loss(routing.logits, routing.expert_ids, routing.active, valid),
+                                z_loss, entropy)
+
+    def extra_losses(self, routing: Routing, valid: Optional[Tensor]) -> dict[str, tuple[float, Tensor]]:
+        """The router's own aux losses, by name: (coefficient, unweighted 0-dim loss); none here."""
+        return {}
 
     def gates(self, routing: Routing) -> Tensor:
         """[T, E] the weight each token gives each expert (0 where not chosen), for the importance loss."""
@@ -531,6 +554,192 @@ class ExpertChoiceRouter(Router):
         return routing.weights
 
 
+def _masked_balance_loss(logits: Tensor, expert_ids: Tensor, active: Tensor, valid: Optional[Tensor]) -> Tensor:
+    """Switch's E · Σ_i f_i · P_i when tokens take a varying number of experts: f_i = active assignments to i / all
+    active assignments, P_i = mean softmax prob of i, both over the valid tokens (0 with no valid token)."""
+    num_experts = logits.shape[1]
+    probs = torch.softmax(logits, dim=1)
+    counted = active if valid is None else active & valid.unsqueeze(1)
+    per_expert = probs.new_zeros(num_experts).index_add_(0, expert_ids.reshape(-1),
+                                                         counted.reshape(-1).to(probs.dtype))
+    fraction = per_expert / per_expert.sum().clamp(min=1)
+    if valid is None:
+        mean_probs = probs.sum(0) / max(probs.shape[0], 1)
+    else:
+        mean_probs = (probs * valid.unsqueeze(1)).sum(0) / valid.sum().clamp(min=1)
+    return num_experts * (fraction.detach() * mean_probs).sum()
+
+
+def _mean_over_valid(per_token: Tensor, valid: Optional[Tensor]) -> Tensor:
+    if valid is None:
+        return per_token.sum() / max(per_token.shape[0], 1)
+    return torch.where(valid, per_token, 0).sum() / valid.sum().clamp(min=1)
+
+
+def _token_entropy(logits: Tensor) -> Tensor:
+    """[T] −Σ_e p log p of softmax(logits), differentiable (0·log 0 taken as 0 through log_softmax)."""
+    return -(torch.softmax(logits, dim=1) * torch.log_softmax(logits, dim=1)).sum(1)
+
+
+class TopPRouter(Router):
+    """Top-p (dynamic) routing (``"top_p"``; Huang et al. 2024, "Harder Tasks Need More Experts: Dynamic Routing
+    in MoE Models").
+
+    probs = softmax(x·weightᵀ); each token takes the fewest experts, most probable first, whose probs sum to at
+    least ``top_p_threshold`` (p), at most ``top_k`` of them: expert j of the sorted list is taken when the probs
+    before it sum to less than p, so the first always is (p → 0 is top-1; p = 1 with top_k = E takes all E).
+    Shapes stay static, [T, top_k]: the unused slots have weight 0 and ``Routing.active`` False, so they take no
+    capacity slot and no FFN row. Weights are the taken probs as in the paper (``normalize_weights=True`` divides
+    them by their sum). The paper's dynamic loss, the mean over valid tokens of the router entropy −Σ p log p, is
+    the aux loss ``dynamic`` with ``dynamic_loss_coef`` (default 1e-4, the paper's β): it keeps the router from
+    spreading probability thinly, which would make every token take top_k experts. The load-balancing loss counts
+    each token's active assignments (f_i = active assignments to i / all active assignments).
+
+    The choice reuses the fused top-k op (``top_k`` most probable experts, sorted); the threshold is a cumulative
+    sum over those k values.
+    Parameters: ``weight`` [E, d_model].
+    """
+
+    name = "top_p"
+    accepts = ("top_p_threshold", "dynamic_loss_coef")
+
+    @classmethod
+    def default_normalize_weights(cls, top_k: int) -> bool:
+        return False
+
+    @classmethod
+    def check(cls, num_experts: int, top_k: int, options: RouterOptions, **layer) -> None:
+        super().check(num_experts, top_k, options, **layer)
+        threshold = options.top_p_threshold
+        if threshold is not None and not (is_finite_number(threshold) and 0 < threshold <= 1):
+            raise ValueError(f"MoE(router='top_p'): top_p_threshold must be a number in (0, 1], got {threshold!r}")
+        coef = options.dynamic_loss_coef
+        if coef is not None and not (is_finite_number(coef) and coef >= 0):
+            raise ValueError(f"MoE(router='top_p'): dynamic_loss_coef must be a number >= 0 and finite, got {coef!r}")
+
+    @classmethod
+    def build(cls, d_model, num_experts, top_k, options, capacity, *, device=None, dtype=None) -> "Router":
+        threshold = 0.4 if options.top_p_threshold is None else options.top_p_threshold
+        coef = 1e-4 if options.dynamic_loss_coef is None else options.dynamic_loss_coef
+        return cls(d_model, num_experts, top_k, normalize_weights=bool(options.normalize_weights),
+                   jitter_eps=options.jitter_eps, top_p_threshold=threshold, dynamic_loss_coef=coef,
+                   device=device, dtype=dtype)
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int, *, top_p_threshold: float = 0.4,
+                 dynamic_loss_coef: float = 1e-4, normalize_weights: bool = False, **router_options) -> None:
+        super().__init__(d_model, num_experts, top_k, normalize_weights=normalize_weights, **router_options)
+        self.top_p_threshold = top_p_threshold
+        self.dynamic_loss_coef = dynamic_loss_coef
+
+    def forward(self, x: Tensor, *, token_ids: Optional[Tensor] = None, valid: Optional[Tensor] = None) -> Routing:
+        logits = self.logits(x)
+        out = ops.router_topk(logits, self.top_k, "softmax", None, False)
+        probs = out.weights.detach()
+        before = probs.cumsum(1) - probs  # the probs of the experts ranked above each slot
+        active = before < self.top_p_threshold
+        weights = torch.where(active, out.weights, 0)
+        if self.normalize_weights:
+            weights = weights / weights.sum(1, keepdim=True)
+        return Routing(logits, weights, out.expert_ids, out.scores, active=active)
+
+    def extra_losses(self, routing: Routing, valid: Optional[Tensor]) -> dict[str, tuple[float, Tensor]]:
+        if self.dynamic_loss_coef == 0:
+            return {}
+        return {"dynamic": (self.dynamic_loss_coef, _mean_over_valid(_token_entropy(routing.logits), valid))}
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", top_p_threshold={self.top_p_threshold}"
+
+
+class DSMoERouter(Router):
+    """Dense training, sparse inference (``"ds_moe"``; Pan et al. 2024, "Dense Training, Sparse Inference:
+    Rethinking Training of Mixture-of-Experts Language Models").
+
+    probs = softmax(x·weightᵀ). In training every expert is active: y = Σ_e probs[e] · expert_e(x), all E experts
+    for every token (Routing of [T, E]). In eval each token takes its ``top_k`` most probable experts, exactly the
+    ``"softmax"`` router with the same weight (weights not normalised unless ``normalize_weights=True``, so that
+    they keep the scale the experts were trained with). The mutual-information loss of the paper, ``L_MI = −H(p̄) +
+    mean_t H(probs_t)`` with p̄ the mean of probs over valid tokens, balances the experts (high H(p̄)) while
+    making each token's distribution peaked (low H(probs_t)), so that top-k at inference loses little; it is the aux
+    loss ``mutual_information`` with ``mutual_information_loss_coef`` (default 1e-2, an assumption: not the paper's
+    stated value). ``sparse_inference_threshold`` τ (the paper's other inference mode): in eval a token keeps, of
+    its top_k most probable experts, those with prob >= τ (always its first); the others are inactive slots. Training runs T·E rows; in capacity mode its capacity is that of E experts per token,
+    C = ceil(capacity_factor · T), so nothing drops when capacity_factor >= 1, and eval uses the top_k capacity.
+    Parameters: ``weight`` [E, d_model].
+    """
+
+    name = "ds_moe"
+    accepts = ("mutual_information_loss_coef", "sparse_inference_threshold")
+
+    @classmethod
+    def default_normalize_weights(cls, top_k: int) -> bool:
+        return False
+
+    @classmethod
+    def check(cls, num_experts: int, top_k: int, options: RouterOptions, *, capacity_factor: Optional[float],
+              drop_policy: str, expert_parallel: bool) -> None:
+        super().check(num_experts, top_k, options, capacity_factor=capacity_factor, drop_policy=drop_policy,
+                      expert_parallel=expert_parallel)
+        coef = options.mutual_information_loss_coef
+        if coef is not None and not (is_finite_number(coef) and coef >= 0):
+            raise ValueError(f"MoE(router='ds_moe'): mutual_information_loss_coef must be a number >= 0 and finite, "
+                             f"got {coef!r}")
+        threshold = options.sparse_inference_threshold
+        if threshold is not None and not (is_finite_number(threshold) and 0 <= threshold < 1):
+            raise ValueError(f"MoE(router='ds_moe'): sparse_inference_threshold must be a number in [0, 1), got "
+                             f"{threshold!r}")
+
+    @classmethod
+    def build(cls, d_model, num_experts, top_k, options, capacity, *, device=None, dtype=None) -> "Router":
+        coef = 1e-2 if options.mutual_information_loss_coef is None else options.mutual_information_loss_coef
+        return cls(d_model, num_experts, top_k, normalize_weights=bool(options.normalize_weights),
+                   jitter_eps=options.jitter_eps, mutual_information_loss_coef=coef,
+                   sparse_inference_threshold=options.sparse_inference_threshold, device=device, dtype=dtype)
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int, *, mutual_information_loss_coef: float = 1e-2,
+                 sparse_inference_threshold: Optional[float] = None, normalize_weights: bool = False,
+                 **router_options) -> None:
+        super().__init__(d_model, num_experts, top_k, normalize_weights=normalize_weights, **router_options)
+        self.mutual_information_loss_coef = mutual_information_loss_coef
+        self.sparse_inference_threshold = sparse_inference_threshold
+
+    def forward(self, x: Tensor, *, token_ids: Optional[Tensor] = None, valid: Optional[Tensor] = None) -> Routing:
+        logits = self.logits(x)
+        if not self.training:
+            out = self.choose(logits)
+            if self.sparse_inference_threshold is None:
+                return Routing(logits, out.weights, out.expert_ids, out.scores)
+            active = out.scores.gather(1, out.expert_ids) >= self.sparse_inference_threshold
+            active[:, 0] = True
+            weights = torch.where(active, out.weights, 0)
+            if self.normalize_weights:  # proportional to the probs: renormalising over the kept ones suffices
+                weights = weights / weights.sum(1, keepdim=True)
+            return Routing(logits, weights, out.expert_ids, out.scores, active=active)
+        else:  # dense: the fused top-k op with k = E gives every prob, sorted, with its expert id
+            out = ops.router_topk(logits, self.num_experts, "softmax", None, False)
+        return Routing(logits, out.weights, out.expert_ids, out.scores)
+
+    def extra_losses(self, routing: Routing, valid: Optional[Tensor]) -> dict[str, tuple[float, Tensor]]:
+        if self.mutual_information_loss_coef == 0:
+            return {}
+        return {"mutual_information": (self.mutual_information_loss_coef,
+                                       mutual_information_loss(routing.logits, valid))}
+
+
+def mutual_information_loss(logits: Tensor, valid: Optional[Tensor] = None) -> Tensor:
+    """DS-MoE's L_MI = −H(p̄) + mean_t H(p_t), p_t = softmax(logits[t]), p̄ = mean_t p_t over valid tokens;
+    logits: [T, E] -> 0-dim (0 with no valid token)."""
+    probs = torch.softmax(logits, dim=1)
+    if valid is None:
+        mean_probs = probs.sum(0) / max(probs.shape[0], 1)
+    else:
+        mean_probs = (probs * valid.unsqueeze(1)).sum(0) / valid.sum().clamp(min=1)
+    marginal_entropy = -(mean_probs * torch.log(mean_probs.clamp(min=torch.finfo(probs.dtype).tiny))).sum()
+    if valid is not None:
+        marginal_entropy = torch.where(valid.any(), marginal_entropy, 0)
+    return -marginal_entropy + _mean_over_valid(_token_entropy(logits), valid)
+
+
 class SparseMixerRouter(Router):
     """SparseMixer routing (``"sparsemixer"``; Liu et al. 2023, "Sparse Backpropagation for MoE Training"; as in
     Phi-3.5-MoE, Abdin et al. 2024 and HF's PhiMoE).
@@ -614,6 +823,8 @@ def _sparsemixer(logits: Tensor, top_k: int, eps: float, training: bool) -> tupl
 
 ROUTER_CLASSES = (Router, NoisyTopKRouter, ExpertChoiceRouter, SigmoidRouter, HashRouter, RandomRouter,
                   SparseMixerRouter)
+# Routing, part 2 (issue 22): adaptive and dense-to-sparse routers.
+ROUTER_CLASSES += (TopPRouter, DSMoERouter)
 ROUTERS = tuple(router.name for router in ROUTER_CLASSES)
 
 
