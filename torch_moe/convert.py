@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._checks import is_int
-from .feedforward import (CONFIG_KEY, RECORD_FORMAT, MoEFeedForward, _install_attention_mask_hook, padding_mask,
-                          record_conversion)
+from .feedforward import (CONFIG_KEY, RECORD_FORMAT, ConvertedLayer, MoEFeedForward, _install_attention_mask_hook,
+                          padding_mask, record_conversion)
 from .integrations.hf_moe import from_hf_moe
 from .layer import MoE
 
@@ -384,7 +384,7 @@ def _find(model: nn.Module, select, adapter: Optional[Adapter] = None):
     moe_blocks: list[str] = []
 
     def visit(name: str, module: nn.Module) -> None:
-        if isinstance(module, (MoE, MoEFeedForward)):
+        if isinstance(module, (MoE, ConvertedLayer)):  # already converted
             return
         if _is_moe_block(module):
             moe_blocks.append(name)
@@ -576,8 +576,8 @@ def _conversion_record(model: nn.Module, targets, num_experts: int, top_k: int, 
 
 def from_pretrained(path, model_class=None, *, dtype: Optional[torch.dtype] = None,
                     attn_implementation: Optional[str] = None, adapter: Optional[Adapter] = None) -> nn.Module:
-    """Rebuild a model converted by :func:`moefy` or :func:`from_hf_moe` and saved with ``save_pretrained(path)``,
-    with its weights.
+    """Rebuild a model converted by :func:`moefy`, :func:`from_hf_moe` or :func:`torch_moe.lora.molorafy` and saved
+    with ``save_pretrained(path)``, with its weights.
 
     Reads config.json, builds ``model_class`` (default: the class named in ``config.architectures``) from it,
     replays the recorded conversions (same modules, experts, top-k and MoE arguments, capacity included), then loads
@@ -619,6 +619,12 @@ def from_pretrained(path, model_class=None, *, dtype: Optional[torch.dtype] = No
                 warnings.simplefilter("ignore")
                 if conversion.get("method", "moefy") == "from_hf_moe":
                     from_hf_moe(model, select=modules, **conversion["overrides"])
+                elif conversion["method"] == "molorafy":
+                    from .lora import molorafy  # lora builds on this module
+
+                    molorafy(model, conversion["num_experts"], conversion["top_k"], conversion["rank"],
+                             conversion["alpha"], target=lambda name, _: name in modules,
+                             freeze_base=conversion["freeze_base"], **conversion["lora_kwargs"])
                 else:
                     moefy(model, conversion["num_experts"], conversion["top_k"],
                           select=lambda name, _: name in modules, adapter=adapter if conversion.get("adapter") else None,
