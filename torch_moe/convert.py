@@ -574,6 +574,17 @@ def _conversion_record(model: nn.Module, targets, num_experts: int, top_k: int, 
     return record
 
 
+# How from_pretrained replays the records of conversions built on this module (torch_moe.lora's molorafy), by
+# their "method": (model, record, module names) -> None. They register here so that this module need not import
+# them back.
+_REPLAYS: dict[str, Callable[[nn.Module, dict, set], None]] = {}
+
+
+def register_replay(method: str, replay: Callable[[nn.Module, dict, set], None]) -> None:
+    """Have :func:`from_pretrained` call ``replay(model, record, module_names)`` for records of ``method``."""
+    _REPLAYS[method] = replay
+
+
 def from_pretrained(path, model_class=None, *, dtype: Optional[torch.dtype] = None,
                     attn_implementation: Optional[str] = None, adapter: Optional[Adapter] = None) -> nn.Module:
     """Rebuild a model converted by :func:`moefy`, :func:`from_hf_moe` or :func:`torch_moe.lora.molorafy` and saved
@@ -617,14 +628,11 @@ def from_pretrained(path, model_class=None, *, dtype: Optional[torch.dtype] = No
         try:
             with warnings.catch_warnings():  # the warnings were given when the model was converted
                 warnings.simplefilter("ignore")
-                if conversion.get("method", "moefy") == "from_hf_moe":
+                method = conversion.get("method", "moefy")
+                if method == "from_hf_moe":
                     from_hf_moe(model, select=modules, **conversion["overrides"])
-                elif conversion["method"] == "molorafy":
-                    from .lora import molorafy  # lora builds on this module
-
-                    molorafy(model, conversion["num_experts"], conversion["top_k"], conversion["rank"],
-                             conversion["alpha"], target=lambda name, _: name in modules,
-                             freeze_base=conversion["freeze_base"], **conversion["lora_kwargs"])
+                elif method in _REPLAYS:
+                    _REPLAYS[method](model, conversion, modules)
                 else:
                     moefy(model, conversion["num_experts"], conversion["top_k"],
                           select=lambda name, _: name in modules, adapter=adapter if conversion.get("adapter") else None,

@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from . import ops
 from ._checks import is_finite_number, is_int
 from .dispatch import Load
+from .convert import _find, _selector, register_replay
 from .feedforward import ConvertedLayer, _install_attention_mask_hook, record_conversion
 from .layer import MoEStats, _unrouted_fraction
 from .routing import RouterOptions, recomputing, router_class
@@ -190,8 +191,6 @@ def _ffn_linears(model: nn.Module, dense) -> list[tuple[str, nn.Linear]]:
 
 
 def _targets(model: nn.Module, target) -> list[tuple[str, nn.Linear]]:
-    from .convert import _find, _selector
-
     selector = _selector(target)
     ffns, selected_other, _ = _find(model, selector)
     found: dict[str, nn.Linear] = {}
@@ -257,3 +256,12 @@ def molorafy(model: nn.Module, num_experts: int, top_k: int = 2, rank: int = 8, 
                                   "num_experts": num_experts, "top_k": top_k, "rank": rank, "alpha": alpha,
                                   "freeze_base": freeze_base, "lora_kwargs": dict(lora_kwargs)})
     return model
+
+
+def _replay(model: nn.Module, record: dict, modules: set) -> None:
+    """Redo a recorded molorafy on a fresh model (torch_moe.convert.from_pretrained)."""
+    molorafy(model, record["num_experts"], record["top_k"], record["rank"], record["alpha"],
+             target=lambda name, _: name in modules, freeze_base=record["freeze_base"], **record["lora_kwargs"])
+
+
+register_replay("molorafy", _replay)
