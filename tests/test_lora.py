@@ -14,6 +14,8 @@ import torch_moe
 from torch_moe.lora import MoLoRALinear, lora_parameters, molorafy
 
 transformers = pytest.importorskip("transformers")
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA is not available")
+DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
 
 
 def _layer(d_in=6, d_out=5, num_experts=4, top_k=2, rank=3, alpha=6.0, bias=True, seed=0, **kwargs):
@@ -76,6 +78,25 @@ def test_matches_the_loop_reference_in_values_and_gradients(top_k, normalize_wei
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12, msg=f"gradient of {name}")
     n_valid = T if valid is None else int(valid.sum())
     assert int(layer.stats.tokens_per_expert.sum()) == n_valid * top_k
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_low_precision_and_devices_against_the_reference(device, dtype):
+    layer = _layer(d_in=16, d_out=12, num_experts=6, top_k=2, rank=4)
+    x = torch.randn(3, 7, 16, dtype=torch.float64)
+    mask = torch.rand(3, 7, generator=torch.Generator().manual_seed(3)) > 0.2
+    fast = MoLoRALinear(nn.Linear(16, 12, device=device, dtype=dtype), 6, 2, 4, layer.alpha)
+    fast.load_state_dict({k: v.to(device, dtype) for k, v in layer.state_dict().items()})
+    y = fast(x.to(device, dtype), padding_mask=mask.to(device))
+    assert y.dtype == dtype and y.device.type == device
+    # The reference on the rounded inputs and weights, so only the arithmetic's rounding differs.
+    rounded = MoLoRALinear(nn.Linear(16, 12, dtype=torch.float64), 6, 2, 4, layer.alpha)
+    rounded.load_state_dict({k: v.to(dtype).double() for k, v in layer.state_dict().items()})
+    params = [p.detach().to(dtype).double() for p in (rounded.lora_A, rounded.lora_B, rounded.router.weight)]
+    want, _, _ = _reference(rounded, x.to(dtype).double().reshape(-1, 16), *params, valid=mask.reshape(-1))
+    tol = 2e-2 if dtype == torch.bfloat16 else 1e-5
+    torch.testing.assert_close(y.double().cpu().reshape(-1, 12), want, rtol=tol, atol=tol)
 
 
 def test_padding_rows_get_the_base_output_and_reach_no_gradient():
