@@ -328,3 +328,17 @@ def test_molorafy_errors():
     gpt2 = tiny_hf.make_model("gpt2", dtype=torch.float32)  # Conv1D MLPs, no nn.Linear to wrap
     with pytest.raises(ValueError, match="no nn.Linear of a dense FFN it recognises in GPT2LMHeadModel"):
         molorafy(gpt2, 4, 2)
+
+
+def test_plain_pytorch_model_takes_the_mask_from_the_context_manager():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 6)).double()
+    molorafy(model, 3, 1, rank=2, target="*")
+    assert [type(m).__name__ for m in model] == ["MoLoRALinear", "GELU", "MoLoRALinear"]
+    x = torch.randn(2, 5, 6, dtype=torch.float64)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]])
+    with torch_moe.convert.padding_mask(model, mask):
+        model(x)
+    assert [int(m.stats.tokens_per_expert.sum()) for m in (model[0], model[2])] == [7, 7]
+    model(x)  # outside the block: no mask
+    assert int(model[0].stats.tokens_per_expert.sum()) == 10

@@ -111,8 +111,8 @@ def _ffn_modules(model: nn.Module) -> list[ConvertedLayer]:
 
 @contextmanager
 def padding_mask(model: nn.Module, mask: Optional[Tensor]) -> Iterator[None]:
-    """Give every converted FFN in ``model`` the padding mask ``mask`` ([B, S], True or nonzero = real token)
-    for the duration of the block; for models whose forward takes no ``attention_mask`` argument."""
+    """Give every converted layer in ``model`` (MoE FFNs, MoLoRA linears) the padding mask ``mask`` ([B, S], True or
+    nonzero = real token) for the duration of the block; for models whose forward takes no ``attention_mask``."""
     ffns = _ffn_modules(model)
     previous = [f.padding_mask for f in ffns]
     for f in ffns:
