@@ -170,6 +170,7 @@ CHECKPOINT_ROUTERS = {
     "expert_choice": dict(router="expert_choice", jitter_eps=0.2),
     "sigmoid-dropless-shared": dict(router="sigmoid", bias_update_rate=0.5, capacity_factor=None,
                                     num_shared_experts=1),
+    "sparsemixer": dict(router="sparsemixer", jitter_eps=0.2),  # Gumbel samples and Heun coins replayed
 }
 
 

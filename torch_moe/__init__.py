@@ -47,6 +47,8 @@ from . import lora  # noqa: E402  (registers how from_pretrained replays moloraf
 from .diagnostics import MoETracker  # noqa: E402
 from .routing import Router  # noqa: E402
 from .soft_moe import SoftMoE  # noqa: E402
+from . import surgery  # noqa: E402
+from .surgery import expert_importance, merge_experts, prune_experts  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -62,4 +64,5 @@ def build_info() -> dict:
 
 
 __all__ = ["MoE", "SoftMoE", "Router", "Experts", "MoEStats", "MoETracker", "moefy", "aux_loss", "ops", "losses",
-           "memory", "routing", "dispatch", "distributed", "parallel", "lora", "build_info"]
+           "memory", "routing", "dispatch", "distributed", "parallel", "lora", "surgery", "expert_importance",
+           "prune_experts", "merge_experts", "build_info"]

@@ -10,11 +10,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import ops
+from ._checks import is_finite_number
 
-__all__ = ["Experts", "EXPERT_TYPES", "ACTIVATIONS"]
+__all__ = ["Experts", "EXPERT_TYPES", "ACTIVATIONS", "unwrapped"]
 
-EXPERT_TYPES = ("swiglu", "geglu", "mlp", "geglu_tanh")
+EXPERT_TYPES = ("swiglu", "geglu", "mlp", "geglu_tanh", "swiglu_oss")
 _GATE_ACTIVATIONS = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh"}
+# GPT-OSS's clamped SwiGLU (OpenAI 2025, gpt-oss model card): its defaults, the values of the released models.
+SWIGLU_OSS_DEFAULTS = {"swiglu_alpha": 1.702, "swiglu_limit": 7.0}
+
+
 def _gelu(h: Tensor) -> Tensor:
     return F.gelu(h)  # exact (erf) gelu
 
@@ -40,7 +45,9 @@ class Experts(nn.Module):
     """E independent FFNs.
 
     ``"swiglu"``: (silu(x·w1 [+ b1]) · (x·w3 [+ b3])) · w2 [+ b2]; ``"geglu"``: the same with exact gelu,
-    ``"geglu_tanh"`` with tanh-approximated gelu (Gemma, T5 v1.1); ``"mlp"``: act(x·w1 [+ b1]) · w2 [+ b2] with
+    ``"geglu_tanh"`` with tanh-approximated gelu (Gemma, T5 v1.1); ``"swiglu_oss"``: GPT-OSS's clamped SwiGLU,
+    g = min(x·w1 + b1, limit), u = clamp(x·w3 + b3, ±limit), (u + 1) · g · sigmoid(alpha · g), then · w2 + b2
+    (``swiglu_alpha``, ``swiglu_limit``: default 1.702 and 7.0); ``"mlp"``: act(x·w1 [+ b1]) · w2 [+ b2] with
     ``activation`` in gelu (exact) / gelu_tanh / relu / silu.
     Parameters: w1 [E, d_model, d_ff], w2 [E, d_ff, d_model], w3 [E, d_model, d_ff] (gated types only),
     b1 [E, d_ff] and b2 [E, d_model] when ``bias``, b3 [E, d_ff] when ``up_bias`` (gated types only: Llama's
@@ -60,6 +67,8 @@ class Experts(nn.Module):
         activation: str = "gelu",
         bias: bool = False,
         up_bias: bool = False,
+        swiglu_alpha: Optional[float] = None,
+        swiglu_limit: Optional[float] = None,
         device=None,
         dtype=None,
     ) -> None:
@@ -68,8 +77,12 @@ class Experts(nn.Module):
             raise ValueError(f"expert must be one of {EXPERT_TYPES}, got {expert!r}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {tuple(ACTIVATIONS)}, got {activation!r}")
+        _check_swiglu_oss(expert, swiglu_alpha, swiglu_limit, "")
         self.expert = expert
         self.activation = activation
+        if expert == "swiglu_oss":
+            self.swiglu_alpha = SWIGLU_OSS_DEFAULTS["swiglu_alpha"] if swiglu_alpha is None else float(swiglu_alpha)
+            self.swiglu_limit = SWIGLU_OSS_DEFAULTS["swiglu_limit"] if swiglu_limit is None else float(swiglu_limit)
         self.num_experts = num_experts
         self.gated = expert != "mlp"
         if up_bias and not self.gated:
@@ -98,9 +111,38 @@ class Experts(nn.Module):
 
     def _gated(self, gate: Tensor, up: Tensor) -> Tensor:
         """f(gate) * up of the gated expert types, one op: backward keeps gate and up, not f(gate) as well."""
+        if self.expert == "swiglu_oss":
+            # No fused op: the clamps and alpha are GPT-OSS's own; plain torch keeps HF's order of operations.
+            gate = gate.clamp(max=self.swiglu_limit)
+            up = up.clamp(min=-self.swiglu_limit, max=self.swiglu_limit)
+            return (up + 1) * (gate * torch.sigmoid(gate * self.swiglu_alpha))
         return ops.glu(gate, up, self._gate_activation)
 
-    def forward(self, buffer: Tensor) -> Tensor:
+    def forward(self, x: Tensor, offsets: Optional[Tensor] = None, weights: Optional[Tensor] = None,
+                row_index: Optional[Tensor] = None) -> Tensor:
+        """Every path of the experts, so that callers reach the weights only through this call.
+
+        - ``experts(buffer [E, C, d_model])`` -> [E, C, d_model]: capacity mode (:meth:`forward_batched`);
+        - ``experts(rows [N, d_model], offsets [E + 1])`` -> [N, d_model]: rows grouped by expert
+          (:meth:`forward_grouped`);
+        - ``experts(x [T, d_model], offsets, weights [T, k], row_index [T, k])`` -> [T, d_model]: dropless from tokens
+          to the weighted output (:meth:`forward_dropless`).
+
+        Why one entry point: wrappers that substitute a weight for the duration of a call (PEFT's LoRA
+        ``ParamWrapper`` with ``target_parameters=["experts.w1", ...]``, ``torch.nn.utils.parametrize``) see only
+        ``__call__``; a layer calling ``experts.forward_dropless`` or reading ``experts.w1`` would bypass them.
+        """
+        if offsets is None:
+            if weights is not None or row_index is not None:
+                raise ValueError("Experts: weights and row_index need offsets (the dropless path)")
+            return self.forward_batched(x)
+        if (weights is None) != (row_index is None):
+            raise ValueError("Experts: pass weights and row_index together (dropless), or neither (grouped rows)")
+        if weights is None:
+            return self.forward_grouped(x, offsets)
+        return self.forward_dropless(x, weights, row_index, offsets)
+
+    def forward_batched(self, buffer: Tensor) -> Tensor:
         """Capacity mode: buffer [E, C, d_model] -> [E, C, d_model], one batched GEMM per projection."""
         self.last_path = "bmm"
         h = torch.bmm(buffer, self.w1)
@@ -153,7 +195,9 @@ class Experts(nn.Module):
             w1 = torch.cat([w1, _bias_row(self.b1, w1)], dim=1)
             if w3 is not None:
                 w3 = torch.cat([w3, _bias_row(self.b3, w3)], dim=1)
-        if self.gated and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, w3))):
+        # The fused op takes the glu activations of ops.glu only (not swiglu_oss's clamps); None for mlp too.
+        fused = self._gate_activation is not None
+        if fused and not (torch.is_grad_enabled() and any(t.requires_grad for t in (x, w1, w3))):
             # Inference: one op for both gated projections (rows gathered once, activation formed in cache).
             # Training keeps the projections as separate ops: autograd then frees each one's activations before
             # the next weight gradient is allocated, where the fused op's backward needs both projections, their
@@ -177,7 +221,31 @@ class Experts(nn.Module):
             f"num_experts={self.num_experts}, d_model={self.w1.shape[1]}, d_ff={self.w1.shape[2]}, "
             f"expert={self.expert!r}, activation={self.activation!r}, bias={self.b1 is not None}"
             + (", up_bias=True" if self.b3 is not None else "")
+            + (f", swiglu_alpha={self.swiglu_alpha}, swiglu_limit={self.swiglu_limit}"
+               if self.expert == "swiglu_oss" else "")
         )
+
+
+def unwrapped(module: nn.Module) -> nn.Module:
+    """The module itself, or the module a wrapper holds (PEFT's ``get_base_layer()``, nested wrappers followed).
+
+    For what is not a forward: a LoRA ``ParamWrapper`` around the experts or the router adds its update to the
+    weight only while it is called, so layers read metadata (dtype, the router's load hooks) from the base module
+    and compute only through the wrapper's ``__call__``.
+    """
+    get_base_layer = getattr(module, "get_base_layer", None)
+    return get_base_layer() if callable(get_base_layer) else module
+
+
+def _check_swiglu_oss(expert: str, swiglu_alpha, swiglu_limit, where: str) -> None:
+    """swiglu_alpha / swiglu_limit: finite numbers > 0, and only for expert="swiglu_oss"."""
+    for name, value in (("swiglu_alpha", swiglu_alpha), ("swiglu_limit", swiglu_limit)):
+        if value is None:
+            continue
+        if expert != "swiglu_oss":
+            raise ValueError(f"{where}{name} applies to expert='swiglu_oss' only, got expert={expert!r}")
+        if not (is_finite_number(value) and value > 0):
+            raise ValueError(f"{where}{name} must be a number > 0 and finite, got {value!r}")
 
 
 def _bias_row(bias: Optional[Tensor], weight: Tensor) -> Tensor:

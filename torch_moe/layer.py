@@ -17,7 +17,7 @@ from . import losses as moe_losses
 from ._checks import is_finite_number, is_int, is_number
 from .dispatch import (DROP_POLICIES, Capacity, CapacityDispatch, DroplessDispatch, ExpertChoiceDispatch,
                        ExpertGroup, ExpertParallelCapacityDispatch, ExpertParallelDroplessDispatch, Load)
-from .experts import ACTIVATIONS, EXPERT_TYPES, Experts
+from .experts import ACTIVATIONS, EXPERT_TYPES, Experts, _check_swiglu_oss, unwrapped
 from .routing import ROUTER_CLASSES, RouterOptions, recomputing, router_class
 
 __all__ = ["MoE", "MoEStats", "aux_loss", "DROP_POLICIES"]
@@ -60,12 +60,16 @@ class MoE(nn.Module):
             ``"probability"`` (each expert keeps its C most probable assignments).
         normalize_weights: divide the chosen probabilities by their sum; ``None`` means ``top_k > 1``, and always
             for ``"sigmoid"`` and ``"noisy_topk"``.
-        expert: ``"swiglu"``, ``"geglu"``, ``"geglu_tanh"`` or ``"mlp"`` (with ``activation`` gelu / gelu_tanh /
-            relu / silu); ``bias`` adds b1 [E, d_ff] and b2 [E, d_model]; ``up_bias`` (gated types) adds b3 [E, d_ff]
-            to x·w3 (Llama's ``mlp_bias``).
+        expert: ``"swiglu"``, ``"geglu"``, ``"geglu_tanh"``, ``"swiglu_oss"`` or ``"mlp"`` (with ``activation``
+            gelu / gelu_tanh / relu / silu); ``bias`` adds b1 [E, d_ff] and b2 [E, d_model]; ``up_bias`` (gated types)
+            adds b3 [E, d_ff] to x·w3 (Llama's ``mlp_bias``). ``swiglu_alpha``, ``swiglu_limit``: ``"swiglu_oss"``
+            only, GPT-OSS's clamped SwiGLU (see :class:`~torch_moe.experts.Experts`; default 1.702 and 7.0).
         aux_loss_coef, z_loss_coef: weights of the load-balancing loss and the router z-loss in ``aux_loss``.
-        jitter_eps: multiplicative U(1 - eps, 1 + eps) noise on the router input, training only.
-        router: one of :data:`torch_moe.routing.ROUTERS`: ``"softmax"`` (default), ``"noisy_topk"``,
+        jitter_eps: multiplicative U(1 - eps, 1 + eps) noise on the router input, training only
+            (``"sparsemixer"``: the relative threshold of its masks instead, see its class).
+        router_bias: a learned bias b [E] on the router logits, x·wᵀ + b (GPT-OSS); ``"softmax"``, ``"sigmoid"``
+            and ``"sparsemixer"`` only.
+        router: one of :data:`torch_moe.routing.ROUTERS`: ``"softmax"`` (default), ``"noisy_topk"``, ``"sparsemixer"``,
             ``"expert_choice"``, ``"sigmoid"``, ``"hash"``, ``"random"``; see :mod:`torch_moe.routing`.
         bias_update_rate: ``"sigmoid"`` only: step of the loss-free balancing bias (default 1e-3; 0 disables).
         n_groups, topk_groups: ``"softmax"`` / ``"sigmoid"`` only: group-limited routing over n_groups contiguous
@@ -118,6 +122,8 @@ class MoE(nn.Module):
         activation: str = "gelu",
         bias: bool = False,
         up_bias: bool = False,
+        swiglu_alpha: Optional[float] = None,
+        swiglu_limit: Optional[float] = None,
         aux_loss_coef: float = 1e-2,
         z_loss_coef: float = 1e-3,
         jitter_eps: float = 0.0,
@@ -126,6 +132,7 @@ class MoE(nn.Module):
         n_groups: Optional[int] = None,
         topk_groups: Optional[int] = None,
         routed_scaling_factor: Optional[float] = None,
+        router_bias: bool = False,
         importance_loss_coef: float = 0.0,
         load_loss_coef: float = 0.0,
         seq_balance_loss_coef: float = 0.0,
@@ -140,7 +147,7 @@ class MoE(nn.Module):
     ) -> None:
         super().__init__()
         _validate(d_model, d_ff, num_experts, top_k, capacity_factor, min_capacity, drop_policy, expert,
-                  activation, jitter_eps, up_bias)
+                  activation, jitter_eps, up_bias, swiglu_alpha, swiglu_limit)
         _validate_fine_grained(d_ff, num_shared_experts, expert_granularity)
         _validate_shared(num_shared_experts, shared_expert_d_ff, shared_expert_gate)
         self.expert_granularity = expert_granularity
@@ -148,7 +155,7 @@ class MoE(nn.Module):
         d_ff, num_experts, top_k = d_ff // expert_granularity, num_experts * expert_granularity, top_k * expert_granularity
         router_type = router_class(router)
         options = RouterOptions(normalize_weights, jitter_eps, bias_update_rate, n_groups, topk_groups,
-                                routed_scaling_factor)
+                                routed_scaling_factor, router_bias=router_bias or None)
         _validate_losses(router_type, aux_loss_coef, z_loss_coef, importance_loss_coef, load_loss_coef, seq_balance_loss_coef,
                          global_load_balancing)
         router_type.check(num_experts, top_k, options, capacity_factor=capacity_factor, drop_policy=drop_policy,
@@ -178,6 +185,8 @@ class MoE(nn.Module):
                                         dataclasses.replace(options, normalize_weights=self.normalize_weights),
                                         self._capacity, **factory)
         experts = {"expert": expert, "activation": activation, "bias": bias, "up_bias": up_bias, **factory}
+        if expert == "swiglu_oss":
+            experts.update(swiglu_alpha=swiglu_alpha, swiglu_limit=swiglu_limit)
         if expert_parallel_group is None:
             self.experts = Experts(d_model, d_ff, num_experts, **experts)
         else:
@@ -244,13 +253,14 @@ class MoE(nn.Module):
         # nothing of theirs reaches an output or a weight gradient (0 * NaN would).
         clean = tokens if valid is None else torch.where(valid.unsqueeze(1), tokens, 0)
         routing = self.router(clean, token_ids=token_ids, valid=valid)
-        expert_input = tokens.to(self.experts.w1.dtype)
+        expert_input = tokens.to(unwrapped(self.experts).w1.dtype)
         y, load = self.dispatcher(self.experts, expert_input, routing, valid)
         if self.shared_experts is not None:
             y = y + self._shared(clean.to(expert_input.dtype), valid)
-        if self.training and self.router.adapts_to_load and not recomputing():
+        router = unwrapped(self.router)  # its hooks, not its forward: a LoRA wrapper need not be active for them
+        if self.training and router.adapts_to_load and not recomputing():
             # Under expert parallelism the load is summed over the group, so the replicated state stays identical.
-            self.router.observe_load(self.dispatcher.summed_over_group(load.tokens_per_expert), y)
+            router.observe_load(self.dispatcher.summed_over_group(load.tokens_per_expert), y)
         self._record_losses_and_stats(x, routing, valid, load)
         return y.to(x.dtype).reshape(x.shape)
 
@@ -287,15 +297,16 @@ class MoE(nn.Module):
         return x.reshape(-1, self.d_model), valid
 
     def _record_losses_and_stats(self, x: Tensor, routing, valid: Optional[Tensor], load: Load) -> None:
-        load_balancing_loss, z_loss, router_entropy = self.router.balance_losses(routing, valid)
+        router = unwrapped(self.router)
+        load_balancing_loss, z_loss, router_entropy = router.balance_losses(routing, valid)
         if self.global_load_balancing:
             load_balancing_loss = moe_losses.global_load_balancing_loss(
                 routing.logits, load.tokens_per_expert, valid, self.top_k, self.expert_parallel_group)
         losses = {"load_balancing": load_balancing_loss, "z": z_loss}
         aux = self.aux_loss_coef * load_balancing_loss + self.z_loss_coef * z_loss
         optional = (("importance", self.importance_loss_coef,
-                     lambda: moe_losses.importance_loss(self.router.gates(routing), valid)),
-                    ("load", self.load_loss_coef, lambda: self.router.load_loss(routing, valid)),
+                     lambda: moe_losses.importance_loss(router.gates(routing), valid)),
+                    ("load", self.load_loss_coef, lambda: router.load_loss(routing, valid)),
                     ("sequence_balance", self.seq_balance_loss_coef, lambda: _sequence_balance(x, routing, valid)))
         for name, coef, loss in optional:
             if coef > 0:
@@ -334,7 +345,7 @@ def _sequence_balance(x: Tensor, routing, valid: Optional[Tensor]) -> Tensor:
 
 
 def _validate(d_model, d_ff, num_experts, top_k, capacity_factor, min_capacity, drop_policy, expert, activation,
-              jitter_eps, up_bias) -> None:
+              jitter_eps, up_bias, swiglu_alpha=None, swiglu_limit=None) -> None:
     for name, value in (("d_model", d_model), ("d_ff", d_ff), ("num_experts", num_experts)):
         if not is_int(value) or value <= 0:
             raise ValueError(f"MoE: {name} must be a positive int, got {value!r}")
@@ -351,6 +362,7 @@ def _validate(d_model, d_ff, num_experts, top_k, capacity_factor, min_capacity, 
         raise ValueError(f"MoE: drop_policy must be one of {DROP_POLICIES}, got {drop_policy!r}")
     if expert not in EXPERT_TYPES:
         raise ValueError(f"MoE: expert must be one of {EXPERT_TYPES}, got {expert!r}")
+    _check_swiglu_oss(expert, swiglu_alpha, swiglu_limit, "MoE: ")
     if up_bias and expert == "mlp":
         raise ValueError("MoE: up_bias (b3 on x·w3) needs a gated expert type, got expert='mlp'")
     if activation not in ACTIVATIONS:

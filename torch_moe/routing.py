@@ -2,7 +2,7 @@
 
 Token-choice routers (every token picks experts): ``"softmax"`` (:class:`Router`), ``"noisy_topk"``
 (:class:`NoisyTopKRouter`), ``"sigmoid"`` (:class:`SigmoidRouter`), ``"hash"`` (:class:`HashRouter`),
-``"random"`` (:class:`RandomRouter`). Expert-choice (every expert picks tokens): ``"expert_choice"``
+``"random"`` (:class:`RandomRouter`), ``"sparsemixer"`` (:class:`SparseMixerRouter`). Expert-choice (every expert picks tokens): ``"expert_choice"``
 (:class:`ExpertChoiceRouter`). Soft MoE is a layer of its own: :class:`torch_moe.SoftMoE`.
 
 A router owns its options (:class:`RouterOptions`), their checks (:meth:`Router.check`), how it is built from
@@ -36,6 +36,7 @@ __all__ = [
     "HashRouter",
     "RandomRouter",
     "ExpertChoiceRouter",
+    "SparseMixerRouter",
     "router_class",
     "SoftMoE",
 ]
@@ -71,11 +72,13 @@ class RouterOptions:
     n_groups: Optional[int] = None
     topk_groups: Optional[int] = None
     routed_scaling_factor: Optional[float] = None
+    router_bias: Optional[bool] = None
 
 
 # Options that only some routers take, with the words the error uses when another router is given them.
 _RESTRICTED_OPTIONS = {"bias_update_rate": ("bias_update_rate",), "n_groups": ("n_groups", "topk_groups"),
-                       "topk_groups": ("n_groups", "topk_groups"), "routed_scaling_factor": ("routed_scaling_factor",)}
+                       "topk_groups": ("n_groups", "topk_groups"), "routed_scaling_factor": ("routed_scaling_factor",),
+                       "router_bias": ("router_bias",)}
 
 
 def _router_dtype(x: Tensor) -> torch.dtype:
@@ -87,12 +90,12 @@ def recomputing() -> bool:
     return not torch.compiler.is_compiling() and torch._C._current_graph_task_id() != -1
 
 
-def _router_linear(x: Tensor, weight: Tensor) -> Tensor:
-    """x·weightᵀ in the router dtype. Autocast is off for it: F.linear would otherwise run in bf16/fp16 and route
-    differently from float32."""
+def _router_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """x·weightᵀ (+ bias) in the router dtype. Autocast is off for it: F.linear would otherwise run in bf16/fp16 and
+    route differently from float32."""
     router_dtype = _router_dtype(x)
     with torch.autocast(x.device.type, enabled=False):
-        return F.linear(x.to(router_dtype), weight.to(router_dtype))
+        return F.linear(x.to(router_dtype), weight.to(router_dtype), None if bias is None else bias.to(router_dtype))
 
 
 class RouterBase(nn.Module):
@@ -122,6 +125,8 @@ class RouterBase(nn.Module):
         if drop_policy == "probability" and not cls.has_scores:
             raise ValueError(f"MoE(router={cls.name!r}): drop_policy='probability' needs router scores; {cls.name} "
                              "routing has none, use drop_policy='position'")
+        if options.router_bias not in (None, True, False):
+            raise ValueError(f"MoE: router_bias must be a bool, got {options.router_bias!r}")
         if options.n_groups is not None or options.topk_groups is not None:
             _check_groups(num_experts, top_k, options.n_groups, options.topk_groups)
         scale = options.routed_scaling_factor
@@ -154,12 +159,15 @@ class Router(RouterBase):
     ``top_k`` most probable experts, ties to the lower id. Weights are the chosen probs, divided by their sum when
     ``normalize_weights``. ``jitter_eps > 0`` multiplies the router's input by U(1 − eps, 1 + eps) in training.
     ``n_groups`` / ``topk_groups``: group-limited routing (DeepSeek-V2/V3, see :func:`torch_moe.ops.router_topk`).
+    ``router_bias``: logits = x · weightᵀ + bias (GPT-OSS's router; with ``normalize_weights`` the weights are then
+    GPT-OSS's softmax over the k chosen logits, which equals the renormalised top-k of the full softmax).
 
-    Parameters: ``weight`` [E, d_model] (no bias).
+    Parameters: ``weight`` [E, d_model]; ``bias`` [E] when ``router_bias`` (starts at zero), else ``None``.
     """
 
     name = "softmax"
     score_func = "softmax"
+    accepts = RouterBase.accepts + ("router_bias",)
 
     @classmethod
     def build(cls, d_model: int, num_experts: int, top_k: int, options: RouterOptions, capacity, *, device=None,
@@ -169,8 +177,8 @@ class Router(RouterBase):
         subclass adds to the constructor."""
         return cls(d_model, num_experts, top_k, normalize_weights=options.normalize_weights,
                    jitter_eps=options.jitter_eps, n_groups=options.n_groups or 1, topk_groups=options.topk_groups,
-                   routed_scaling_factor=options.routed_scaling_factor or 1.0, device=device, dtype=dtype,
-                   **own_options)
+                   routed_scaling_factor=options.routed_scaling_factor or 1.0, bias=bool(options.router_bias),
+                   device=device, dtype=dtype, **own_options)
 
     def __init__(
         self,
@@ -183,6 +191,7 @@ class Router(RouterBase):
         n_groups: int = 1,
         topk_groups: Optional[int] = None,
         routed_scaling_factor: float = 1.0,
+        bias: bool = False,
         device=None,
         dtype=None,
     ) -> None:
@@ -195,17 +204,20 @@ class Router(RouterBase):
         self.topk_groups = n_groups if topk_groups is None else topk_groups
         self.routed_scaling_factor = routed_scaling_factor
         self.weight = nn.Parameter(torch.empty(num_experts, d_model, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(num_experts, device=device, dtype=dtype)) if bias else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         bound = 1.0 / math.sqrt(self.weight.shape[1])
         nn.init.uniform_(self.weight, -bound, bound)
+        if getattr(self, "bias", None) is not None:
+            nn.init.zeros_(self.bias)
 
     def logits(self, x: Tensor) -> Tensor:
         """x: [T, d_model] -> logits [T, E] in the router dtype (float32, or float64 for float64 input)."""
         if self.training and self.jitter_eps > 0:
             x = x * torch.empty_like(x).uniform_(1.0 - self.jitter_eps, 1.0 + self.jitter_eps)
-        return _router_linear(x, self.weight)
+        return _router_linear(x, self.weight, self.bias)
 
     def selection_bias(self) -> Optional[Tensor]:
         """[E] added to the scores only to choose experts (loss-free balancing); ``None`` here."""
@@ -230,6 +242,7 @@ class Router(RouterBase):
         return (
             f"d_model={self.weight.shape[1]}, num_experts={self.num_experts}, top_k={self.top_k}, "
             f"normalize_weights={self.normalize_weights}, jitter_eps={self.jitter_eps}{groups}"
+            + (", bias=True" if self.bias is not None else "")
         )
 
 
@@ -311,7 +324,7 @@ class SigmoidRouter(Router):
     name = "sigmoid"
     score_func = "sigmoid"
     normalizes_by_default = True
-    accepts = ("bias_update_rate", "n_groups", "topk_groups", "routed_scaling_factor")
+    accepts = ("bias_update_rate", "n_groups", "topk_groups", "routed_scaling_factor", "router_bias")
 
     @classmethod
     def check(cls, num_experts: int, top_k: int, options: RouterOptions, **layer) -> None:
@@ -518,7 +531,89 @@ class ExpertChoiceRouter(Router):
         return routing.weights
 
 
-ROUTER_CLASSES = (Router, NoisyTopKRouter, ExpertChoiceRouter, SigmoidRouter, HashRouter, RandomRouter)
+class SparseMixerRouter(Router):
+    """SparseMixer routing (``"sparsemixer"``; Liu et al. 2023, "Sparse Backpropagation for MoE Training"; as in
+    Phi-3.5-MoE, Abdin et al. 2024 and HF's PhiMoE).
+
+    logits = x·weightᵀ (+ bias) in the router dtype; the k experts are chosen one after the other. Pass i looks at
+    the logits not chosen yet, with m their maximum, and keeps only those within reach of it:
+    (m − logits) / max(|logits|, m) <= 2·eps (``jitter_eps`` is this eps here: a relative threshold, no input noise).
+    gates = softmax over the kept logits (the others −∞). Eval: the expert is the argmax; training: a Gumbel sample
+    from gates. The weight is the chosen expert's gate. Weights are not renormalised (``normalize_weights`` must not
+    be True). Training uses the paper's Heun (third-order) estimator as Phi-3.5-MoE does: the weight's forward value
+    is the gate times 1 when the sample is the argmax (or with probability 1/4), else times 1/3, while its gradient
+    is the gate's own. The random draws (per pass: Gumbel noise [T, E], one coin [T, 1]; a second pass redraws its
+    coin once more) follow HF's PhiMoE order, so one seed routes a converted PhiMoE exactly as HF does.
+
+    Parameters: ``weight`` [E, d_model]; ``bias`` [E] when ``router_bias``.
+    """
+
+    name = "sparsemixer"
+    accepts = ("router_bias",)
+
+    @classmethod
+    def default_normalize_weights(cls, top_k: int) -> bool:
+        return False
+
+    @classmethod
+    def check(cls, num_experts: int, top_k: int, options: RouterOptions, **layer) -> None:
+        super().check(num_experts, top_k, options, **layer)
+        if options.normalize_weights:
+            raise ValueError("MoE(router='sparsemixer'): the weights are the chosen experts' masked-softmax gates, "
+                             "which are not renormalised; normalize_weights=True is not supported")
+
+    @classmethod
+    def build(cls, d_model, num_experts, top_k, options, capacity, *, device=None, dtype=None) -> "Router":
+        return cls(d_model, num_experts, top_k, normalize_weights=False, jitter_eps=options.jitter_eps,
+                   bias=bool(options.router_bias), device=device, dtype=dtype)
+
+    def forward(self, x: Tensor, *, token_ids: Optional[Tensor] = None, valid: Optional[Tensor] = None) -> Routing:
+        logits = _router_linear(x, self.weight, self.bias)  # no input jitter: jitter_eps is the mask threshold
+        weights, expert_ids = _sparsemixer(logits, self.top_k, self.jitter_eps, self.training)
+        return Routing(logits, weights, expert_ids, torch.softmax(logits.detach(), dim=-1))
+
+
+class _ScaleForwardOnly(torch.autograd.Function):
+    """gate · scale forward, the gate's gradient unscaled backward (SparseMixer's Heun estimator)."""
+
+    @staticmethod
+    def forward(ctx, gate: Tensor, scale: Tensor) -> Tensor:
+        return gate * scale
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        return grad, None
+
+
+def _sparsemixer(logits: Tensor, top_k: int, eps: float, training: bool) -> tuple[Tensor, Tensor]:
+    """logits [T, E] -> (weights [T, k], expert_ids [T, k] int64) of :class:`SparseMixerRouter`."""
+    remaining = logits
+    weights, expert_ids = [], []
+    for i in range(top_k):
+        with torch.no_grad():
+            best, best_id = remaining.max(dim=-1, keepdim=True)
+            out_of_reach = (best - logits) / logits.abs().clamp(min=best) > 2 * eps
+        kept = remaining.masked_fill(out_of_reach, float("-inf"))
+        if training:  # a Gumbel-max sample from softmax(kept)
+            chosen = (kept - torch.empty_like(kept).exponential_().log()).max(dim=-1)[1].unsqueeze(-1)
+        else:
+            chosen = best_id
+        gates = torch.softmax(kept, dim=-1)
+        weight = gates.gather(-1, chosen)
+        if training:
+            coin = torch.rand_like(weight)
+            if i > 0:
+                coin.uniform_()  # HF's PhiMoE draws its later coins twice; so does this, to route as it does
+            full = (chosen == gates.max(dim=-1, keepdim=True)[1]) | (coin > 0.75)
+            weight = _ScaleForwardOnly.apply(weight, torch.add(0.3333, full, alpha=0.6667).to(gates.dtype))
+        weights.append(weight)
+        expert_ids.append(chosen)
+        remaining = remaining.scatter(-1, chosen, float("-inf"))
+    return torch.cat(weights, dim=-1), torch.cat(expert_ids, dim=-1)
+
+
+ROUTER_CLASSES = (Router, NoisyTopKRouter, ExpertChoiceRouter, SigmoidRouter, HashRouter, RandomRouter,
+                  SparseMixerRouter)
 ROUTERS = tuple(router.name for router in ROUTER_CLASSES)
 
 
