@@ -47,7 +47,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("scripts", nargs="*", type=Path, help=f"default: {', '.join(TWINS)}")
     parser.add_argument("--execute", action="store_true",
-                        help="run it (the script's size variable, e.g. ABLATION_SIZE, picks the scale) and keep outputs")
+                        help="run it (the script's size variable, e.g. ABLATION_SIZE, picks the scale), keep outputs")
     args = parser.parse_args()
     for script in args.scripts or [HERE / name for name in TWINS]:
         script = script.resolve()
