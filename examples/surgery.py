@@ -16,7 +16,8 @@
 #
 # Every run shares the seed, the initial weights and the batches. This notebook is generated from its twin
 # `examples/surgery.py` (`python examples/notebook_twin.py examples/surgery.py`); `SURGERY_SIZE=tiny|small` picks
-# the scale (`tiny` is what CI runs, just to prove every cell works; `small` took 17 minutes on 2 busy shared cores).
+# the scale (`tiny` is what CI runs, just to prove every cell works; `small`, whose outputs are shown here, took 7
+# to 17 minutes on 2 shared CPU cores).
 
 # %%
 import copy
