@@ -54,7 +54,11 @@ def stdlib_sources(val_every: int = 10) -> tuple[list[Path], list[Path]]:
 
 def encode_files(files: list[Path]) -> torch.Tensor:
     """Concatenate the files (each followed by a blank line) into a 1-D int64 tensor of VOCAB ids."""
-    text = "\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in files)
+    return encode_text("\n\n".join(p.read_text(encoding="utf-8", errors="replace") for p in files))
+
+
+def encode_text(text: str) -> torch.Tensor:
+    """text -> a 1-D int64 tensor of VOCAB ids (characters outside VOCAB become "?")."""
     raw = torch.frombuffer(bytearray(text.encode("ascii", errors="replace")), dtype=torch.uint8).long()
     byte_to_id = torch.full((256,), UNKNOWN_ID, dtype=torch.long)
     for token_id, ch in enumerate(VOCAB):

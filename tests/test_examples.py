@@ -58,3 +58,41 @@ def test_ablation_notebook_is_the_script_twin_and_runs(tmp_path, monkeypatch):
     for row in rows:
         assert math.isfinite(float(row.split("|")[2])), row
     assert (tmp_path / "ablations.png").stat().st_size > 0
+
+
+def test_surgery_notebook_is_the_script_twin_and_runs(tmp_path, monkeypatch):
+    """examples/surgery.py at its tiny size: MoLoRA and PEFT LoRA at equal trainable parameters, an upcycled MoE
+    pruned and merged (skipped, and said so, without torch_moe.surgery), every reported loss finite."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    sys.path.insert(0, str(ROOT / "examples"))
+    import notebook_twin
+
+    built = notebook_twin.build(ROOT / "examples" / "surgery.py")
+    committed = nbformat.read(ROOT / "examples" / "surgery.ipynb", as_version=4)
+    assert [(c.cell_type, c.source) for c in committed.cells] == [(c.cell_type, c.source) for c in built.cells], (
+        "examples/surgery.ipynb is out of date: run python examples/notebook_twin.py examples/surgery.py")
+
+    monkeypatch.setenv("SURGERY_SIZE", "tiny")
+    monkeypatch.setenv("SURGERY_OUT", str(tmp_path))
+    client = nbclient.NotebookClient(built, timeout=600, resources={"metadata": {"path": str(ROOT / "examples")}})
+    client.execute()  # raises CellExecutionError if any cell fails
+    results = json.loads((tmp_path / "surgery.json").read_text())
+    counts = results["trainable_params"]
+    assert counts["lora"] == counts["molora"] > 0
+    steps = ["dense, before fine-tuning", "LoRA (PEFT)", "MoLoRA", "upcycled MoE", "upcycled MoE, fine-tuned"]
+    try:
+        import torch_moe.surgery  # noqa: F401
+        steps += ["pruned", "merged"]
+        assert not results["surgery_skipped"]
+    except ImportError:
+        assert results["surgery_skipped"]
+    assert list(results["val_loss"]) == steps
+    for name, loss in results["val_loss"].items():
+        assert math.isfinite(loss), name
+    # Upcycling copies the dense FFN into every expert: before training the MoE computes what the dense model did.
+    assert results["val_loss"]["upcycled MoE"] == pytest.approx(results["val_loss"]["dense, before fine-tuning"],
+                                                                rel=1e-5)
+    assert (tmp_path / "surgery.png").stat().st_size > 0

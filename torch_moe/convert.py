@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._checks import is_int
-from .feedforward import (CONFIG_KEY, RECORD_FORMAT, MoEFeedForward, _install_attention_mask_hook, padding_mask,
-                          record_conversion)
+from .feedforward import (CONFIG_KEY, RECORD_FORMAT, ConvertedLayer, MoEFeedForward, _install_attention_mask_hook,
+                          padding_mask, record_conversion)
 from .integrations.hf_moe import from_hf_moe
 from .layer import MoE
 
@@ -384,7 +384,7 @@ def _find(model: nn.Module, select, adapter: Optional[Adapter] = None):
     moe_blocks: list[str] = []
 
     def visit(name: str, module: nn.Module) -> None:
-        if isinstance(module, (MoE, MoEFeedForward)):
+        if isinstance(module, (MoE, ConvertedLayer)):  # already converted
             return
         if _is_moe_block(module):
             moe_blocks.append(name)
@@ -602,10 +602,21 @@ def _conversion_record(model: nn.Module, targets, num_experts: int, top_k: int, 
     return record
 
 
+# How from_pretrained replays the records of conversions built on this module (torch_moe.lora's molorafy), by
+# their "method": (model, record, module names) -> None. They register here so that this module need not import
+# them back.
+_REPLAYS: dict[str, Callable[[nn.Module, dict, set], None]] = {}
+
+
+def register_replay(method: str, replay: Callable[[nn.Module, dict, set], None]) -> None:
+    """Have :func:`from_pretrained` call ``replay(model, record, module_names)`` for records of ``method``."""
+    _REPLAYS[method] = replay
+
+
 def from_pretrained(path, model_class=None, *, dtype: Optional[torch.dtype] = None,
                     attn_implementation: Optional[str] = None, adapter: Optional[Adapter] = None) -> nn.Module:
-    """Rebuild a model converted by :func:`moefy` or :func:`from_hf_moe` and saved with ``save_pretrained(path)``,
-    with its weights.
+    """Rebuild a model converted by :func:`moefy`, :func:`from_hf_moe` or :func:`torch_moe.lora.molorafy` and saved
+    with ``save_pretrained(path)``, with its weights.
 
     Reads config.json, builds ``model_class`` (default: the class named in ``config.architectures``) from it,
     replays the recorded conversions (same modules, experts, top-k and MoE arguments, capacity included), then loads
@@ -645,8 +656,11 @@ def from_pretrained(path, model_class=None, *, dtype: Optional[torch.dtype] = No
         try:
             with warnings.catch_warnings():  # the warnings were given when the model was converted
                 warnings.simplefilter("ignore")
-                if conversion.get("method", "moefy") == "from_hf_moe":
+                method = conversion.get("method", "moefy")
+                if method == "from_hf_moe":
                     from_hf_moe(model, select=modules, **conversion["overrides"])
+                elif method in _REPLAYS:
+                    _REPLAYS[method](model, conversion, modules)
                 else:
                     moefy(model, conversion["num_experts"], conversion["top_k"],
                           select=lambda name, _: name in modules, adapter=adapter if conversion.get("adapter") else None,

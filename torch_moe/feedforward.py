@@ -1,5 +1,6 @@
 """The drop-in FFN wrapper of a converted model (MoEFeedForward), how a model's attention mask and token ids reach
-it, and the conversion record saved in a Hugging Face config; shared by moefy and from_hf_moe."""
+it (and every other :class:`ConvertedLayer`), and the conversion record saved in a Hugging Face config; shared by
+moefy, from_hf_moe and molorafy."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from torch import Tensor, nn
 
 from .layer import MoE
 
-__all__ = ["MoEFeedForward", "padding_mask", "CONFIG_KEY", "RECORD_FORMAT", "record_conversion"]
+__all__ = ["ConvertedLayer", "MoEFeedForward", "padding_mask", "CONFIG_KEY", "RECORD_FORMAT", "record_conversion"]
 
 # The key under which conversions are recorded in a Hugging Face model's config (and so in config.json).
 CONFIG_KEY = "torch_moe"
@@ -28,7 +29,38 @@ def record_conversion(model: nn.Module, entry: dict) -> None:
     setattr(config, CONFIG_KEY, {**previous, "conversions": [*previous["conversions"], entry]})
 
 
-class MoEFeedForward(nn.Module):
+class ConvertedLayer(nn.Module):
+    """What a conversion puts in a model (a :class:`MoEFeedForward`, a :class:`torch_moe.lora.MoLoRALinear`): a
+    layer that routes tokens but is not given the model's attention mask by its caller.
+
+    The forward pre-hook installed on a converted model whose forward takes ``attention_mask`` stores the mask of
+    each call (and its ``input_ids``, for hash routing) on every ConvertedLayer inside it; ``padding_mask`` (set by
+    the :func:`padding_mask` context manager) takes precedence over it. Conversions do not search inside one.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.padding_mask: Optional[Tensor] = None
+        # Set by the model's forward pre-hook; kept until the next call of the model so that activation
+        # checkpointing recomputes with the mask of its forward.
+        self.attention_mask: Optional[Tensor] = None
+        self.token_ids: Optional[Tensor] = None
+
+    def stored_padding_mask(self, hidden_states: Tensor) -> Optional[Tensor]:
+        """The stored mask fitted to ``hidden_states`` [..., d] as a bool [...] (True = token), or None."""
+        mask = self.padding_mask if self.padding_mask is not None else self.attention_mask
+        if mask is None:
+            return None
+        mask = _fit_to_tokens(mask, hidden_states, "padding mask", type(self).__name__)
+        return mask if mask.dtype == torch.bool else mask != 0
+
+    def stored_token_ids(self, hidden_states: Tensor) -> Optional[Tensor]:
+        """The stored ``input_ids`` fitted to ``hidden_states`` [..., d], or None."""
+        return None if self.token_ids is None else _fit_to_tokens(self.token_ids, hidden_states, "input_ids",
+                                                                 type(self).__name__)
+
+
+class MoEFeedForward(ConvertedLayer):
     """A MoE layer in the place of a dense FFN, keeping the FFN's calling convention.
 
     ``forward(hidden_states [..., d_model]) -> [..., d_model]``: the MoE output, then the FFN's trailing dropout if
@@ -45,24 +77,16 @@ class MoEFeedForward(nn.Module):
         super().__init__()
         self.moe = moe
         self.dropout = dropout if dropout is not None else nn.Identity()
-        self.padding_mask: Optional[Tensor] = None
-        # Set by the model's forward pre-hook; kept until the next call of the model so that activation
-        # checkpointing recomputes with the mask of its forward.
-        self.attention_mask: Optional[Tensor] = None
-        self.token_ids: Optional[Tensor] = None
 
     def forward(self, hidden_states: Tensor) -> Tensor:
-        mask = self.padding_mask if self.padding_mask is not None else self.attention_mask
-        if mask is not None:
-            mask = _fit_to_tokens(mask, hidden_states, "padding mask")
-            mask = mask if mask.dtype == torch.bool else mask != 0
+        mask = self.stored_padding_mask(hidden_states)
         if getattr(self.moe, "router_name", None) == "hash" and self.token_ids is not None:
-            token_ids = _fit_to_tokens(self.token_ids, hidden_states, "input_ids")
+            token_ids = self.stored_token_ids(hidden_states)
             return self.dropout(self.moe(hidden_states, padding_mask=mask, token_ids=token_ids))
         return self.dropout(self.moe(hidden_states, padding_mask=mask))
 
 
-def _fit_to_tokens(values: Tensor, hidden_states: Tensor, what: str) -> Tensor:
+def _fit_to_tokens(values: Tensor, hidden_states: Tensor, what: str, who: str = "MoEFeedForward") -> Tensor:
     """values [..., S_total] -> [..., S], the last S positions (the new ones when decoding with a KV cache)."""
     lead_shape = hidden_states.shape[:-1]
     if values.dim() == len(lead_shape) and values.shape[:-1] == lead_shape[:-1] and values.shape[-1] >= lead_shape[-1]:
@@ -75,20 +99,20 @@ def _fit_to_tokens(values: Tensor, hidden_states: Tensor, what: str) -> Tensor:
         if batch > 0 and tokens % batch == 0 and tokens // batch <= values.shape[1]:
             return values[:, values.shape[1] - tokens // batch:].reshape(tokens)
     raise ValueError(
-        f"MoEFeedForward: the stored {what} of shape {tuple(values.shape)} does not fit hidden states of shape "
+        f"{who}: the stored {what} of shape {tuple(values.shape)} does not fit hidden states of shape "
         f"{tuple(hidden_states.shape)}: it must be [..., S_total] with the hidden states' leading dims and "
         f"S_total >= S (FFN chunking along the sequence is not supported with a {what})"
     )
 
 
-def _ffn_modules(model: nn.Module) -> list[MoEFeedForward]:
-    return [m for m in model.modules() if isinstance(m, MoEFeedForward)]
+def _ffn_modules(model: nn.Module) -> list[ConvertedLayer]:
+    return [m for m in model.modules() if isinstance(m, ConvertedLayer)]
 
 
 @contextmanager
 def padding_mask(model: nn.Module, mask: Optional[Tensor]) -> Iterator[None]:
-    """Give every converted FFN in ``model`` the padding mask ``mask`` ([B, S], True or nonzero = real token)
-    for the duration of the block; for models whose forward takes no ``attention_mask`` argument."""
+    """Give every converted layer in ``model`` (MoE FFNs, MoLoRA linears) the padding mask ``mask`` ([B, S], True or
+    nonzero = real token) for the duration of the block; for models whose forward takes no ``attention_mask``."""
     ffns = _ffn_modules(model)
     previous = [f.padding_mask for f in ffns]
     for f in ffns:

@@ -130,6 +130,8 @@ class MoE(nn.Module):
     read-only afterwards (build a new layer and load the state dict to change them).
     """
 
+    reports_aux_loss = True  # torch_moe.aux_loss(model) sums this layer's aux_loss
+
     def __init__(
         self,
         d_model: int,
@@ -539,10 +541,13 @@ def _validate_losses(router_type, aux_loss_coef, z_loss_coef, importance_loss_co
 
 
 def aux_loss(model: nn.Module) -> Tensor:
-    """Sum of ``aux_loss`` over every :class:`MoE` layer in ``model`` (their last forward); 0 if none ran."""
+    """Sum of ``aux_loss`` over every routed layer in ``model`` (their last forward); 0 if none ran.
+
+    Routed layers are :class:`MoE` and any module whose class sets ``reports_aux_loss = True`` and keeps its last
+    forward's loss in ``aux_loss`` (:class:`torch_moe.lora.MoLoRALinear`)."""
     total: Optional[Tensor] = None
     for module in model.modules():
-        if isinstance(module, MoE) and module.aux_loss is not None:
+        if getattr(module, "reports_aux_loss", False) and module.aux_loss is not None:
             total = module.aux_loss if total is None else total + module.aux_loss
     if total is None:
         param = next(model.parameters(), None)
