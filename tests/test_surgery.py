@@ -20,11 +20,11 @@ def _x(T: int = 40, seed: int = 1, positive: bool = False) -> torch.Tensor:
     return x.abs() + 0.1 if positive else x
 
 
-def _layer(seed: int = 0, **kwargs) -> torch_moe.MoE:
+def _layer(seed: int = 0, top_k: int = 2, **kwargs) -> torch_moe.MoE:
     torch.manual_seed(seed)
     options = dict(capacity_factor=None)
     options.update(kwargs)
-    return torch_moe.MoE(D, FF, E, 2, **options).double().eval()
+    return torch_moe.MoE(D, FF, E, top_k, **options).double().eval()
 
 
 def _never_chosen(layer: torch_moe.MoE, victim: int) -> None:
@@ -116,6 +116,39 @@ def test_prune_never_chosen_expert_leaves_outputs(router, capacity_factor):
         assert wider.capacity(x.shape[0]) > layer.capacity(x.shape[0])
         with torch.no_grad():
             assert not torch.allclose(wider(x), y)
+
+
+@pytest.mark.parametrize("options", [
+    dict(expert="swiglu_oss", swiglu_alpha=1.5, swiglu_limit=0.5, bias=True, up_bias=True, router_bias=True),
+    dict(router="top_p", top_p_threshold=0.9, top_k=3),
+    dict(expert_dropout=0.5),
+])
+def test_prune_carries_every_option_of_the_layer(options):
+    """Options surgery.py does not name (added by later features) reach the pruned layer: pruning an expert that is
+    never chosen leaves the outputs of a layer built with them unchanged."""
+    layer = _layer(**options)
+    victim = 3
+    _never_chosen(layer, victim)
+    if getattr(layer.router, "bias", None) is not None:
+        with torch.no_grad():
+            layer.router.bias.uniform_(-0.1, 0.1)
+    x = _x(positive=True)
+    with torch.no_grad():
+        y = layer(x)
+    pruned = prune_experts(layer, drop=[victim])
+    for name, value in options.items():
+        if name != "top_k":
+            assert pruned.init_args[name] == value, name
+    with torch.no_grad():
+        torch.testing.assert_close(pruned(x), y, rtol=1e-12, atol=1e-12)
+
+
+def test_prune_and_merge_refuse_null_experts():
+    layer = _layer(num_zero_experts=1)
+    with pytest.raises(NotImplementedError, match="null experts"):
+        prune_experts(layer, drop=[0])
+    with pytest.raises(NotImplementedError, match="null experts"):
+        merge_experts(layer, groups=[[0, 1], [2], [3], [4]])
 
 
 def test_prune_matches_reference():

@@ -179,7 +179,12 @@ class MoE(nn.Module):
         device=None,
         dtype=None,
     ) -> None:
+        # The arguments as given (before any expansion), so that tools rebuilding a layer like this one (pruning,
+        # merging: torch_moe.surgery) carry every option, including ones added after them.
+        init_args = {name: value for name, value in locals().items()
+                     if name not in ("self", "__class__", "expert_parallel_group", "device", "dtype")}
         super().__init__()
+        self.init_args = init_args
         _validate(d_model, d_ff, num_experts, top_k, capacity_factor, min_capacity, drop_policy, expert,
                   activation, jitter_eps, up_bias, swiglu_alpha, swiglu_limit)
         _validate_fine_grained(d_ff, num_shared_experts, expert_granularity)

@@ -13,6 +13,7 @@ upcycling) are options of :func:`torch_moe.convert.moefy`.
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Iterable, Optional, Sequence, Union
 
 import torch
@@ -23,7 +24,7 @@ from ._checks import is_int
 from .diagnostics import MoETracker, expert_output_similarity
 from .experts import unwrapped
 from .layer import MoE
-from .routing import RouterBase, Routing, router_class
+from .routing import RouterBase, RouterOptions, Routing
 
 __all__ = ["expert_importance", "prune_experts", "merge_experts", "MergedRouter", "linear_assignment",
            "CRITERIA", "SIMILARITIES"]
@@ -47,6 +48,9 @@ def _check_layer(layer, caller: str) -> MoE:
                          "(torch_moe.parallel) and operate on the single-process layer")
     if unwrapped(layer.experts) is not layer.experts or unwrapped(layer.router) is not layer.router:
         raise ValueError(f"{caller}: the layer's experts or router are wrapped (PEFT LoRA?); merge_and_unload() first")
+    if layer.null_experts is not None and caller != "expert_importance":
+        raise NotImplementedError(f"{caller}: the layer has null experts (num_zero/copy/constant_experts), whose router "
+                                  "rows follow the FFN experts'; pruning or merging such a layer is not supported")
     if isinstance(layer.router, MergedRouter) and caller != "expert_importance":
         raise ValueError(f"{caller}: the layer is already merged (its router is a MergedRouter over the original "
                          "experts); operate on the layer before merging")
@@ -93,25 +97,15 @@ def _assignments(routing: Routing, num_experts: int) -> tuple[Tensor, Tensor]:
 
 
 def _moe_kwargs(layer: MoE, num_experts: int) -> dict:
-    """The constructor arguments of a layer like ``layer`` with ``num_experts`` experts of the same (built) width:
-    fine-grained layers are rebuilt with granularity 1 and their built d_ff, E and top_k."""
-    experts = layer.experts
-    router = layer.router
-    kwargs = dict(
-        capacity_factor=layer.capacity_factor, min_capacity=layer.min_capacity, drop_policy=layer.drop_policy,
-        normalize_weights=layer.normalize_weights, expert=experts.expert, activation=experts.activation,
-        bias=experts.b1 is not None, up_bias=experts.b3 is not None, aux_loss_coef=layer.aux_loss_coef,
-        z_loss_coef=layer.z_loss_coef, jitter_eps=getattr(router, "jitter_eps", 0.0), router=layer.router_name,
-        importance_loss_coef=layer.importance_loss_coef, load_loss_coef=layer.load_loss_coef,
-        seq_balance_loss_coef=layer.seq_balance_loss_coef, device=experts.w1.device, dtype=experts.w1.dtype)
-    accepts = router_class(layer.router_name).accepts
-    if "bias_update_rate" in accepts:
-        kwargs["bias_update_rate"] = router.bias_update_rate
-    if "routed_scaling_factor" in accepts:
-        kwargs["routed_scaling_factor"] = router.routed_scaling_factor
+    """The constructor arguments of a layer like ``layer`` (every option it was built with, from
+    ``MoE.init_args``) with ``num_experts`` experts of the same (built) width: fine-grained layers are rebuilt with
+    granularity 1 and their built d_ff and top_k. Pass them as ``MoE(**kwargs)``."""
+    experts = unwrapped(layer.experts)
+    kwargs = dict(layer.init_args)
+    kwargs.update(d_model=layer.d_model, d_ff=layer.d_ff, num_experts=num_experts, top_k=layer.top_k,
+                  expert_granularity=1, device=experts.w1.device, dtype=experts.w1.dtype)
     if layer.shared_experts is not None:
-        kwargs.update(num_shared_experts=layer.num_shared_experts, shared_expert_d_ff=layer.shared_experts.w1.shape[2],
-                      shared_expert_gate=layer.shared_expert_gate is not None)
+        kwargs.update(shared_expert_d_ff=layer.shared_experts.w1.shape[2])
     return kwargs
 
 
@@ -247,7 +241,7 @@ def prune_experts(layer: MoE, keep=None, *, drop=None, capacity_factor: Union[st
         raise ValueError(f"prune_experts: capacity_factor must be 'same', a number or None, got {capacity_factor!r}")
     else:
         kwargs["capacity_factor"] = capacity_factor
-    pruned = MoE(layer.d_model, layer.d_ff, len(kept), layer.top_k, **kwargs)
+    pruned = MoE(**kwargs)
     index = torch.tensor(kept, dtype=torch.int64)
     with torch.no_grad():
         for name, tensor in layer.experts.state_dict().items():
@@ -479,10 +473,10 @@ def merge_experts(layer: MoE, num_groups: Optional[int] = None, *, groups=None, 
                          f"{layer.top_k} members of one group; keep at least top_k groups)")
 
     kwargs = _moe_kwargs(layer, num_merged)
-    for option in ("router", "bias_update_rate", "jitter_eps"):  # they belong to the original router, kept whole
+    # The router options belong to the original router, which the merged layer keeps whole (MergedRouter).
+    for option in ("router", *(f.name for f in dataclasses.fields(RouterOptions) if f.name != "normalize_weights")):
         kwargs.pop(option, None)
-    kwargs.pop("routed_scaling_factor", None)
-    merged = MoE(layer.d_model, layer.d_ff, num_merged, layer.top_k, **kwargs)
+    merged = MoE(**kwargs)
     experts = layer.experts
     expert_map = torch.empty(num_experts, dtype=torch.int64)
     with torch.no_grad():
