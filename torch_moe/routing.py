@@ -105,6 +105,13 @@ class RouterBase(nn.Module):
     has_noise = False  # Shazeer's load loss applies
     accepts = ("n_groups", "topk_groups", "routed_scaling_factor")  # restricted RouterOptions this router takes
     normalizes_by_default = False  # normalize_weights=None means True for every top_k (else for top_k > 1)
+    accepts_eval_top_k = False  # MoE(eval_top_k=...) may change how many experts it picks in eval mode
+    eval_top_k: Optional[int] = None  # set by the layer: top_k of eval-mode forwards (None: top_k)
+
+    @property
+    def active_top_k(self) -> int:
+        """The experts per token of this forward: ``eval_top_k`` in eval mode when set, else ``top_k``."""
+        return self.top_k if self.training or self.eval_top_k is None else self.eval_top_k
 
     @classmethod
     def default_normalize_weights(cls, top_k: int) -> bool:
@@ -141,6 +148,11 @@ class RouterBase(nn.Module):
         """(load-balancing loss, z-loss, router entropy) of this routing, each 0-dim."""
         return ops.router_losses(routing.logits, routing.expert_ids, valid)
 
+    def weights_for(self, routing: Routing, expert_ids: Tensor) -> Tensor:
+        """[T, k'] the weights this router gives the experts ``expert_ids`` [T, k'] int64 of ``routing``'s tokens,
+        computed as its own choice's (router replay, :mod:`torch_moe.replay`); differentiable w.r.t. the logits."""
+        raise NotImplementedError(f"router {self.name!r} cannot weight given experts (routing override / replay)")
+
     def gates(self, routing: Routing) -> Tensor:
         """[T, E] the weight each token gives each expert (0 where not chosen), for the importance loss."""
         weights = routing.weights
@@ -160,6 +172,7 @@ class Router(RouterBase):
 
     name = "softmax"
     score_func = "softmax"
+    accepts_eval_top_k = True
 
     @classmethod
     def build(cls, d_model: int, num_experts: int, top_k: int, options: RouterOptions, capacity, *, device=None,
@@ -212,7 +225,7 @@ class Router(RouterBase):
         return None
 
     def choose(self, logits: Tensor) -> ops.RouterOutput:
-        out = ops.router_topk(logits, self.top_k, self.score_func, self.selection_bias(), self.normalize_weights,
+        out = ops.router_topk(logits, self.active_top_k, self.score_func, self.selection_bias(), self.normalize_weights,
                               self.n_groups, self.topk_groups)
         if self.routed_scaling_factor != 1.0:  # DeepSeek-V2/V3: the (normalised) weights times a constant
             out = out._replace(weights=out.weights * self.routed_scaling_factor)
@@ -223,6 +236,14 @@ class Router(RouterBase):
         logits = self.logits(x)
         out = self.choose(logits)
         return Routing(logits, out.weights, out.expert_ids, out.scores)
+
+    def weights_for(self, routing: Routing, expert_ids: Tensor) -> Tensor:
+        scores = (torch.softmax(routing.logits, dim=-1) if self.score_func == "softmax"
+                  else torch.sigmoid(routing.logits))
+        weights = scores.gather(1, expert_ids)
+        if self.normalize_weights:
+            weights = weights / weights.sum(-1, keepdim=True).clamp(min=torch.finfo(weights.dtype).tiny)
+        return weights * self.routed_scaling_factor if self.routed_scaling_factor != 1.0 else weights
 
     def extra_repr(self) -> str:
         groups = (f", n_groups={self.n_groups}, topk_groups={self.topk_groups}"
@@ -283,7 +304,12 @@ class NoisyTopKRouter(Router):
 
     def load_loss(self, routing: Routing, valid: Optional[Tensor]) -> Tensor:
         """Shazeer et al.'s load loss of this routing (:func:`torch_moe.losses.load_loss`)."""
-        return moe_losses.load_loss(routing.clean_logits, routing.logits, routing.noise_std, self.top_k, valid)
+        return moe_losses.load_loss(routing.clean_logits, routing.logits, routing.noise_std, self.active_top_k, valid)
+
+    def weights_for(self, routing: Routing, expert_ids: Tensor) -> Tensor:
+        # A softmax over the kept (noisy) logits, as choose() weights its own top k.
+        weights = torch.softmax(routing.logits.gather(1, expert_ids), dim=-1)
+        return weights * self.routed_scaling_factor if self.routed_scaling_factor != 1.0 else weights
 
 
 class SigmoidRouter(Router):
@@ -433,6 +459,10 @@ class HashRouter(RouterBase):
         weights = torch.full(expert_ids.shape, 1.0 / self.top_k, dtype=_router_dtype(x), device=x.device)
         return Routing(None, weights, expert_ids, None)
 
+    def weights_for(self, routing: Routing, expert_ids: Tensor) -> Tensor:
+        return torch.full(expert_ids.shape, 1.0 / expert_ids.shape[1], dtype=routing.weights.dtype,
+                          device=routing.weights.device)
+
     def balance_losses(self, routing: Routing, valid: Optional[Tensor]) -> ops.RouterLosses:
         """No logits: nothing to balance or to regularise."""
         zero = routing.weights.new_zeros(())
@@ -483,6 +513,7 @@ class ExpertChoiceRouter(Router):
     name = "expert_choice"
     token_choice = False
     accepts = ()
+    accepts_eval_top_k = False
 
     @classmethod
     def check(cls, num_experts: int, top_k: int, options: RouterOptions, *, capacity_factor: Optional[float],
