@@ -349,7 +349,7 @@ class MoE(nn.Module):
     def _record_losses_and_stats(self, x: Tensor, routing, valid: Optional[Tensor], load: Load) -> None:
         load_balancing_loss, z_loss, router_entropy = self.router.balance_losses(routing, valid)
         if self.load_balancing_override is not None:
-            load_balancing_loss = self.load_balancing_override(self, routing, valid, load)
+            load_balancing_loss = self.load_balancing_override(self, routing, valid, load, load_balancing_loss)
         elif self.global_load_balancing:
             load_balancing_loss = moe_losses.global_load_balancing_loss(
                 routing.logits, load.tokens_per_expert, valid, self.top_k, self.expert_parallel_group)
