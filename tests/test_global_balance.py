@@ -1,4 +1,4 @@
-"""torch_moe.losses.global_batch_balancing: the load-balancing loss with expert fractions counted over every
+"""torch_moe.balancing.global_batch_balancing: the load-balancing loss with expert fractions counted over every
 micro-batch of a step (and a data-parallel group) equals, in value and gradient, the loss of the concatenated
 batch; against the layer on the concatenated batch and against a plain-PyTorch reference."""
 
@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch import nn
 
 import torch_moe
-from torch_moe.losses import global_batch_balancing
+from torch_moe.balancing import global_batch_balancing
 
 D, FF, E, K = 8, 12, 6, 2
 

@@ -42,6 +42,7 @@ from . import dispatch  # noqa: E402
 from .experts import Experts  # noqa: E402
 from .layer import MoE, MoEStats, aux_loss  # noqa: E402
 from . import parallel  # noqa: E402
+from . import balancing, replay  # noqa: E402
 from .convert import moefy  # noqa: E402
 from .diagnostics import MoETracker  # noqa: E402
 from .routing import Router  # noqa: E402
@@ -61,4 +62,4 @@ def build_info() -> dict:
 
 
 __all__ = ["MoE", "SoftMoE", "Router", "Experts", "MoEStats", "MoETracker", "moefy", "aux_loss", "ops", "losses",
-           "memory", "routing", "dispatch", "distributed", "parallel", "build_info"]
+           "memory", "routing", "dispatch", "distributed", "parallel", "balancing", "replay", "build_info"]

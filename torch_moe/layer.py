@@ -18,7 +18,7 @@ from ._checks import is_finite_number, is_int, is_number
 from .dispatch import (DROP_POLICIES, Capacity, CapacityDispatch, DroplessDispatch, ExpertChoiceDispatch,
                        ExpertGroup, ExpertParallelCapacityDispatch, ExpertParallelDroplessDispatch, Load)
 from .experts import ACTIVATIONS, EXPERT_TYPES, Experts
-from . import replay
+from .override import override_routing as _override_routing
 from .routing import ROUTER_CLASSES, RouterOptions, recomputing, router_class
 
 __all__ = ["MoE", "MoEStats", "aux_loss", "DROP_POLICIES"]
@@ -92,7 +92,7 @@ class MoE(nn.Module):
         global_load_balancing: compute the load-balancing loss's expert fractions over the whole group (an
             all-reduce of the counts, Megatron's global-batch balancing); needs ``expert_parallel_group``. Over
             the micro-batches of a gradient-accumulation step (and data-parallel ranks) without expert parallelism:
-            :func:`torch_moe.losses.global_batch_balancing`.
+            :func:`torch_moe.balancing.global_batch_balancing`.
         eval_capacity_factor: the capacity factor of eval-mode forwards (``not self.training``): a number, or
             ``"dropless"`` to compute every assignment at eval; ``None`` (default): as in training. Training is
             untouched; the eval strategy is built once here, beside the training one.
@@ -224,7 +224,7 @@ class MoE(nn.Module):
             self.eval_dispatcher = _local_dispatcher(router_type, num_experts, capacity, drop_policy)
         self._routing_hooks: dict = {}
         self._next_hook_id = 0
-        self.load_balancing_override = None  # set by torch_moe.losses.global_batch_balancing
+        self.load_balancing_override = None  # set by torch_moe.balancing.global_batch_balancing
         self.aux_loss: Optional[Tensor] = None
         self.stats: Optional[MoEStats] = None
 
@@ -254,7 +254,7 @@ class MoE(nn.Module):
 
     def override_routing(self, routing, expert_ids: Tensor, routing_weights: Optional[Tensor] = None):
         """``routing`` with the experts ``expert_ids`` [T, k'] and their weights (see the class docstring)."""
-        return replay.override_routing(self.router, routing, expert_ids, routing_weights)
+        return _override_routing(self.router, routing, expert_ids, routing_weights)
 
     def __getstate__(self) -> dict:
         # The last aux_loss keeps its autograd graph for backward; copies (deepcopy, pickling) take it detached.

@@ -14,7 +14,7 @@ except ImportError as err:  # torch_moe itself never needs transformers; only th
 from ..convert import moefy
 from ..feedforward import _install_attention_mask_hook, padding_mask
 from ..layer import aux_loss
-from ..losses import GlobalBatchBalancing
+from ..balancing import GlobalBatchBalancing
 
 __all__ = ["MoETrainer", "add_aux_loss", "route_attention_mask", "moefy", "padding_mask"]
 
@@ -49,7 +49,7 @@ class MoETrainer(Trainer):
     from the device only when the Trainer logs). The model's ``attention_mask`` is routed to the MoE layers.
 
     ``global_batch_balancing=True``: the load-balancing loss counts the expert fractions over all micro-batches of
-    each optimizer step (:class:`torch_moe.losses.GlobalBatchBalancing`), and over ``balancing_group`` (a
+    each optimizer step (:class:`torch_moe.balancing.GlobalBatchBalancing`), and over ``balancing_group`` (a
     data-parallel process group) when given. The Trainer collects a step's micro-batches before running them, so
     each step starts with a no-grad routing pre-pass over them (one extra forward per micro-batch).
     """
