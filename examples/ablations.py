@@ -12,6 +12,9 @@
 #    loss-free balancing (DeepSeek-V3) and hash routing (Roller 2021)
 # 5. capacity factor sweep, drop rate against loss
 # 6. dense FFN vs MoE at equal active parameters
+# 7. global-batch load balancing (Qiu et al. 2025): each step's batch as 4 micro-batches of gradient accumulation,
+#    the balance loss's expert fractions per micro-batch vs over the whole step; and the baseline evaluated
+#    dropless (`eval_capacity_factor="dropless"`, training unchanged)
 #
 # Every run shares the seed, the initialisation order and the batches. This notebook is generated from its twin
 # `examples/ablations.py` (`python examples/ablations.py` runs the same code); `ABLATION_SIZE=tiny|small|medium`
@@ -22,6 +25,7 @@ import math
 import os
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import matplotlib
@@ -35,6 +39,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 import torch_moe
+from torch_moe.balancing import global_batch_balancing
 
 HERE = Path(__file__).resolve().parent if "__file__" in globals() else Path.cwd()
 sys.path.insert(0, str(HERE))
@@ -109,22 +114,30 @@ def run(name, spec):
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
     generator = torch.Generator().manual_seed(1)
     dropped, imbalance, entropy = [], [], []
+    # Gradient accumulation over micro-batches of the step's batch; global-batch balancing counts the expert
+    # fractions over all of them in a no-grad pre-pass.
+    microbatches = spec.get("microbatches", 1)
+    balancing = global_batch_balancing(model) if spec.get("global_balance") else nullcontext()
     start = time.perf_counter()
-    for step in range(CFG["steps"]):
-        for group in optimizer.param_groups:
-            group["lr"] = train_lm.lr_at(step, CFG["steps"], 3e-3)
-        x, y = train_lm.sample_batch(train_ids, CFG["batch_size"], CFG["seq_len"], generator)
-        TokenIdsContext.ids = x
-        logits = model(x)
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten()) + torch_moe.aux_loss(model)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if moes:  # tensors only: nothing here waits for the device
-            dropped.append(torch.stack([m.stats.dropped_fraction for m in moes]).mean())
-            load = torch.stack([m.stats.tokens_per_expert.float() for m in moes])
-            imbalance.append((load.max(1).values / load.mean(1).clamp(min=1e-9)).mean())
-            entropy.append(torch.stack([m.stats.router_entropy for m in moes]).mean())
+    with balancing as step_balance:
+        for step in range(CFG["steps"]):
+            for group in optimizer.param_groups:
+                group["lr"] = train_lm.lr_at(step, CFG["steps"], 3e-3)
+            x, y = train_lm.sample_batch(train_ids, CFG["batch_size"], CFG["seq_len"], generator)
+            pieces = list(zip(x.chunk(microbatches), y.chunk(microbatches)))
+            if step_balance is not None:
+                with step_balance.counting():
+                    for xm, _ in pieces:
+                        TokenIdsContext.ids = xm
+                        model(xm)
+            optimizer.zero_grad(set_to_none=True)
+            for xm, ym in pieces:
+                TokenIdsContext.ids = xm
+                logits = model(xm)
+                loss = F.cross_entropy(logits.flatten(0, 1), ym.flatten()) + torch_moe.aux_loss(model)
+                (loss / microbatches).backward()
+            optimizer.step()
+            record_statistics(moes, dropped, imbalance, entropy)
     wall = time.perf_counter() - start
     model.eval()
     with torch.no_grad():
@@ -143,6 +156,15 @@ def run(name, spec):
         entropy=float(torch.stack(entropy[-tail:]).mean()) if moes else float("nan"),
         **{k: v for k, v in spec.items() if k != "extra"},
     )
+
+
+def record_statistics(moes, dropped, imbalance, entropy):
+    """The routing statistics of the last forward (with micro-batches: the step's last one)."""
+    if moes:  # tensors only: nothing here waits for the device
+        dropped.append(torch.stack([m.stats.dropped_fraction for m in moes]).mean())
+        load = torch.stack([m.stats.tokens_per_expert.float() for m in moes])
+        imbalance.append((load.max(1).values / load.mean(1).clamp(min=1e-9)).mean())
+        entropy.append(torch.stack([m.stats.router_entropy for m in moes]).mean())
 
 # %% [markdown]
 # ## The experiments
@@ -164,6 +186,13 @@ for cf in CAPACITY_FACTORS:
     if cf != 1.25:
         SPECS[f"cf={cf}" if cf is not None else "dropless"] = dict(BASE, capacity_factor=cf)
 SPECS["dense, equal active params"] = dict(top_k=2, dense=True)
+# Side rows, left out of the sweeps' plots: 4 micro-batches per step, balanced per micro-batch or over the step;
+# the baseline's training evaluated without capacity (its training is bit for bit the baseline's).
+MICRO = min(4, CFG["batch_size"])
+SPECS[f"{MICRO} micro-batches, per-micro-batch balance"] = dict(BASE, microbatches=MICRO, side=True)
+SPECS[f"{MICRO} micro-batches, global-batch balance"] = dict(BASE, microbatches=MICRO, global_balance=True,
+                                                             side=True)
+SPECS["baseline, dropless eval"] = dict(BASE, side=True, extra=dict(eval_capacity_factor="dropless"))
 
 results = {}
 for name, spec in tqdm(SPECS.items(), desc="runs"):
@@ -193,7 +222,7 @@ else:
 
 # %%
 def by(key, values, fmt=lambda value: value):
-    rows = [r for r in results.values() if not r.get("dense") and r.get(key) in values
+    rows = [r for r in results.values() if not r.get("dense") and not r.get("side") and r.get(key) in values
             and all(r.get(k) == v for k, v in BASE.items() if k != key)]
     rows.sort(key=lambda r: values.index(r[key]))
     return [fmt(r[key]) for r in rows], rows
@@ -238,5 +267,8 @@ print(f"wrote {OUT / 'ablations.md'} and {OUT / 'ablations.png'}")
 # conclusions. What to look for: drops fall to zero as the capacity factor grows, and the loss follows them; a large
 # α flattens the load (max/mean → 1) at a cost in loss; the frozen random and hash routers show how much learned
 # routing buys at this scale (with characters as tokens, hashing the current character is itself an informative
-# route, so the hash router is a strong baseline here); the sigmoid router balances without any loss term. Expert choice and Soft MoE are left
+# route, so the hash router is a strong baseline here); the sigmoid router balances without any loss term.
+# Global-batch balancing only loosens the balance constraint (per step instead of per micro-batch), so its row
+# differs from the per-micro-batch row by the specialisation that allows, at the cost of one no-grad pre-pass per
+# micro-batch; the dropless-eval row differs from the baseline only by the drops at evaluation. Expert choice and Soft MoE are left
 # out on purpose: both look across the sequence, which leaks future tokens into a causal LM.
