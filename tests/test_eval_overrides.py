@@ -101,6 +101,9 @@ def test_eval_overrides_scale_with_granularity():
     ({"eval_capacity_factor": 0}, "eval_capacity_factor must be a number > 0 and finite, 'dropless' or None"),
     ({"eval_capacity_factor": float("inf")}, "eval_capacity_factor must be a number > 0 and finite"),
     ({"eval_capacity_factor": "none"}, "eval_capacity_factor must be a number > 0"),
+    ({"eval_top_k": 4, "n_groups": 3, "topk_groups": 1}, "eval_top_k=4 does not fit the groups: MoE: top_k=4 is larger"),
+    ({"eval_capacity_factor": "dropless", "expert_parallel_group": object()},
+     "not supported with expert_parallel_group yet"),
 ])
 def test_bad_eval_overrides(kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -20,6 +20,7 @@ from .dispatch import (DROP_POLICIES, Capacity, CapacityDispatch, DroplessDispat
 from .experts import ACTIVATIONS, EXPERT_TYPES, Experts
 from .override import override_routing as _override_routing
 from .routing import ROUTER_CLASSES, RouterOptions, recomputing, router_class
+from .routing import _check_groups as check_groups
 
 __all__ = ["MoE", "MoEStats", "aux_loss", "DROP_POLICIES"]
 
@@ -173,7 +174,7 @@ class MoE(nn.Module):
         router_type.check(num_experts, top_k, options, capacity_factor=capacity_factor, drop_policy=drop_policy,
                           expert_parallel=expert_parallel_group is not None)
         eval_top_k = _validate_eval(router_type, num_experts, expert_granularity, eval_capacity_factor, eval_top_k,
-                                    expert_parallel_group)
+                                    expert_parallel_group, options)
         self.d_model = d_model
         self.d_ff = d_ff
         self.num_experts = num_experts
@@ -424,7 +425,7 @@ def _flat_override(x: Tensor, expert_ids: Optional[Tensor],
 
 
 def _validate_eval(router_type, num_experts, granularity, eval_capacity_factor, eval_top_k,
-                   expert_parallel_group) -> Optional[int]:
+                   expert_parallel_group, options: RouterOptions) -> Optional[int]:
     """The fine-grained eval top-k (or None), after checking the eval overrides."""
     if eval_capacity_factor is not None and eval_capacity_factor != "dropless":
         if not (is_finite_number(eval_capacity_factor) and eval_capacity_factor > 0):
@@ -438,6 +439,11 @@ def _validate_eval(router_type, num_experts, granularity, eval_capacity_factor, 
             raise ValueError(f"MoE: eval_top_k must be an int in [1, num_experts={num_experts // granularity}], "
                              f"got {eval_top_k!r}")
         eval_top_k = eval_top_k * granularity
+        if options.n_groups is not None or options.topk_groups is not None:
+            try:
+                check_groups(num_experts, eval_top_k, options.n_groups, options.topk_groups)
+            except ValueError as err:
+                raise ValueError(f"MoE: eval_top_k={eval_top_k // granularity} does not fit the groups: {err}") from None
     if (eval_capacity_factor is not None or eval_top_k is not None) and expert_parallel_group is not None:
         raise ValueError("MoE: eval_capacity_factor / eval_top_k are not supported with expert_parallel_group yet")
     if eval_capacity_factor is not None and not router_type.token_choice:

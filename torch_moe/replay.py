@@ -1,7 +1,8 @@
 """Routing override and router replay: route MoE layers by a given assignment, and record one pass's routing to
 replay it in the next (R2/R3 router replay for RL fine-tuning, Megatron-Core's router replay).
 
-:func:`override_routing` (:mod:`torch_moe.override`) is what ``MoE.forward(..., expert_ids=..., routing_weights=...)`` does;
+:func:`override_routing` (:mod:`torch_moe.override`) is what
+``MoE.forward(..., expert_ids=..., routing_weights=...)`` does;
 :class:`RoutingRecorder` uses the layer's one routing hook (:meth:`torch_moe.MoE.register_routing_hook`), so the
 layer's forward has no record/replay branch of its own.
 """

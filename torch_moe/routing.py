@@ -225,8 +225,8 @@ class Router(RouterBase):
         return None
 
     def choose(self, logits: Tensor) -> ops.RouterOutput:
-        out = ops.router_topk(logits, self.active_top_k, self.score_func, self.selection_bias(), self.normalize_weights,
-                              self.n_groups, self.topk_groups)
+        out = ops.router_topk(logits, self.active_top_k, self.score_func, self.selection_bias(),
+                              self.normalize_weights, self.n_groups, self.topk_groups)
         if self.routed_scaling_factor != 1.0:  # DeepSeek-V2/V3: the (normalised) weights times a constant
             out = out._replace(weights=out.weights * self.routed_scaling_factor)
         return out
