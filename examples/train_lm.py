@@ -345,16 +345,25 @@ def comparison_line(args) -> str:
 
 def loss_at_time(result: RunResult, time_s: float) -> Optional[float]:
     """Validation loss of ``result`` at training wall time ``time_s``, linear between its validation points;
-    ``None`` past its last point."""
+    ``None`` outside them (no extrapolation)."""
     times, losses = result.val_times_s, result.val_loss
-    if time_s > times[-1]:
+    if not times or not times[0] <= time_s <= times[-1]:
         return None
-    if time_s <= times[0]:
-        return losses[0]
     for (t0, l0), (t1, l1) in zip(zip(times, losses), zip(times[1:], losses[1:])):
         if t0 <= time_s <= t1:
             return l0 + (l1 - l0) * (time_s - t0) / max(t1 - t0, 1e-12)
     return losses[-1]
+
+
+def common_times(results: list[RunResult], points: int = 4) -> list[float]:
+    """``points`` training wall times where both curves have been measured (empty when they do not overlap)."""
+    low = max(r.val_times_s[0] for r in results)
+    high = min(r.val_times_s[-1] for r in results)
+    if low > high:
+        return []
+    if points == 1 or high == low:
+        return [high]
+    return [low + (high - low) * i / (points - 1) for i in range(points)]
 
 
 def print_table(results: list[RunResult]) -> None:
@@ -364,10 +373,14 @@ def print_table(results: list[RunResult]) -> None:
     for i, step in enumerate(dense.val_steps):
         print(f"  {step:>6}  {dense.val_loss[i]:8.4f} {dense.val_times_s[i]:7.1f}  {moe.val_loss[i]:8.4f} "
               f"{moe.val_times_s[i]:7.1f}  {moe.val_loss[i] - dense.val_loss[i]:+11.4f}")
-    print("validation loss at equal training wall time (linear between validation points):")
+    times = common_times(results)
+    if not times:
+        print("validation loss at equal training wall time: the two runs' measured times do not overlap")
+        return
+    print("validation loss at equal training wall time (linear between validation points, where both measured; "
+          "times are comparable only on an otherwise idle machine):")
     print(f"  {'t (s)':>7}  {'dense':>8}  {'moe':>8}  {'moe - dense':>11}")
-    horizon = min(dense.val_times_s[-1], moe.val_times_s[-1])
-    for t in [horizon * (i + 1) / 4 for i in range(4)]:
+    for t in times:
         d, m = loss_at_time(dense, t), loss_at_time(moe, t)
         print(f"  {t:7.1f}  {d:8.4f}  {m:8.4f}  {m - d:+11.4f}")
 
@@ -376,10 +389,12 @@ def verdict(results: list[RunResult], args) -> list[str]:
     """The result in plain words and, where MoE loses, the likely reasons read from this run."""
     dense, moe = results
     by_step = moe.val_loss[-1] - dense.val_loss[-1]
-    horizon = min(dense.val_times_s[-1], moe.val_times_s[-1])
-    by_time = loss_at_time(moe, horizon) - loss_at_time(dense, horizon)
-    lines = [f"moe - dense val loss after {args.steps} steps: {by_step:+.4f} ({comparison_line(args)})",
-             f"moe - dense val loss at equal training wall time ({horizon:.0f} s): {by_time:+.4f}"]
+    lines = [f"moe - dense val loss after {args.steps} steps: {by_step:+.4f} ({comparison_line(args)})"]
+    times = common_times(results, points=1)
+    by_time = None
+    if times:
+        by_time = loss_at_time(moe, times[0]) - loss_at_time(dense, times[0])
+        lines.append(f"moe - dense val loss at equal training wall time ({times[0]:.0f} s): {by_time:+.4f}")
     if by_step < 0:
         lines.append(f"MoE wins per step by {-by_step:.4f} nats/char ({comparison_line(args)}).")
     else:
@@ -393,7 +408,7 @@ def verdict(results: list[RunResult], args) -> list[str]:
         if args.compare == "active-params":
             reasons.append(f"at equal active parameters each expert is only d_ff/{args.top_k} wide")
         lines.append("MoE does not win per step here. Likely reasons: " + "; ".join(reasons) + ".")
-    if by_time > 0 and moe.wall_time_s > dense.wall_time_s:
+    if by_time is not None and by_time > 0 and moe.wall_time_s > dense.wall_time_s:
         ratio = moe.wall_time_s / dense.wall_time_s
         lines.append(f"Per second of training MoE is behind: a step takes {ratio:.2f}x the dense step"
                      " (routing, dispatch and combine cost FLOPs and memory traffic that the equal-FLOPs "
