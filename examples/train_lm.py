@@ -1,14 +1,24 @@
 """Train the same small character-level Transformer LM twice, with dense SwiGLU FFNs and with torch_moe.MoE FFNs.
 
 The corpus is the Python standard library's own ``.py`` sources (every Python install ships them, nothing is
-downloaded). Both runs share the seed, the initialisation order and the exact sequence of batches; the MoE run
-uses ``top_k`` experts of width ``d_ff / top_k`` per token, so its active FFN parameters and FLOPs per token
-match the dense run. The script prints both validation losses, the MoE layers' expert utilisation and drops,
-and writes a PNG with the loss curves and a layer x expert utilisation heat map.
+downloaded). Both runs share the seed, the initialisation order and the exact sequence of batches.
+
+Two comparisons (``--compare``):
+
+- ``flops`` (default), the standard one (Switch Transformer): every expert is as wide as the dense FFN
+  (``d_ff``) and each token goes to ``top_k`` = 1 expert, so the FLOPs per token match the dense model while the
+  MoE holds E times the FFN parameters. (``--top-k 2`` doubles the FFN FLOPs; the output says so.)
+- ``active-params``: ``top_k`` (default 2) experts of width ``d_ff / top_k`` per token, so the active FFN
+  parameters and FLOPs per token match the dense model and the MoE holds E / top_k times the FFN parameters.
+
+The script prints both validation losses against step and against training wall time (evaluation excluded),
+the MoE layers' expert utilisation and drops, and writes a PNG with the loss curves (per step and per second)
+and a layer x expert utilisation heat map.
 
     python examples/train_lm.py                 # defaults: about 5 minutes on 2 CPU cores
     python examples/train_lm.py --steps 5       # smoke test
-    python examples/train_lm.py --experts 16 --top-k 1 --capacity-factor none
+    python examples/train_lm.py --compare active-params
+    python examples/train_lm.py --experts 16 --capacity-factor none
 """
 
 from __future__ import annotations
@@ -171,6 +181,7 @@ class RunResult:
     train_loss: list[float]  # cross-entropy per step (the aux loss is not included)
     val_steps: list[int]
     val_loss: list[float]
+    val_times_s: list[float]  # training wall time (evaluation excluded) at each validation point
     wall_time_s: float
     total_params: int
     active_params: int
@@ -210,7 +221,8 @@ def train(name: str, model: nn.Module, args, train_ids, val_batches, device: tor
     train_loss = torch.zeros(args.steps, device=device)
     tokens_per_expert = torch.zeros(len(moes), args.experts, dtype=torch.long, device=device)
     dropped_fraction_sum = torch.zeros(len(moes), device=device)
-    val_steps, val_loss = [], []
+    val_steps, val_loss, val_times_s = [], [], []
+    eval_time_s = 0.0  # excluded from the training wall time: both models evaluate the same batches
 
     def synchronize():
         if device.type == "cuda":
@@ -239,15 +251,19 @@ def train(name: str, model: nn.Module, args, train_ids, val_batches, device: tor
             dropped_fraction_sum[i] += layer.stats.dropped_fraction.detach()
 
         if (step + 1) % args.eval_every == 0 or step + 1 == args.steps:
+            synchronize()
+            eval_start = time.perf_counter()
+            val_times_s.append(eval_start - start - eval_time_s)
             val_steps.append(step + 1)
             val_loss.append(evaluate(model, val_batches, device))
+            eval_time_s += time.perf_counter() - eval_start
             recent = train_loss[max(0, step + 1 - args.eval_every) : step + 1].mean()
             progress.set_postfix(train=f"{recent:.3f}", val=f"{val_loss[-1]:.3f}")
     synchronize()
-    wall_time_s = time.perf_counter() - start
+    wall_time_s = time.perf_counter() - start - eval_time_s
     progress.close()
 
-    result = RunResult(name, train_loss.cpu().tolist(), val_steps, val_loss, wall_time_s, total_params,
+    result = RunResult(name, train_loss.cpu().tolist(), val_steps, val_loss, val_times_s, wall_time_s, total_params,
                        active_params)
     if moes:
         result.tokens_per_expert = tokens_per_expert.cpu()
@@ -277,7 +293,8 @@ def plot(results: list[RunResult], args, unigram: float, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     moe = results[1]
-    fig, (ax_loss, ax_util) = plt.subplots(1, 2, figsize=(13, 4.8), gridspec_kw={"width_ratios": [1.2, 1]})
+    fig, (ax_loss, ax_time, ax_util) = plt.subplots(1, 3, figsize=(18, 4.8),
+                                                    gridspec_kw={"width_ratios": [1.2, 1, 1]})
     for result, color in zip(results, ("tab:blue", "tab:orange")):
         steps = range(1, len(result.train_loss) + 1)
         window = max(1, len(result.train_loss) // 50)
@@ -290,6 +307,14 @@ def plot(results: list[RunResult], args, unigram: float, path: Path) -> None:
     ax_loss.set_ylim(top=unigram + 0.5)
     ax_loss.legend(fontsize=8)
     ax_loss.grid(alpha=0.3)
+    for result, color in zip(results, ("tab:blue", "tab:orange")):
+        ax_time.plot(result.val_times_s, result.val_loss, "o-", color=color, ms=3, label=f"{result.name} val")
+    ax_time.axhline(unigram, color="gray", ls=":", lw=1)
+    ax_time.set(xlabel="training wall time (s, evaluation excluded)", ylabel="validation cross-entropy",
+                title="Validation loss against wall time")
+    ax_time.set_ylim(top=unigram + 0.5)
+    ax_time.legend(fontsize=8)
+    ax_time.grid(alpha=0.3)
 
     counts = moe.tokens_per_expert.double()
     fraction = counts / counts.sum(dim=1, keepdim=True).clamp_min(1)
@@ -305,10 +330,94 @@ def plot(results: list[RunResult], args, unigram: float, path: Path) -> None:
     fig.colorbar(image, ax=ax_util, fraction=0.046, pad=0.04)
     cf = "dropless" if args.capacity_factor is None else f"capacity factor {args.capacity_factor:g}"
     fig.suptitle(f"char LM on the stdlib: d_model {args.d_model}, {args.layers} layers; "
-                 f"MoE {args.experts} experts, top-{args.top_k}, {cf}", fontsize=10)
+                 f"MoE {args.experts} experts of width {args.expert_d_ff}, top-{args.top_k}, {cf} "
+                 f"({comparison_line(args)})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def comparison_line(args) -> str:
+    """What is held equal between the two models, in words."""
+    if args.compare == "active-params":
+        return (f"equal active parameters: {args.top_k} experts of width d_ff/{args.top_k} = {args.expert_d_ff} per "
+                f"token, {args.experts // args.top_k}x the dense FFN parameters")
+    flops = "equal FLOPs per token" if args.top_k == 1 else f"{args.top_k}x the dense FFN FLOPs per token"
+    return (f"Switch-style, {flops}: experts as wide as the dense FFN ({args.expert_d_ff}), top-{args.top_k}, "
+            f"{args.experts}x the dense FFN parameters")
+
+
+def loss_at_time(result: RunResult, time_s: float) -> Optional[float]:
+    """Validation loss of ``result`` at training wall time ``time_s``, linear between its validation points;
+    ``None`` outside them (no extrapolation)."""
+    times, losses = result.val_times_s, result.val_loss
+    if not times or not times[0] <= time_s <= times[-1]:
+        return None
+    for (t0, l0), (t1, l1) in zip(zip(times, losses), zip(times[1:], losses[1:])):
+        if t0 <= time_s <= t1:
+            return l0 + (l1 - l0) * (time_s - t0) / max(t1 - t0, 1e-12)
+    return losses[-1]
+
+
+def common_times(results: list[RunResult], points: int = 4) -> list[float]:
+    """``points`` training wall times where both curves have been measured (empty when they do not overlap)."""
+    low = max(r.val_times_s[0] for r in results)
+    high = min(r.val_times_s[-1] for r in results)
+    if low > high:
+        return []
+    if points == 1 or high == low:
+        return [high]
+    return [low + (high - low) * i / (points - 1) for i in range(points)]
+
+
+def print_table(results: list[RunResult]) -> None:
+    dense, moe = results
+    print("validation loss by step (t = training wall time, evaluation excluded):")
+    print(f"  {'step':>6}  {'dense':>8} {'t (s)':>7}  {'moe':>8} {'t (s)':>7}  {'moe - dense':>11}")
+    for i, step in enumerate(dense.val_steps):
+        print(f"  {step:>6}  {dense.val_loss[i]:8.4f} {dense.val_times_s[i]:7.1f}  {moe.val_loss[i]:8.4f} "
+              f"{moe.val_times_s[i]:7.1f}  {moe.val_loss[i] - dense.val_loss[i]:+11.4f}")
+    times = common_times(results)
+    if not times:
+        print("validation loss at equal training wall time: the two runs' measured times do not overlap")
+        return
+    print("validation loss at equal training wall time (linear between validation points, where both measured; "
+          "times are comparable only on an otherwise idle machine):")
+    print(f"  {'t (s)':>7}  {'dense':>8}  {'moe':>8}  {'moe - dense':>11}")
+    for t in times:
+        d, m = loss_at_time(dense, t), loss_at_time(moe, t)
+        print(f"  {t:7.1f}  {d:8.4f}  {m:8.4f}  {m - d:+11.4f}")
+
+
+def verdict(results: list[RunResult], args) -> list[str]:
+    """The result in plain words and, where MoE loses, the likely reasons read from this run."""
+    dense, moe = results
+    by_step = moe.val_loss[-1] - dense.val_loss[-1]
+    lines = [f"moe - dense val loss after {args.steps} steps: {by_step:+.4f} ({comparison_line(args)})"]
+    times = common_times(results, points=1)
+    by_time = None
+    if times:
+        by_time = loss_at_time(moe, times[0]) - loss_at_time(dense, times[0])
+        lines.append(f"moe - dense val loss at equal training wall time ({times[0]:.0f} s): {by_time:+.4f}")
+    if by_step < 0:
+        lines.append(f"MoE wins per step by {-by_step:.4f} nats/char ({comparison_line(args)}).")
+    else:
+        reasons = [f"each expert sees about top_k/E = {args.top_k}/{args.experts} of the tokens, so in {args.steps} "
+                   "steps it gets that fraction of the updates a dense FFN gets; the extra capacity pays off only "
+                   "when training is long enough to use it"]
+        drop = float(moe.dropped_fraction_mean.mean())
+        if drop > 0.01:
+            reasons.append(f"{drop:.1%} of the assignments were dropped (capacity factor {args.capacity_factor}), "
+                           "so those tokens skip the FFN")
+        if args.compare == "active-params":
+            reasons.append(f"at equal active parameters each expert is only d_ff/{args.top_k} wide")
+        lines.append("MoE does not win per step here. Likely reasons: " + "; ".join(reasons) + ".")
+    if by_time is not None and by_time > 0 and moe.wall_time_s > dense.wall_time_s:
+        ratio = moe.wall_time_s / dense.wall_time_s
+        lines.append(f"Per second of training MoE is behind: a step takes {ratio:.2f}x the dense step"
+                     " (routing, dispatch and combine cost FLOPs and memory traffic that the equal-FLOPs "
+                     "count leaves out, a large share at this small width on CPU).")
+    return lines
 
 
 def report(results: list[RunResult], args, unigram: float, total_time_s: float) -> None:
@@ -318,7 +427,11 @@ def report(results: list[RunResult], args, unigram: float, total_time_s: float) 
     for r in results:
         print(f"{r.name:>5}: final val loss {r.val_loss[-1]:.4f}  wall time {r.wall_time_s:7.1f} s  "
               f"params {r.total_params / 1e6:.3f} M total, {r.active_params / 1e6:.3f} M active per token")
-    print(f"moe - dense val loss: {moe.val_loss[-1] - dense.val_loss[-1]:+.4f}")
+    print()
+    print_table(results)
+    print()
+    for line in verdict(results, args):
+        print(line)
     print()
     print("MoE layers, summed over training (assignments before dropping; uniform share = "
           f"{1 / args.experts:.3f}):")
@@ -349,7 +462,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--steps", type=int, default=600, help="optimizer steps per model")
     parser.add_argument("--experts", type=int, default=8, help="experts per MoE layer")
-    parser.add_argument("--top-k", type=int, default=2, help="experts per token; each is d_ff / top_k wide")
+    parser.add_argument("--compare", choices=("flops", "active-params"), default="flops",
+                        help="flops: experts as wide as the dense FFN, top-1 (Switch, equal FLOPs per token); "
+                             "active-params: top-k experts of width d_ff / top_k (equal active parameters)")
+    parser.add_argument("--top-k", type=int, default=None,
+                        help="experts per token (default: 1 with --compare flops, 2 with --compare active-params)")
     parser.add_argument("--capacity-factor", type=parse_capacity_factor, default=1.25,
                         help="expert capacity relative to an even split, or 'none' for dropless")
     parser.add_argument("--batch-size", type=int, default=32)
@@ -369,14 +486,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.d_ff is None:
         args.d_ff = 4 * args.d_model
+    if args.top_k is None:
+        args.top_k = 1 if args.compare == "flops" else 2
     for name in ("steps", "experts", "top_k", "batch_size", "seq_len", "d_model", "layers", "eval_every",
                  "eval_batches", "head_dim"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.top_k > args.experts:
         parser.error(f"--top-k ({args.top_k}) must be <= --experts ({args.experts})")
-    if args.d_ff % args.top_k:
+    if args.compare == "active-params" and args.d_ff % args.top_k:
         parser.error(f"--d-ff ({args.d_ff}) must be divisible by --top-k ({args.top_k}) to match active FLOPs")
+    args.expert_d_ff = args.d_ff // args.top_k if args.compare == "active-params" else args.d_ff
     if args.d_model % args.head_dim:
         parser.error(f"--d-model ({args.d_model}) must be divisible by --head-dim ({args.head_dim})")
     return args
@@ -393,6 +513,7 @@ def main(argv=None) -> None:
     train_ids, val_ids = encode_files(train_files), encode_files(val_files)
     unigram = unigram_entropy(train_ids, val_ids)
     val_batches = fixed_batches(val_ids, args.eval_batches, args.batch_size, args.seq_len)
+    print(f"comparison: {comparison_line(args)}")
     print(f"data: {len(train_files)} train files ({len(train_ids):,} chars), {len(val_files)} val files "
           f"({len(val_ids):,} chars) from {sysconfig.get_paths()['stdlib']}; vocab {len(VOCAB)}; "
           f"torch threads {torch.get_num_threads()}")
@@ -400,7 +521,7 @@ def main(argv=None) -> None:
     num_heads = args.d_model // args.head_dim
     ffns = {
         "dense": lambda: SwiGLU(args.d_model, args.d_ff),
-        "moe": lambda: torch_moe.MoE(args.d_model, args.d_ff // args.top_k, args.experts, top_k=args.top_k,
+        "moe": lambda: torch_moe.MoE(args.d_model, args.expert_d_ff, args.experts, top_k=args.top_k,
                                      capacity_factor=args.capacity_factor, expert="swiglu", device=device),
     }
     results = []
@@ -420,8 +541,9 @@ def main(argv=None) -> None:
         "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "unigram_entropy": unigram,
         "total_time_s": total_time_s,
+        "comparison": comparison_line(args),
         **{r.name: {"final_val_loss": r.val_loss[-1], "wall_time_s": r.wall_time_s, "val_steps": r.val_steps,
-                    "val_loss": r.val_loss, "total_params": r.total_params, "active_params": r.active_params}
+                    "val_loss": r.val_loss, "val_times_s": r.val_times_s, "total_params": r.total_params, "active_params": r.active_params}
            for r in results},
     }
     moe = results[1]

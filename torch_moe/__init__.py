@@ -42,6 +42,7 @@ from . import dispatch  # noqa: E402
 from .experts import Experts  # noqa: E402
 from .layer import MoE, MoEStats, aux_loss  # noqa: E402
 from . import parallel  # noqa: E402
+from . import balancing, replay  # noqa: E402
 from .convert import moefy  # noqa: E402
 from . import lora  # noqa: E402  (registers how from_pretrained replays molorafy)
 from .diagnostics import MoETracker  # noqa: E402
@@ -64,5 +65,5 @@ def build_info() -> dict:
 
 
 __all__ = ["MoE", "SoftMoE", "Router", "Experts", "MoEStats", "MoETracker", "moefy", "aux_loss", "ops", "losses",
-           "memory", "routing", "dispatch", "distributed", "parallel", "lora", "surgery", "expert_importance",
-           "prune_experts", "merge_experts", "build_info"]
+           "memory", "routing", "dispatch", "distributed", "parallel", "balancing", "replay", "lora", "surgery",
+           "expert_importance", "prune_experts", "merge_experts", "build_info"]

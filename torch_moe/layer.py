@@ -18,7 +18,9 @@ from ._checks import is_finite_number, is_int, is_number
 from .dispatch import (DROP_POLICIES, Capacity, CapacityDispatch, DroplessDispatch, ExpertChoiceDispatch,
                        ExpertGroup, ExpertParallelCapacityDispatch, ExpertParallelDroplessDispatch, Load)
 from .experts import ACTIVATIONS, EXPERT_TYPES, Experts, NullExperts, _check_swiglu_oss, unwrapped
+from .override import override_routing as _override_routing
 from .routing import ROUTER_CLASSES, RouterOptions, recomputing, router_class
+from .routing import _check_groups as check_groups
 
 __all__ = ["MoE", "MoEStats", "aux_loss", "DROP_POLICIES"]
 
@@ -99,7 +101,25 @@ class MoE(nn.Module):
             tokens travel by all-to-all (see :mod:`torch_moe.dispatch`; checkpoints: :mod:`torch_moe.parallel`). Every rank of the group must call forward
             (and backward) the same number of times. ``None``: all experts on this process.
         global_load_balancing: compute the load-balancing loss's expert fractions over the whole group (an
-            all-reduce of the counts, Megatron's global-batch balancing); needs ``expert_parallel_group``.
+            all-reduce of the counts, Megatron's global-batch balancing); needs ``expert_parallel_group``. Over
+            the micro-batches of a gradient-accumulation step (and data-parallel ranks) without expert parallelism:
+            :func:`torch_moe.balancing.global_batch_balancing`.
+        eval_capacity_factor: the capacity factor of eval-mode forwards (``not self.training``): a number, or
+            ``"dropless"`` to compute every assignment at eval; ``None`` (default): as in training. Training is
+            untouched; the eval strategy is built once here, beside the training one.
+        eval_top_k: experts per token in eval-mode forwards (``None``: ``top_k``); the weights stay normalised as
+            resolved for the training ``top_k``. Token-choice routers that pick a top-k only (not ``"hash"``,
+            ``"expert_choice"``). Both scale with ``expert_granularity`` like ``top_k``.
+
+    Routing override: ``forward(..., expert_ids=ids [..., k'] int, routing_weights=w [..., k'] | None)`` routes
+    every token to the given experts instead of the router's choice (router replay, see
+    :mod:`torch_moe.replay`). The router still runs (its noise and jitter are drawn as usual, its losses computed on
+    its logits). Without ``routing_weights`` the weights are the router's own for the given ids (its scores of
+    those experts, normalised and scaled as it would), so gradients reach the router; where the given ids are
+    the router's own choice these are its weights exactly, bit for bit. With ``routing_weights`` their values
+    are used, and the gradient still reaches the router as through its own weights of those ids
+    (straight-through: ``w + (own - own.detach())``). :meth:`register_routing_hook` lets code outside the layer
+    observe or replace the routing of every forward.
         top_p_threshold, dynamic_loss_coef: ``"top_p"`` only (Huang et al. 2024): each token takes the fewest
             experts whose probs sum to at least top_p_threshold (default 0.4), at most top_k; the dynamic (router
             entropy) loss's weight (default 1e-4). See :class:`torch_moe.routing.TopPRouter`.
@@ -176,6 +196,8 @@ class MoE(nn.Module):
         num_constant_experts: int = 0,
         gating_dropout: float = 0.0,
         expert_dropout: float = 0.0,
+        eval_capacity_factor=None,
+        eval_top_k: Optional[int] = None,
         device=None,
         dtype=None,
     ) -> None:
@@ -205,6 +227,8 @@ class MoE(nn.Module):
                          global_load_balancing)
         router_type.check(num_experts + num_null, top_k, options, capacity_factor=capacity_factor,
                           drop_policy=drop_policy, expert_parallel=expert_parallel_group is not None)
+        eval_top_k = _validate_eval(router_type, num_experts, expert_granularity, eval_capacity_factor, eval_top_k,
+                                    expert_parallel_group, options)
         self.d_model = d_model
         self.d_ff = d_ff
         self.num_experts = num_experts
@@ -230,6 +254,8 @@ class MoE(nn.Module):
         self.router = router_type.build(d_model, num_experts + num_null, top_k,
                                         dataclasses.replace(options, normalize_weights=self.normalize_weights),
                                         self._capacity, **factory)
+        self.eval_top_k = eval_top_k
+        self.router.eval_top_k = eval_top_k
         experts = {"expert": expert, "activation": activation, "bias": bias, "up_bias": up_bias, **factory}
         if expert == "swiglu_oss":
             experts.update(swiglu_alpha=swiglu_alpha, swiglu_limit=swiglu_limit)
@@ -245,6 +271,21 @@ class MoE(nn.Module):
         self.shared_experts = Experts(d_model, shared_d_ff, 1, **experts) if num_shared_experts else None
         self.shared_expert_gate = nn.Linear(d_model, 1, bias=False, **factory) if shared_expert_gate else None
         self.dispatcher = self._make_dispatcher(router_type, expert, activation, bias, up_bias)
+        # The eval strategy, when eval_capacity_factor or eval_top_k changes it: built once, like the training one.
+        self._eval_capacity_factor = eval_capacity_factor
+        self.eval_dispatcher = None
+        if eval_capacity_factor is not None or eval_top_k is not None:
+            capacity = self._capacity
+            if eval_capacity_factor == "dropless":
+                capacity = None
+            elif eval_capacity_factor is not None:
+                capacity = Capacity(eval_capacity_factor, min_capacity, top_k, num_experts)
+            if capacity is not None:  # C = ceil(factor * T * k / E) with the k of eval
+                capacity = dataclasses.replace(capacity, top_k=eval_top_k or top_k)
+            self.eval_dispatcher = _local_dispatcher(router_type, num_experts, capacity, drop_policy)
+        self._routing_hooks: dict = {}
+        self._next_hook_id = 0
+        self.load_balancing_override = None  # set by torch_moe.balancing.global_batch_balancing
         self.aux_loss: Optional[Tensor] = None
         self.stats: Optional[MoEStats] = None
 
@@ -260,10 +301,21 @@ class MoE(nn.Module):
             if self._capacity is None:
                 return ExpertParallelDroplessDispatch(self.num_experts, group)
             return ExpertParallelCapacityDispatch(self.num_experts, self._capacity, self.drop_policy, group)
-        if self._capacity is None:
-            return DroplessDispatch(self.num_experts)
-        strategy = CapacityDispatch if router_type.token_choice else ExpertChoiceDispatch
-        return strategy(self.num_experts, self._capacity, self.drop_policy)
+        return _local_dispatcher(router_type, self.num_experts, self._capacity, self.drop_policy)
+
+    def register_routing_hook(self, hook):
+        """``hook(layer, routing: Routing, valid [T] | None) -> Routing | None`` runs in every forward after the router
+        (and after an ``expert_ids`` override); a returned Routing replaces the routing (e.g.
+        :meth:`override_routing`). Returns a handle whose ``remove()`` takes the hook off. This is the one place
+        where outside code (:class:`torch_moe.replay.RoutingRecorder`) reaches into the routing."""
+        key = self._next_hook_id
+        self._next_hook_id += 1
+        self._routing_hooks[key] = hook
+        return _HookHandle(self._routing_hooks, key)
+
+    def override_routing(self, routing, expert_ids: Tensor, routing_weights: Optional[Tensor] = None):
+        """``routing`` with the experts ``expert_ids`` [T, k'] and their weights (see the class docstring)."""
+        return _override_routing(self.router, routing, expert_ids, routing_weights)
 
     def __getstate__(self) -> dict:
         # The last aux_loss keeps its autograd graph for backward; copies (deepcopy, pickling) take it detached.
@@ -288,6 +340,11 @@ class MoE(nn.Module):
     def dropless(self) -> bool:
         return self._capacity is None
 
+    @property
+    def eval_capacity_factor(self):
+        """As given: ``None`` (eval as in training), a number, or ``"dropless"``."""
+        return self._eval_capacity_factor
+
     def capacity(self, num_tokens: int) -> int:
         """Slots per expert for ``num_tokens`` tokens (padding included, so shapes stay static).
 
@@ -296,16 +353,22 @@ class MoE(nn.Module):
         assert self._capacity is not None, "capacity() is undefined in dropless mode"
         return self._capacity(num_tokens)
 
-    def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None, *, token_ids: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, padding_mask: Optional[Tensor] = None, *, token_ids: Optional[Tensor] = None,
+                expert_ids: Optional[Tensor] = None, routing_weights: Optional[Tensor] = None) -> Tensor:
         tokens, valid = self._flatten(x, padding_mask, token_ids)
         # Padding rows may hold anything (NaN included); zero them for the router and the shared experts so that
         # nothing of theirs reaches an output or a weight gradient (0 * NaN would).
         clean = tokens if valid is None else torch.where(valid.unsqueeze(1), tokens, 0)
         routing = self.router(clean, token_ids=token_ids, valid=valid)
+        if expert_ids is not None or routing_weights is not None:
+            routing = self.override_routing(routing, *_flat_override(x, expert_ids, routing_weights))
+        for hook in list(self._routing_hooks.values()):
+            routing = hook(self, routing, valid) or routing
         gate_dropped = self.training and self.gating_dropout > 0 and float(torch.rand(())) < self.gating_dropout
         dispatched = self._ffn_routing(routing, tokens.shape[0], gate_dropped)
         expert_input = tokens.to(unwrapped(self.experts).w1.dtype)
-        y, load = self.dispatcher(self.experts, expert_input, dispatched, valid)
+        dispatcher = self.dispatcher if self.training or self.eval_dispatcher is None else self.eval_dispatcher
+        y, load = dispatcher(self.experts, expert_input, dispatched, valid)
         if self.null_experts is not None and not gate_dropped:
             y = y + self.null_experts(clean, routing.weights, routing.expert_ids, valid).to(y.dtype)
         if self.shared_experts is not None:
@@ -370,7 +433,9 @@ class MoE(nn.Module):
     def _record_losses_and_stats(self, x: Tensor, routing, valid: Optional[Tensor], load: Load, dispatched) -> None:
         router = unwrapped(self.router)
         load_balancing_loss, z_loss, router_entropy = router.balance_losses(routing, valid)
-        if self.global_load_balancing:
+        if self.load_balancing_override is not None:
+            load_balancing_loss = self.load_balancing_override(self, routing, valid, load, load_balancing_loss)
+        elif self.global_load_balancing:
             load_balancing_loss = moe_losses.global_load_balancing_loss(
                 routing.logits, load.tokens_per_expert, valid, self.top_k, self.expert_parallel_group)
         losses = {"load_balancing": load_balancing_loss, "z": z_loss}
@@ -411,6 +476,71 @@ class MoE(nn.Module):
             + (f", expert_parallel=rank {self.expert_parallel_rank} of {self.expert_parallel_size}"
                if self.expert_parallel_group is not None else "")
         )
+
+
+def _local_dispatcher(router_type, num_experts: int, capacity: Optional[Capacity], drop_policy: str):
+    if capacity is None:
+        return DroplessDispatch(num_experts)
+    strategy = CapacityDispatch if router_type.token_choice else ExpertChoiceDispatch
+    return strategy(num_experts, capacity, drop_policy)
+
+
+class _HookHandle:
+    def __init__(self, hooks: dict, key: int) -> None:
+        self._hooks, self._key = hooks, key
+
+    def remove(self) -> None:
+        self._hooks.pop(self._key, None)
+
+
+def _flat_override(x: Tensor, expert_ids: Optional[Tensor],
+                   routing_weights: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+    """The forward's expert_ids / routing_weights [..., k] checked against x [..., d] and flattened to [T, k]."""
+    lead_shape = tuple(x.shape[:-1])
+    if expert_ids is None:
+        raise ValueError("MoE: routing_weights needs expert_ids (the experts the weights belong to)")
+    if (expert_ids.dim() != len(lead_shape) + 1 or tuple(expert_ids.shape[:-1]) != lead_shape
+            or expert_ids.is_floating_point() or expert_ids.dtype == torch.bool or expert_ids.is_complex()):
+        raise ValueError(f"MoE: expert_ids must be an integer tensor of shape {lead_shape + ('k',)} (x's leading "
+                         f"dims, then k), got {expert_ids.dtype} of shape {tuple(expert_ids.shape)}")
+    flat_ids = expert_ids.reshape(-1, expert_ids.shape[-1])
+    flat_weights = None
+    if routing_weights is not None:
+        if routing_weights.shape != expert_ids.shape or not routing_weights.is_floating_point():
+            raise ValueError(f"MoE: routing_weights must be a float tensor of expert_ids' shape "
+                             f"{tuple(expert_ids.shape)}, got {routing_weights.dtype} of shape "
+                             f"{tuple(routing_weights.shape)}")
+        flat_weights = routing_weights.reshape(flat_ids.shape)
+    return flat_ids, flat_weights
+
+
+def _validate_eval(router_type, num_experts, granularity, eval_capacity_factor, eval_top_k,
+                   expert_parallel_group, options: RouterOptions) -> Optional[int]:
+    """The fine-grained eval top-k (or None), after checking the eval overrides."""
+    if eval_capacity_factor is not None and eval_capacity_factor != "dropless":
+        if not (is_finite_number(eval_capacity_factor) and eval_capacity_factor > 0):
+            raise ValueError(f"MoE: eval_capacity_factor must be a number > 0 and finite, 'dropless' or None (as in "
+                             f"training), got {eval_capacity_factor!r}")
+    if eval_top_k is not None:
+        if not getattr(router_type, "accepts_eval_top_k", False):
+            raise ValueError(f"MoE(router={router_type.name!r}): eval_top_k applies to token-choice routers that "
+                             f"pick a top-k by score, not to {router_type.name!r} routing")
+        if not is_int(eval_top_k) or not 1 <= eval_top_k * granularity <= num_experts:
+            raise ValueError(f"MoE: eval_top_k must be an int in [1, num_experts={num_experts // granularity}], "
+                             f"got {eval_top_k!r}")
+        eval_top_k = eval_top_k * granularity
+        if options.n_groups is not None or options.topk_groups is not None:
+            try:
+                check_groups(num_experts, eval_top_k, options.n_groups, options.topk_groups)
+            except ValueError as err:
+                raise ValueError(f"MoE: eval_top_k={eval_top_k // granularity} does not fit the groups: {err}") from None
+    if (eval_capacity_factor is not None or eval_top_k is not None) and expert_parallel_group is not None:
+        raise ValueError("MoE: eval_capacity_factor / eval_top_k are not supported with expert_parallel_group yet")
+    if eval_capacity_factor is not None and not router_type.token_choice:
+        # The expert-choice router sizes its choice with the layer's capacity rule; one rule per layer for now.
+        raise ValueError(f"MoE(router={router_type.name!r}): eval_capacity_factor applies to token-choice routers "
+                         f"only, got router={router_type.name!r}")
+    return eval_top_k
 
 
 def _sequence_balance(x: Tensor, routing, valid: Optional[Tensor]) -> Tensor:

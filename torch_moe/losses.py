@@ -121,3 +121,4 @@ def global_load_balancing_loss(logits: Tensor, tokens_per_expert: Tensor, valid:
     valid_tokens = assignments / top_k
     f = global_counts.to(probs.dtype) / assignments.clamp(min=1)
     return num_experts * world_size * (f * prob_sum).sum() / valid_tokens.clamp(min=1)
+

@@ -122,6 +122,13 @@ class RouterBase(nn.Module):
     has_noise = False  # Shazeer's load loss applies
     accepts = ("n_groups", "topk_groups", "routed_scaling_factor")  # restricted RouterOptions this router takes
     normalizes_by_default = False  # normalize_weights=None means True for every top_k (else for top_k > 1)
+    accepts_eval_top_k = False  # MoE(eval_top_k=...) may change how many experts it picks in eval mode
+    eval_top_k: Optional[int] = None  # set by the layer: top_k of eval-mode forwards (None: top_k)
+
+    @property
+    def active_top_k(self) -> int:
+        """The experts per token of this forward: ``eval_top_k`` in eval mode when set, else ``top_k``."""
+        return self.top_k if self.training or self.eval_top_k is None else self.eval_top_k
 
     @classmethod
     def default_normalize_weights(cls, top_k: int) -> bool:
@@ -169,6 +176,11 @@ class RouterBase(nn.Module):
         """The router's own aux losses, by name: (coefficient, unweighted 0-dim loss); none here."""
         return {}
 
+    def weights_for(self, routing: Routing, expert_ids: Tensor) -> Tensor:
+        """[T, k'] the weights this router gives the experts ``expert_ids`` [T, k'] int64 of ``routing``'s tokens,
+        computed as its own choice's (router replay, :mod:`torch_moe.replay`); differentiable w.r.t. the logits."""
+        raise NotImplementedError(f"router {self.name!r} cannot weight given experts (routing override / replay)")
+
     def gates(self, routing: Routing) -> Tensor:
         """[T, E] the weight each token gives each expert (0 where not chosen), for the importance loss."""
         weights = routing.weights
@@ -191,6 +203,7 @@ class Router(RouterBase):
     name = "softmax"
     score_func = "softmax"
     accepts = RouterBase.accepts + ("router_bias",)
+    accepts_eval_top_k = True
 
     @classmethod
     def build(cls, d_model: int, num_experts: int, top_k: int, options: RouterOptions, capacity, *, device=None,
@@ -247,8 +260,8 @@ class Router(RouterBase):
         return None
 
     def choose(self, logits: Tensor) -> ops.RouterOutput:
-        out = ops.router_topk(logits, self.top_k, self.score_func, self.selection_bias(), self.normalize_weights,
-                              self.n_groups, self.topk_groups)
+        out = ops.router_topk(logits, self.active_top_k, self.score_func, self.selection_bias(),
+                              self.normalize_weights, self.n_groups, self.topk_groups)
         if self.routed_scaling_factor != 1.0:  # DeepSeek-V2/V3: the (normalised) weights times a constant
             out = out._replace(weights=out.weights * self.routed_scaling_factor)
         return out
@@ -258,6 +271,14 @@ class Router(RouterBase):
         logits = self.logits(x)
         out = self.choose(logits)
         return Routing(logits, out.weights, out.expert_ids, out.scores)
+
+    def weights_for(self, routing: Routing, expert_ids: Tensor) -> Tensor:
+        scores = (torch.softmax(routing.logits, dim=-1) if self.score_func == "softmax"
+                  else torch.sigmoid(routing.logits))
+        weights = scores.gather(1, expert_ids)
+        if self.normalize_weights:
+            weights = weights / weights.sum(-1, keepdim=True).clamp(min=torch.finfo(weights.dtype).tiny)
+        return weights * self.routed_scaling_factor if self.routed_scaling_factor != 1.0 else weights
 
     def extra_repr(self) -> str:
         groups = (f", n_groups={self.n_groups}, topk_groups={self.topk_groups}"
@@ -319,7 +340,12 @@ class NoisyTopKRouter(Router):
 
     def load_loss(self, routing: Routing, valid: Optional[Tensor]) -> Tensor:
         """Shazeer et al.'s load loss of this routing (:func:`torch_moe.losses.load_loss`)."""
-        return moe_losses.load_loss(routing.clean_logits, routing.logits, routing.noise_std, self.top_k, valid)
+        return moe_losses.load_loss(routing.clean_logits, routing.logits, routing.noise_std, self.active_top_k, valid)
+
+    def weights_for(self, routing: Routing, expert_ids: Tensor) -> Tensor:
+        # A softmax over the kept (noisy) logits, as choose() weights its own top k.
+        weights = torch.softmax(routing.logits.gather(1, expert_ids), dim=-1)
+        return weights * self.routed_scaling_factor if self.routed_scaling_factor != 1.0 else weights
 
 
 class SigmoidRouter(Router):
@@ -469,6 +495,10 @@ class HashRouter(RouterBase):
         weights = torch.full(expert_ids.shape, 1.0 / self.top_k, dtype=_router_dtype(x), device=x.device)
         return Routing(None, weights, expert_ids, None)
 
+    def weights_for(self, routing: Routing, expert_ids: Tensor) -> Tensor:
+        return torch.full(expert_ids.shape, 1.0 / expert_ids.shape[1], dtype=routing.weights.dtype,
+                          device=routing.weights.device)
+
     def balance_losses(self, routing: Routing, valid: Optional[Tensor]) -> ops.RouterLosses:
         """No logits: nothing to balance or to regularise."""
         zero = routing.weights.new_zeros(())
@@ -519,6 +549,7 @@ class ExpertChoiceRouter(Router):
     name = "expert_choice"
     token_choice = False
     accepts = ()
+    accepts_eval_top_k = False
 
     @classmethod
     def check(cls, num_experts: int, top_k: int, options: RouterOptions, *, capacity_factor: Optional[float],
@@ -601,6 +632,7 @@ class TopPRouter(Router):
     """
 
     name = "top_p"
+    accepts_eval_top_k = False  # its forward picks self.top_k experts (a cap / its passes), not active_top_k
     accepts = ("top_p_threshold", "dynamic_loss_coef")
 
     @classmethod
@@ -758,6 +790,7 @@ class SparseMixerRouter(Router):
     """
 
     name = "sparsemixer"
+    accepts_eval_top_k = False  # its forward picks self.top_k experts (a cap / its passes), not active_top_k
     accepts = ("router_bias",)
 
     @classmethod

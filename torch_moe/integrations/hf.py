@@ -14,6 +14,7 @@ except ImportError as err:  # torch_moe itself never needs transformers; only th
 from ..convert import moefy
 from ..feedforward import _install_attention_mask_hook, padding_mask
 from ..layer import aux_loss
+from ..balancing import GlobalBatchBalancing
 
 __all__ = ["MoETrainer", "add_aux_loss", "route_attention_mask", "moefy", "padding_mask"]
 
@@ -46,11 +47,20 @@ class MoETrainer(Trainer):
     number of accumulation steps, so that in both cases it enters the step as the mean over the micro-batches.
     Evaluation losses stay the task loss alone. Logs gain ``aux_loss`` (mean over the logged training steps; read
     from the device only when the Trainer logs). The model's ``attention_mask`` is routed to the MoE layers.
+
+    ``global_batch_balancing=True``: the load-balancing loss counts the expert fractions over all micro-batches of
+    each optimizer step (:class:`torch_moe.balancing.GlobalBatchBalancing`), and over ``balancing_group`` (a
+    data-parallel process group) when given. The Trainer collects a step's micro-batches before running them, so
+    each step starts with a no-grad routing pre-pass over them (one extra forward per micro-batch).
     """
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, global_batch_balancing: bool = False, balancing_group=None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         _install_attention_mask_hook(self.model)
+        if balancing_group is not None and not global_batch_balancing:
+            raise ValueError("MoETrainer: balancing_group needs global_batch_balancing=True")
+        self.global_batch_balancing = (GlobalBatchBalancing(self.model, balancing_group) if global_batch_balancing
+                                       else None)
         self._aux_loss_sum: Optional[Tensor] = None
         self._aux_loss_count = 0
 
@@ -76,6 +86,16 @@ class MoETrainer(Trainer):
             self._aux_loss_sum = detached if self._aux_loss_sum is None else self._aux_loss_sum + detached
             self._aux_loss_count += 1
         return (loss, outputs) if return_outputs else loss
+
+    def get_batch_samples(self, epoch_iterator, num_batches, device):
+        batch_samples, num_items_in_batch = super().get_batch_samples(epoch_iterator, num_batches, device)
+        if self.global_batch_balancing is not None and batch_samples:
+            # The step's routing pre-pass, in training mode as the step itself (training_step sets it too).
+            self.model.train()
+            with self.global_batch_balancing.counting():
+                for inputs in batch_samples:
+                    self.model(**self._prepare_inputs(dict(inputs)))
+        return batch_samples, num_items_in_batch
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
         if self._aux_loss_sum is not None and "loss" in logs:
