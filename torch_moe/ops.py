@@ -234,7 +234,8 @@ def grouped_mm_unpermute(h: Tensor, b: Tensor, offsets: Tensor, weights: Tensor,
 
 def last_grouped_mm_path() -> str:
     """The path of this thread's last CUDA grouped_mm-family call: "grouped_mm" (torch's grouped GEMM) or
-    "per_expert_loop" (one GEMM per non-empty expert); "" before any CUDA call or without CUDA kernels."""
+    "per_expert_loop" (one GEMM per non-empty expert); "" before any CUDA call or without CUDA kernels. Per thread,
+    so it never sees a backward (autograd runs it on another thread): :func:`gemm_path_counts` does."""
     from . import _C
 
     return _C.last_grouped_mm_path()
