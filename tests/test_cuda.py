@@ -308,7 +308,10 @@ def test_fused_dropless_ops_agree(dtype):
                                       ("backward_weight", expected): 1}, counts
     # Gradients in the low dtypes within that dtype's rounding: the weights scale in float32 on both devices.
     for cuda_value, cpu_value in zip(res[CUDA], res["cpu"]):
-        _close_scaled(cuda_value, cpu_value, dtype if dtype != torch.float32 else torch.float32)
+        if dtype == torch.float32:
+            torch.testing.assert_close(cuda_value.cpu(), cpu_value, rtol=1e-4, atol=1e-4)
+        else:
+            _close_scaled(cuda_value, cpu_value, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -334,7 +337,10 @@ def test_gather_grouped_glu_agrees(dtype, activation):
         ("forward", expected): 2, ("backward_input", expected): 2, ("backward_weight", expected): 2}
     # grad_x: both projections and a token's rows summed in float32, rounded once, as on the CPU.
     for cuda_value, cpu_value in zip(res[CUDA], res["cpu"]):
-        _close_scaled(cuda_value, cpu_value, dtype)
+        if dtype == torch.float32:
+            torch.testing.assert_close(cuda_value.cpu(), cpu_value, rtol=1e-4, atol=1e-4)
+        else:
+            _close_scaled(cuda_value, cpu_value, dtype)
 
 
 # ---------------------------------------------------------------------------------------------- router_losses
