@@ -1,12 +1,14 @@
-// The pybind11 face of torch_moe._C: build information and the CPU block cache's controls (the ops register
-// themselves on load).
+// The pybind11 face of torch_moe._C: build information, the CPU block cache's controls, the grouped GEMM path
+// counters and the switch of the host-side CUDA value checks (the ops register themselves on load).
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <map>
 #include <string>
 
+#include "common/checks.h"
 #include "common/cpu_cache.h"
+#include "common/gemm_paths.h"
 
 #ifndef TORCH_MOE_WITH_CUDA
 #define TORCH_MOE_WITH_CUDA 0
@@ -42,6 +44,13 @@ PYBIND11_MODULE(_C, m) {
     return std::string();
 #endif
   }, "Path of this thread's last CUDA grouped_mm-family call: grouped_mm or per_expert_loop (empty before any).");
+  m.def("gemm_path_counts", &torch_moe::gemm_path_counts,
+        "Process-wide counts of grouped GEMMs per (op, pass, path) since the last reset (common/gemm_paths.h).");
+  m.def("reset_gemm_path_counts", &torch_moe::reset_gemm_path_counts, "Zero the grouped GEMM path counts.");
+  m.def("set_cuda_value_checks", &torch_moe::set_cuda_value_checks,
+        "Host-side CUDA value checks: 1 on, 0 off, -1 as TORCH_MOE_CUDA_CHECKS says.");
+  m.def("cuda_value_checks_requested", &torch_moe::cuda_value_checks_requested,
+        "Whether host-side CUDA value checks are asked for.");
   m.def("cpu_cache_stats", [] {
     const auto s = torch_moe::cpu::cache_stats();
     return std::map<std::string, int64_t>{{"in_use_bytes", s.in_use_bytes}, {"cached_bytes", s.cached_bytes},

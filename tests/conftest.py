@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import torch_moe  # noqa: F401  (loads the extension and registers torch.ops.torch_moe)
+from torch_moe import ops
 
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA not available")
 
@@ -19,8 +20,17 @@ FLOAT_DTYPES = [
 ]
 
 
+def _with_cuda_value_checks(request) -> None:
+    """The op suites check the user errors of bad values (index ranges, duplicates, offsets), which on CUDA are
+    host-side checks, off by default: turn them on for the test, back to the environment's setting after it."""
+    ops.set_cuda_value_checks(True)
+    request.addfinalizer(lambda: ops.set_cuda_value_checks(None))
+
+
 @pytest.fixture(params=DEVICES)
 def device(request) -> str:
+    if request.param == "cuda":
+        _with_cuda_value_checks(request)
     return request.param
 
 
@@ -30,10 +40,11 @@ def dtype(request) -> torch.dtype:
 
 
 @pytest.fixture
-def cuda_device() -> str:
+def cuda_device(request) -> str:
     """For tests that need a GPU on top of the CPU (mixed-device checks)."""
     if not torch.cuda.is_available():
         pytest.skip("CUDA not available")
+    _with_cuda_value_checks(request)
     return "cuda"
 
 

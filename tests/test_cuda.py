@@ -8,6 +8,7 @@ float64, bad input); this file adds what needs the CPU and the GPU side by side,
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -44,6 +45,29 @@ def _leaf(t, device):
 
 def _close(cuda_value, cpu_value, dtype):
     torch.testing.assert_close(cuda_value.cpu().to(torch.float64), cpu_value.to(torch.float64), **ref.tolerance(dtype))
+
+
+def _close_scaled(cuda_value, cpu_value, dtype):
+    """Agreement within the rounding of ``dtype``: its rtol (tests/reference.py), and as atol that rtol times the
+    largest magnitude (a sum of rounded terms errs with the size of its terms, not of the sum)."""
+    rtol = ref.tolerance(dtype)["rtol"]
+    expected = cpu_value.double()
+    atol = rtol * float(expected.abs().max()) if expected.numel() else 0.0
+    torch.testing.assert_close(cuda_value.cpu().double(), expected, rtol=rtol, atol=atol)
+
+
+def _paths(counts, op):
+    """{(pass, path): count} of one op from ops.gemm_path_counts()."""
+    return {(p, path): n for (o, p, path), n in counts.items() if o == op}
+
+
+def _expected_path(dtype):
+    """torch's grouped GEMM for bf16 on sm90/sm100, else the per-expert loop (TORCH_MOE_GROUPED_MM=loop forces it);
+    the CPU kernels' loop when the harness (test_cuda_harness.py) runs these tests CPU against CPU."""
+    if CUDA == "cpu":
+        return "cpu_loop"
+    grouped = dtype == torch.bfloat16 and torch.cuda.get_device_capability()[0] in (9, 10)
+    return "grouped_mm" if grouped and os.environ.get("TORCH_MOE_GROUPED_MM") != "loop" else "per_expert_loop"
 
 
 def _equal(cuda_value, cpu_value):
@@ -239,13 +263,16 @@ def test_grouped_mm_agrees_with_zero_token_experts(dtype, counts):
     res = {}
     for device in ("cpu", CUDA):
         ad, bd = _leaf(a, device), _leaf(b, device)
+        ops.reset_gemm_path_counts()
         out = ops.grouped_mm(ad, bd, offsets.to(device))
         out.backward(torch.ones_like(out))
         res[device] = (out.detach(), ad.grad, bd.grad)
-    path = ops.last_grouped_mm_path()
-    expected = "grouped_mm" if dtype == torch.bfloat16 and torch.cuda.get_device_capability()[0] in (9, 10) else "per_expert_loop"
+    # The CUDA pass's paths, the backward's (run on autograd's device thread) included.
+    expected = _expected_path(dtype)
     if sum(counts) > 0:
-        assert path == expected
+        assert ops.last_grouped_mm_path() == expected
+        assert _paths(ops.gemm_path_counts(), "grouped_mm") == {
+            ("forward", expected): 1, ("backward_input", expected): 1, ("backward_weight", expected): 1}
     tol = dtype if dtype != torch.bfloat16 else torch.bfloat16
     for cuda_value, cpu_value in zip(res[CUDA], res["cpu"]):
         torch.testing.assert_close(cuda_value.cpu().double(), cpu_value.double(), rtol=ref.tolerance(tol)["rtol"] * 4,
@@ -256,7 +283,7 @@ def test_grouped_mm_agrees_with_zero_token_experts(dtype, counts):
     assert bool((res[CUDA][0][sum(counts):] == 0).all()), "rows past offsets[E] must be zero"
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_fused_dropless_ops_agree(dtype):
     g = _gen(8)
     T, E, k, K, M = 200, 8, 2, 32, 16
@@ -269,16 +296,25 @@ def test_fused_dropless_ops_agree(dtype):
     for device in ("cpu", CUDA):
         xd, b1d, b2d, wd = (_leaf(t, device) for t in (x, b1, b2, weights))
         row_index, offsets = ops.permute_plan(ids.to(device), E)
+        ops.reset_gemm_path_counts()
         h = ops.gather_grouped_mm(xd, b1d, offsets, row_index)
         y = ops.grouped_mm_unpermute(torch.relu(h), b2d, offsets, wd, row_index)
         y.backward(torch.ones_like(y))
         res[device] = (y.detach(), xd.grad, b1d.grad, b2d.grad, wd.grad)
-    tol = dict(rtol=5e-2, atol=5e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
+    expected = _expected_path(dtype)
+    counts = ops.gemm_path_counts()
+    for op in ("gather_grouped_mm", "grouped_mm_unpermute"):
+        assert _paths(counts, op) == {("forward", expected): 1, ("backward_input", expected): 1,
+                                      ("backward_weight", expected): 1}, counts
+    # Gradients in the low dtypes within that dtype's rounding: the weights scale in float32 on both devices.
     for cuda_value, cpu_value in zip(res[CUDA], res["cpu"]):
-        torch.testing.assert_close(cuda_value.cpu().double(), cpu_value.double(), **tol)
+        if dtype == torch.float32:
+            torch.testing.assert_close(cuda_value.cpu(), cpu_value, rtol=1e-4, atol=1e-4)
+        else:
+            _close_scaled(cuda_value, cpu_value, dtype)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("activation", ["silu", "gelu"])
 def test_gather_grouped_glu_agrees(dtype, activation):
     g = _gen(9)
@@ -292,12 +328,19 @@ def test_gather_grouped_glu_agrees(dtype, activation):
     for device in ("cpu", CUDA):
         xd, wgd, wud = (_leaf(t, device) for t in (x, w_gate, w_up))
         row_index, offsets = ops.permute_plan(ids.to(device), E)
+        ops.reset_gemm_path_counts()
         act = ops.gather_grouped_glu(xd, wgd, wud, offsets, row_index, activation)
         act.backward(upstream.to(device))
         res[device] = (act.detach(), xd.grad, wgd.grad, wud.grad)
-    tol = dict(rtol=5e-2, atol=5e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
+    expected = _expected_path(dtype)
+    assert _paths(ops.gemm_path_counts(), "gather_grouped_glu") == {
+        ("forward", expected): 2, ("backward_input", expected): 2, ("backward_weight", expected): 2}
+    # grad_x: both projections and a token's rows summed in float32, rounded once, as on the CPU.
     for cuda_value, cpu_value in zip(res[CUDA], res["cpu"]):
-        torch.testing.assert_close(cuda_value.cpu().double(), cpu_value.double(), **tol)
+        if dtype == torch.float32:
+            torch.testing.assert_close(cuda_value.cpu(), cpu_value, rtol=1e-4, atol=1e-4)
+        else:
+            _close_scaled(cuda_value, cpu_value, dtype)
 
 
 # ---------------------------------------------------------------------------------------------- router_losses
@@ -359,8 +402,7 @@ def test_low_precision_layer_matches_fp32_cpu(dtype, capacity_factor):
     assert torch.isfinite(xg.grad).all()
     for name, p in gpu.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), name
-    expected_path = "bmm" if capacity_factor is not None else (
-        "grouped_mm" if dtype == torch.bfloat16 and torch.cuda.get_device_capability()[0] in (9, 10) else "per_expert_loop")
+    expected_path = "bmm" if capacity_factor is not None else _expected_path(dtype)
     assert gpu.experts.last_path == expected_path
 
 
@@ -408,7 +450,8 @@ def test_capacity_mode_layer_cuda_graph_capture_matches_eager():
 
 
 def test_capacity_mode_step_has_no_host_sync():
-    """With value checks off (they read one flag back per op), a capacity-mode step never syncs with the host."""
+    """By default (host-side value checks off; slots are range-checked by a device-side assert), a capacity-mode
+    step never syncs with the host."""
     code = textwrap.dedent(
         """
         import torch, torch_moe
@@ -424,7 +467,7 @@ def test_capacity_mode_step_has_no_host_sync():
         print("no-sync-ok")
         """
     )
-    env = dict(os.environ, TORCH_MOE_CUDA_CHECKS="0")
+    env = {key: value for key, value in os.environ.items() if key != "TORCH_MOE_CUDA_CHECKS"}
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "no-sync-ok" in proc.stdout, proc.stderr[-4000:]
 
@@ -450,6 +493,104 @@ def test_bad_ids_are_ignored_not_read_when_checks_are_off():
     env = dict(os.environ, TORCH_MOE_CUDA_CHECKS="0")
     proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "ignored-ok" in proc.stdout, proc.stderr[-4000:]
+
+
+BAD_INDEX_SCRIPTS = {
+    "dispatch_slots": (
+        """
+        ids = torch.tensor([[0, 1], [1, 2], [2, 0]], device="cuda")
+        slots = torch.tensor([[0, 0], [1, 2], [0, 1]], device="cuda")  # capacity 2: slot 2 is out of range
+        ops.dispatch(torch.randn(3, 8, device="cuda"), ids, slots, 3, 2)
+        """,
+        "torch_moe.dispatch: argument 'slots' must hold values in [-1, 2), got 2 at flat index 3",
+    ),
+    "combine_slots": (
+        """
+        ids = torch.tensor([[0, 1], [1, 2], [2, 0]], device="cuda")
+        slots = torch.tensor([[0, 0], [1, -2], [0, 1]], device="cuda")
+        ops.combine(torch.randn(3, 2, 8, device="cuda"), torch.ones(3, 2, device="cuda"), ids, slots)
+        """,
+        "torch_moe.combine: argument 'slots' must hold values in [-1, 2), got -2 at flat index 3",
+    ),
+    "unpermute_row_index": (
+        """
+        row_index = torch.tensor([[0, 1], [2, 6]], device="cuda")  # 4 rows
+        ops.unpermute(torch.randn(4, 8, device="cuda"), torch.ones(2, 2, device="cuda"), row_index)
+        """,
+        "torch_moe.unpermute: argument 'row_index' must hold values in [-1, 4), got 6 at flat index 3",
+    ),
+    "gather_grouped_mm_row_index": (
+        """
+        row_index = torch.tensor([[0, 1], [2, 4]], device="cuda")  # T * k = 4 rows
+        offsets = torch.tensor([0, 2, 4], device="cuda")
+        ops.gather_grouped_mm(torch.randn(2, 8, device="cuda"), torch.randn(2, 8, 8, device="cuda"), offsets,
+                              row_index)
+        """,
+        "torch_moe.gather_grouped_mm: argument 'row_index' must hold values in [-1, 4), got 4 at flat index 3",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INDEX_SCRIPTS))
+def test_out_of_range_slots_and_row_indices_are_a_device_side_assert(case):
+    """Without host-side checks (the default), slots and row indices out of range stop the kernel with a device-side
+    assert that prints the CPU's message: never silently dropped or ignored. In a child process: the assert ends
+    the CUDA context."""
+    body, message = BAD_INDEX_SCRIPTS[case]
+    code = "import torch\nfrom torch_moe import ops\n" + textwrap.dedent(body) + "torch.cuda.synchronize()\nprint('no-assert')\n"
+    env = {key: value for key, value in os.environ.items() if key != "TORCH_MOE_CUDA_CHECKS"}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "no-assert" not in proc.stdout, proc.stdout[-2000:]
+    assert "device-side assert" in proc.stderr, proc.stderr[-4000:]
+    assert message in proc.stdout + proc.stderr, (proc.stdout[-2000:], proc.stderr[-2000:])
+
+
+@pytest.mark.parametrize("case", list(BAD_INDEX_SCRIPTS))
+def test_host_value_checks_raise_the_cpu_error(case):
+    """With the host-side checks asked for, the same bad index is a RuntimeError with the CPU's message."""
+    body, message = BAD_INDEX_SCRIPTS[case]
+    ops.set_cuda_value_checks(True)
+    try:
+        with pytest.raises(RuntimeError, match=re.escape(message)):
+            exec(textwrap.dedent(body), {"torch": torch, "ops": ops})
+    finally:
+        ops.set_cuda_value_checks(None)
+    # and the CPU gives that message
+    cpu_body = textwrap.dedent(body).replace('device="cuda"', 'device="cpu"')
+    with pytest.raises(RuntimeError, match=re.escape(message)):
+        exec(cpu_body, {"torch": torch, "ops": ops})
+
+
+def test_fused_ops_refuse_host_tensors_and_short_gradients():
+    """row_index, weights, offsets and the backward's gradients on x's device, grad_y of the right shape: a
+    RuntimeError naming the argument, never a host pointer in a kernel or a read past the end."""
+    g = _gen(13)
+    T, E, k, K, M = 16, 4, 2, 8, 8
+    ids = ref.distinct_expert_ids(T, E, k, g).to(CUDA)
+    row_index, offsets = ops.permute_plan(ids, E)
+    x = torch.randn(T, K, device=CUDA)
+    b = torch.randn(E, K, M, device=CUDA)
+    h = torch.randn(T * k, K, device=CUDA)
+    weights = torch.rand(T, k, device=CUDA)
+    device_message = "all tensors must be on one device"
+    with pytest.raises(RuntimeError, match=f"gather_grouped_mm: {device_message}: 'row_index' is on cpu"):
+        ops.gather_grouped_mm(x, b, offsets, row_index.cpu())
+    with pytest.raises(RuntimeError, match=f"gather_grouped_mm: {device_message}: 'offsets' is on cpu"):
+        ops.gather_grouped_mm(x, b, offsets.cpu(), row_index)
+    with pytest.raises(RuntimeError, match=f"grouped_mm_unpermute: {device_message}: 'weights' is on cpu"):
+        ops.grouped_mm_unpermute(h, b, offsets, weights.cpu(), row_index)
+    with pytest.raises(RuntimeError, match=f"grouped_mm_unpermute: {device_message}: 'row_index' is on cpu"):
+        ops.grouped_mm_unpermute(h, b, offsets, weights, row_index.cpu())
+    with pytest.raises(RuntimeError, match=f"gather_grouped_glu: {device_message}: 'row_index' is on cpu"):
+        ops.gather_grouped_glu(x, b, b.clone(), offsets, row_index.cpu())
+    with pytest.raises(RuntimeError, match=f"gather_grouped_glu: {device_message}: 'w_up' is on cpu"):
+        ops.gather_grouped_glu(x, b, b.cpu(), offsets, row_index)
+    with pytest.raises(RuntimeError, match="_grouped_mm_unpermute_backward: argument 'grad_y' must have size 16 \\(tokens\\)"):
+        torch.ops.torch_moe._grouped_mm_unpermute_backward(torch.randn(T - 1, M, device=CUDA), h, b, offsets, weights,
+                                                           row_index)
+    with pytest.raises(RuntimeError, match="_grouped_mm_unpermute_backward: argument 'grad_y' must have size 8 \\(columns of b\\)"):
+        torch.ops.torch_moe._grouped_mm_unpermute_backward(torch.randn(T, M - 1, device=CUDA), h, b, offsets, weights,
+                                                           row_index)
 
 
 # ---------------------------------------------------------------------------------------------- big and multi-GPU

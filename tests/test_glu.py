@@ -159,3 +159,18 @@ def test_bad_input(gen):
         GLU_BACKWARD(gate[:5], gate, up, "silu")
     with pytest.raises(RuntimeError, match="argument 'activation' must be"):
         GLU_BACKWARD(gate, gate, up, "tanh")
+
+
+def test_every_op_has_a_cuda_kernel_exactly_when_cuda_is_built():
+    # CUDA kernels are registered from CUDA-compiled sources only: a CPU-only build must refuse CUDA tensors (glu
+    # once registered its CUDA kernel from a .cpp, so a CPU-only build ran it on whatever device came).
+    import torch_moe
+
+    with_cuda = torch_moe._C.with_cuda()
+    names = [name for name in torch._C._dispatch_get_all_op_names() if name.startswith("torch_moe::")]
+    assert "torch_moe::glu" in names and "torch_moe::_glu_backward" in names
+    for name in names:
+        has_cpu = torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU")
+        has_cuda = torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA")
+        if has_cpu:  # a backend op (not a composite registered for every key)
+            assert has_cuda == with_cuda, f"{name}: CUDA kernel {has_cuda}, CUDA build {with_cuda}"

@@ -176,6 +176,16 @@ def test_fused_ops_bad_input(gen):
         ops.grouped_mm_unpermute(h, b, offsets, weights[:, :1], row_index)
     with pytest.raises(RuntimeError, match="'expert_ids' must hold values in \\[0, 3\\)"):
         ops.permute_plan(torch.tensor([[0, 3]]), 3)
+    # grad_y of the backward: the shared check the CUDA kernel runs too (a short grad_y once read past its end there).
+    unpermute_backward = torch.ops.torch_moe._grouped_mm_unpermute_backward
+    grad_y = torch.randn(6, b.shape[2])
+    with pytest.raises(RuntimeError, match="_grouped_mm_unpermute_backward: argument 'grad_y' must have size 6 \\(tokens\\) "
+                                           "in dim 0, got shape \\[5, 2\\]"):
+        unpermute_backward(grad_y[:5], h, b, offsets, weights, row_index)
+    with pytest.raises(RuntimeError, match="argument 'grad_y' must have size 2 \\(columns of b\\) in dim 1"):
+        unpermute_backward(grad_y[:, :1], h, b, offsets, weights, row_index)
+    with pytest.raises(RuntimeError, match="argument 'grad_y' must be a 2-D tensor \\[T, M\\]"):
+        unpermute_backward(grad_y.reshape(-1), h, b, offsets, weights, row_index)
 
 
 # ------------------------------------------------------------------ CPU schedules of the fused ops and unusual plans

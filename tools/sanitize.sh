@@ -19,13 +19,15 @@ if ! "$python" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() el
   exit 2
 fi
 
-# The op suites on CUDA (big-memory and graph tests excluded: they are slow under the sanitizer and add nothing).
+# The op suites on CUDA (big-memory and graph tests excluded: they are slow under the sanitizer and add nothing; the
+# device-side assert tests too: an assert is what they expect, and the sanitizer would count it).
 if [ "$#" -gt 0 ]; then
   selection=("$@")
 else
   selection=(tests/test_cuda.py tests/test_router_topk.py tests/test_capacity_plan.py tests/test_dispatch_combine.py
              tests/test_permute.py tests/test_grouped_mm.py tests/test_router_losses.py
-             -k "cuda and not beyond_2_pow_31 and not graph_capture and not no_host_sync" -p no:cacheprovider)
+             -k "cuda and not beyond_2_pow_31 and not graph_capture and not no_host_sync and not device_side_assert" \
+             -p no:cacheprovider)
 fi
 export PYTORCH_NO_CUDA_MEMORY_CACHING=1
 log_dir=${LOG_DIR:-build/sanitize}

@@ -6,7 +6,7 @@ Every op checks its arguments in C++ and raises ``RuntimeError`` naming the argu
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Dict, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -33,6 +33,10 @@ __all__ = [
     "glu",
     "grouped_mm_unpermute",
     "last_grouped_mm_path",
+    "gemm_path_counts",
+    "reset_gemm_path_counts",
+    "set_cuda_value_checks",
+    "cuda_value_checks",
 ]
 
 
@@ -230,7 +234,51 @@ def grouped_mm_unpermute(h: Tensor, b: Tensor, offsets: Tensor, weights: Tensor,
 
 def last_grouped_mm_path() -> str:
     """The path of this thread's last CUDA grouped_mm-family call: "grouped_mm" (torch's grouped GEMM) or
-    "per_expert_loop" (one GEMM per non-empty expert); "" before any CUDA call or without CUDA kernels."""
+    "per_expert_loop" (one GEMM per non-empty expert); "" before any CUDA call or without CUDA kernels. Per thread,
+    so it never sees a backward (autograd runs it on another thread): :func:`gemm_path_counts` does."""
     from . import _C
 
     return _C.last_grouped_mm_path()
+
+
+def gemm_path_counts() -> Dict[Tuple[str, str, str], int]:
+    """How many grouped GEMMs of the grouped_mm family took each path since the last reset, process-wide (forward
+    and backward, whichever thread ran them: autograd runs a CUDA backward on its own thread).
+
+    Keys are ``(op, pass, path)``: op one of "grouped_mm", "gather_grouped_mm", "gather_grouped_glu",
+    "grouped_mm_unpermute"; pass "forward", "backward_input" (the activation gradient) or "backward_weight" (the
+    weight gradient); path "grouped_mm" (CUDA, torch's grouped GEMM), "per_expert_loop" (CUDA, one GEMM per
+    non-empty expert, offsets read on the host) or "cpu_loop" (CPU). One count per GEMM: the two projections of
+    gather_grouped_glu count two. Reading the counters is a host operation; do it outside a training step.
+    """
+    from . import _C
+
+    return {tuple(key): int(count) for key, count in _C.gemm_path_counts().items()}
+
+
+def reset_gemm_path_counts() -> None:
+    """Zero the counters of :func:`gemm_path_counts`."""
+    from . import _C
+
+    _C.reset_gemm_path_counts()
+
+
+def set_cuda_value_checks(enabled: Optional[bool]) -> None:
+    """Turn the host-side value checks of the CUDA kernels on (True) or off (False), or back to what the environment
+    says (None: on when ``TORCH_MOE_CUDA_CHECKS=1``, ``on`` or ``true``, off otherwise).
+
+    With them, a bad index or offsets tensor raises the CPU's ``RuntimeError`` naming the argument, at the cost of a
+    host sync per check (about a dozen per capacity-mode training step). Without them (the default) no op syncs;
+    slots and row indices are still range-checked on the device (a device-side assert), while out-of-range expert
+    ids and duplicate rows are ignored, never read out of bounds. They are skipped during CUDA graph capture.
+    """
+    from . import _C
+
+    _C.set_cuda_value_checks(-1 if enabled is None else int(bool(enabled)))
+
+
+def cuda_value_checks() -> bool:
+    """Whether the host-side CUDA value checks are on (see :func:`set_cuda_value_checks`)."""
+    from . import _C
+
+    return bool(_C.cuda_value_checks_requested())

@@ -4,6 +4,9 @@
 #include <ATen/ATen.h>
 #include <fmt/format.h>
 
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 
 namespace torch_moe {
@@ -89,6 +92,26 @@ void check_index_range(const char* op, const char* name, const at::Tensor& t, in
                       op, name, low, high, v, r * per_row + i);
     }
   }
+}
+
+namespace {
+std::atomic<int> g_cuda_value_checks{-1};  // -1: as the environment says
+}  // namespace
+
+bool cuda_value_checks_requested() {
+  const int mode = g_cuda_value_checks.load(std::memory_order_relaxed);
+  if (mode >= 0) return mode == 1;
+  static const bool from_env = [] {
+    const char* v = std::getenv("TORCH_MOE_CUDA_CHECKS");
+    return v != nullptr && (std::strcmp(v, "1") == 0 || std::strcmp(v, "on") == 0 || std::strcmp(v, "true") == 0);
+  }();
+  return from_env;
+}
+
+void set_cuda_value_checks(int mode) {
+  TORCH_MOE_CHECK(mode >= -1 && mode <= 1, "torch_moe.set_cuda_value_checks: argument 'mode' must be -1, 0 or 1, got {}",
+                  mode);
+  g_cuda_value_checks.store(mode, std::memory_order_relaxed);
 }
 
 void check_valid_mask(const char* op, const std::optional<at::Tensor>& valid_mask, const at::Tensor& tokens,

@@ -40,6 +40,19 @@ void check_valid_mask(const char* op, const std::optional<at::Tensor>& valid_mas
 // Every entry of an int64 tensor in [low, high) (CPU tensors only; device kernels check on the device).
 void check_index_range(const char* op, const char* name, const at::Tensor& t, int64_t low, int64_t high,
                        const at::Tensor* rows_to_check = nullptr);
+// The signature of a backend's index range check (the CPU's above, cuda::assert_index_range on CUDA), which the
+// shared argument checks take so that no backend can skip it.
+using IndexRangeCheck = void (*)(const char* op, const char* name, const at::Tensor& t, int64_t low, int64_t high,
+                                 const at::Tensor* rows_to_check);
+
+// Whether the CUDA kernels should run their host-side value checks (index ranges with the CPU's messages,
+// duplicate destinations, offsets), each of which reads a result back to the host: a sync. Off unless the
+// environment sets TORCH_MOE_CUDA_CHECKS=1 (or on/true) or set_cuda_value_checks(1) asked for them; without them
+// the range of slots and row indices is still checked on the device (a device-side assert, no sync). Kept here,
+// in code every build compiles, so that the switch itself is testable without a GPU.
+bool cuda_value_checks_requested();
+// 1: on, 0: off, -1: back to what the environment says.
+void set_cuda_value_checks(int mode);
 
 // Size arithmetic. A size argument (num_experts, capacity, ...) comes from the user, so every product or sum of sizes
 // that sizes an allocation or an index goes through these: on int64 overflow they raise a user error naming the

@@ -31,9 +31,12 @@ inline unsigned int blocks_for(int64_t n, int threads = kBlockThreads) {
   return static_cast<unsigned int>(std::max<int64_t>(1, std::min(blocks, cap)));
 }
 
-// Data-dependent checks (index ranges, duplicate destinations, offsets) read one small result back to the host,
-// which is a synchronisation. They run unless the current stream is capturing a CUDA graph or the environment sets
-// TORCH_MOE_CUDA_CHECKS=0; kernels never touch memory out of bounds when they are skipped (bad entries are ignored).
+// Host-side data-dependent checks (index ranges with the CPU's messages, duplicate destinations, offsets) read one
+// small result back to the host, which is a synchronisation, so they are opt-in: they run when asked for
+// (TORCH_MOE_CUDA_CHECKS=1 or torch_moe.ops.set_cuda_value_checks(True); common/checks.h) and the current stream
+// is not capturing a CUDA graph. Without them, slots and row indices are still range-checked by a device-side
+// assert (row_ops_cuda.h, assert_index_range); other bad entries (expert ids out of range, duplicate rows) are
+// ignored, and kernels never touch memory out of bounds.
 bool value_checks_enabled();
 
 // ------------------------------------------------------------------------------------------- 16-byte vectors

@@ -14,7 +14,8 @@ struct CudaRows {
   static constexpr auto gather_rows = &cuda::gather_rows;
   static constexpr auto row_dots = &cuda::row_dots;
   static constexpr auto check_unique_destinations = &cuda::check_unique_destinations;
-  static constexpr auto check_index_range = &cuda::check_index_range;
+  // Slots and row indices: a device-side assert, or the host check when value checks are on.
+  static constexpr auto check_index_range = &cuda::assert_index_range;
 };
 
 }  // namespace torch_moe

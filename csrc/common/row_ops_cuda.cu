@@ -8,7 +8,7 @@
 #include <c10/cuda/CUDAGraphsC10Utils.h>
 #include <c10/cuda/CUDAGuard.h>
 
-#include <cstdlib>
+#include <cstdio>
 #include <cstring>
 #include <limits>
 
@@ -18,11 +18,8 @@
 namespace torch_moe::cuda {
 
 bool value_checks_enabled() {
-  static const bool from_env = [] {
-    const char* v = std::getenv("TORCH_MOE_CUDA_CHECKS");
-    return v == nullptr || !(std::strcmp(v, "0") == 0 || std::strcmp(v, "off") == 0 || std::strcmp(v, "false") == 0);
-  }();
-  return from_env && c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None;
+  return cuda_value_checks_requested() &&
+         c10::cuda::currentStreamCaptureStatusMayInitCtx() == c10::cuda::CaptureStatus::None;
 }
 
 int sm_count() {
@@ -48,6 +45,37 @@ __global__ void find_out_of_range_kernel(const int64_t* values, int64_t n, int64
     if (keep != nullptr && !keep[i / per_row]) continue;
     const int64_t v = values[i];
     if (v < low || v >= high) atomicMin(first_bad, static_cast<unsigned long long>(i));
+  }
+}
+
+// The names a device-side assert prints, by value in the kernel's parameters (no host pointer reaches the device).
+struct IndexCheckLabel {
+  char op[48];
+  char name[24];
+};
+
+IndexCheckLabel make_label(const char* op, const char* name) {
+  IndexCheckLabel label{};
+  std::strncpy(label.op, op, sizeof(label.op) - 1);
+  std::strncpy(label.name, name, sizeof(label.name) - 1);
+  return label;
+}
+
+// Every value (of rows not masked out) in [low, high), else a device-side assert with the CPU's message: the kernel
+// stops the context as ATen's indexing kernels do, and the error surfaces at the next sync.
+__global__ void assert_in_range_kernel(const int64_t* values, int64_t n, int64_t per_row, const bool* keep,
+                                       int64_t low, int64_t high, IndexCheckLabel label) {
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    if (keep != nullptr && !keep[i / per_row]) continue;
+    const int64_t v = values[i];
+    const bool in_range = v >= low && v < high;
+    if (!in_range) {
+      printf("torch_moe.%s: argument '%s' must hold values in [%lld, %lld), got %lld at flat index %lld\n", label.op,
+             label.name, static_cast<long long>(low), static_cast<long long>(high), static_cast<long long>(v),
+             static_cast<long long>(i));
+    }
+    CUDA_KERNEL_ASSERT(in_range);
   }
 }
 
@@ -187,6 +215,26 @@ void check_index_range(const char* op, const char* name, const at::Tensor& t_in,
   const int64_t v = t.reshape(-1)[bad].item<int64_t>();
   TORCH_MOE_CHECK(false, "torch_moe.{}: argument '{}' must hold values in [{}, {}), got {} at flat index {}", op, name,
                   low, high, v, bad);
+}
+
+void assert_index_range(const char* op, const char* name, const at::Tensor& t_in, int64_t low, int64_t high,
+                        const at::Tensor* rows_to_check) {
+  if (t_in.numel() == 0 || !t_in.is_cuda()) return;
+  if (value_checks_enabled()) {
+    // Asked for host-side checks: the CPU's user error, at the cost of a sync.
+    check_index_range(op, name, t_in, low, high, rows_to_check);
+    return;
+  }
+  const c10::cuda::CUDAGuard guard(t_in.device());
+  const auto t = t_in.contiguous();
+  const int64_t rows = t.dim() > 0 ? t.size(0) : 1;
+  const int64_t per_row = rows > 0 ? t.numel() / rows : 1;
+  at::Tensor mask;
+  if (rows_to_check != nullptr && rows_to_check->defined()) mask = rows_to_check->contiguous();
+  assert_in_range_kernel<<<blocks_for(t.numel()), kBlockThreads, 0, current_stream()>>>(
+      t.data_ptr<int64_t>(), t.numel(), per_row, mask.defined() ? mask.data_ptr<bool>() : nullptr, low, high,
+      make_label(op, name));
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 void check_unique_destinations(const char* op, const char* name, const at::Tensor& index_in, int64_t num_rows) {

@@ -21,10 +21,15 @@ at::Tensor gather_rows(const at::Tensor& src, const at::Tensor& index, const std
 // index is out of range.
 at::Tensor row_dots(const at::Tensor& a, const at::Tensor& src, const at::Tensor& index, at::ScalarType out_dtype);
 
-// The device versions of check_index_range and check_unique_destinations (same messages); both are skipped when
-// value checks are off (see value_checks_enabled in cuda_utils.cuh).
+// The device versions of check_index_range and check_unique_destinations (same messages): host-side checks (a sync
+// each), skipped unless value checks are on (see value_checks_enabled in cuda_utils.cuh).
 void check_index_range(const char* op, const char* name, const at::Tensor& t, int64_t low, int64_t high,
                        const at::Tensor* rows_to_check = nullptr);
+// The range check of slots and row indices, always on: check_index_range when value checks are on, else a small
+// kernel whose device-side assert (CUDA_KERNEL_ASSERT, printing the CPU's message) fires on a value outside
+// [low, high): no host sync, the same meaning as on the CPU, and the error surfaces at the next sync.
+void assert_index_range(const char* op, const char* name, const at::Tensor& t, int64_t low, int64_t high,
+                        const at::Tensor* rows_to_check = nullptr);
 void check_unique_destinations(const char* op, const char* name, const at::Tensor& index, int64_t num_rows);
 
 // Zeroes rows [offsets[E], rows) of out [rows, cols] reading offsets on the device (no host sync).

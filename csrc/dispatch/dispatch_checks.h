@@ -7,21 +7,23 @@
 
 namespace torch_moe {
 
-// expert_ids and slots [T, k] int64 on one device, slots in [-1, capacity); the range of the ids of kept slots is
-// each backend's to check.
-inline void check_slot_plan(const char* op, const at::Tensor& expert_ids, const at::Tensor& slots, int64_t capacity) {
+// expert_ids and slots [T, k] int64 on one device, slots in [-1, capacity) by the backend's range check (on the host
+// on the CPU, a device-side assert on CUDA); the range of the ids of kept slots is each backend's to check.
+inline void check_slot_plan(const char* op, const at::Tensor& expert_ids, const at::Tensor& slots, int64_t capacity,
+                            IndexRangeCheck check_range) {
   check_dtype(op, "expert_ids", expert_ids, at::kLong);
   check_dim(op, "expert_ids", expert_ids, 2, "[T, k]");
   check_dtype(op, "slots", slots, at::kLong);
   check_same_shape(op, "slots", slots, "expert_ids", expert_ids);
   check_same_device(op, {{"expert_ids", &expert_ids}, {"slots", &slots}});
-  check_index_range(op, "slots", slots, -1, capacity);
+  check_range(op, "slots", slots, -1, capacity, nullptr);
 }
 
-inline void check_row_index(const char* op, const at::Tensor& row_index, int64_t num_rows) {
+// row_index [T, k] int64 in [-1, num_rows), by the backend's range check as above.
+inline void check_row_index(const char* op, const at::Tensor& row_index, int64_t num_rows, IndexRangeCheck check_range) {
   check_dtype(op, "row_index", row_index, at::kLong);
   check_dim(op, "row_index", row_index, 2, "[T, k]");
-  check_index_range(op, "row_index", row_index, -1, num_rows);
+  check_range(op, "row_index", row_index, -1, num_rows, nullptr);
 }
 
 inline void check_weights(const char* op, const at::Tensor& weights, const at::Tensor& index, const char* index_name) {

@@ -23,7 +23,7 @@ namespace torch_moe {
 template <typename B>
 at::Tensor slot_index(const char* op, const at::Tensor& expert_ids, const at::Tensor& slots, int64_t num_experts,
                       int64_t capacity) {
-  check_slot_plan(op, expert_ids, slots, capacity);
+  check_slot_plan(op, expert_ids, slots, capacity, B::check_index_range);
   return B::flat_slot_index(op, expert_ids, slots, num_experts, capacity);
 }
 

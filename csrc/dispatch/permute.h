@@ -64,7 +64,7 @@ at::Tensor permute_backward_op(const at::Tensor& grad_rows, const at::Tensor& ro
   constexpr const char* op = "_permute_backward";
   check_floating(op, "grad_rows", grad_rows);
   check_dim(op, "grad_rows", grad_rows, 2, "[N, d]");
-  check_row_index(op, row_index, grad_rows.size(0));
+  check_row_index(op, row_index, grad_rows.size(0), B::check_index_range);
   const typename B::Guard guard(grad_rows.device());
   return B::gather_rows(grad_rows, row_index, std::nullopt);
 }
@@ -74,7 +74,7 @@ at::Tensor unpermute_op(const at::Tensor& rows, const at::Tensor& weights, const
   constexpr const char* op = "unpermute";
   check_floating(op, "rows", rows);
   check_dim(op, "rows", rows, 2, "[N, d]");
-  check_row_index(op, row_index, rows.size(0));
+  check_row_index(op, row_index, rows.size(0), B::check_index_range);
   check_weights(op, weights, row_index, "row_index");
   check_same_device(op, {{"rows", &rows}, {"row_index", &row_index}});
   B::check_unique_destinations(op, "row_index", row_index, rows.size(0));
@@ -88,7 +88,7 @@ std::tuple<at::Tensor, at::Tensor> unpermute_backward_op(const at::Tensor& grad_
   constexpr const char* op = "_unpermute_backward";
   check_floating(op, "rows", rows);
   check_dim(op, "rows", rows, 2, "[N, d]");
-  check_row_index(op, row_index, rows.size(0));
+  check_row_index(op, row_index, rows.size(0), B::check_index_range);
   check_weights(op, weights, row_index, "row_index");
   check_tokens(op, "grad_y", grad_y, row_index.size(0), rows.size(1));
   B::check_unique_destinations(op, "row_index", row_index, rows.size(0));

@@ -1,5 +1,5 @@
-// The gated-activation math (device-generic ATen calls): the glu op on whole tensors, and the per-segment math and
-// composite form of gather_grouped_glu.
+// The gated-activation math (device-generic ATen calls): the glu op on whole tensors and the per-segment math of
+// gather_grouped_glu.
 #include "experts/glu.h"
 
 #include <ATen/ATen.h>
@@ -108,40 +108,6 @@ void glu_backward_out(at::Tensor& grad_gate, at::Tensor& grad_up, const at::Tens
   glu_grad_up_out(grad_up, grad_act, gate, activation);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_grouped_glu_composite(
-    GatherGroupedMmFn gather_grouped_mm, const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w_up,
-    const at::Tensor& offsets, const at::Tensor& row_index, c10::string_view activation) {
-  constexpr const char* op = "gather_grouped_glu";
-  const auto kind = parse_glu_activation(op, activation);
-  check_glu_weights(op, w_gate, w_up);
-  auto gate = gather_grouped_mm(x, w_gate, offsets, row_index);
-  auto up = gather_grouped_mm(x, w_up, offsets, row_index);
-  auto act = at::empty_like(gate);
-  glu_forward_out(act, gate, up, kind);
-  return {act, gate, up};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_grouped_glu_backward_composite(
-    GatherGroupedMmBackwardFn gather_grouped_mm_backward, const at::Tensor& grad_act_in, const at::Tensor& x,
-    const at::Tensor& w_gate, const at::Tensor& w_up, const at::Tensor& gate, const at::Tensor& up,
-    const at::Tensor& offsets, const at::Tensor& row_index, c10::string_view activation,
-    std::array<bool, 3> output_mask) {
-  constexpr const char* op = "_gather_grouped_glu_backward";
-  const auto kind = parse_glu_activation(op, activation);
-  check_glu_weights(op, w_gate, w_up);
-  check_glu_projections(op, row_index.numel(), w_gate.size(2), grad_act_in, gate, up);
-  const auto grad_act = grad_act_in.to(gate.scalar_type());
-  auto grad_gate = at::empty_like(gate);
-  auto grad_up = at::empty_like(up);
-  glu_backward_out(grad_gate, grad_up, grad_act, gate, up, kind);
-  auto [grad_x, grad_w_gate] =
-      gather_grouped_mm_backward(grad_gate, x, w_gate, offsets, row_index, {output_mask[0], output_mask[1]});
-  auto [grad_x_up, grad_w_up] =
-      gather_grouped_mm_backward(grad_up, x, w_up, offsets, row_index, {output_mask[0], output_mask[2]});
-  if (grad_x.defined()) grad_x.add_(grad_x_up);
-  return {grad_x, grad_w_gate, grad_w_up};
-}
-
 namespace {
 
 // An output shaped like `like` (contiguous): from the block cache on the CPU, so that a training step's activation
@@ -170,7 +136,9 @@ void for_element_chunks(const at::Tensor& like, const Body& body) {
   });
 }
 
-at::Tensor glu(const at::Tensor& gate_in, const at::Tensor& up_in, c10::string_view activation) {
+}  // namespace
+
+at::Tensor glu_op(const at::Tensor& gate_in, const at::Tensor& up_in, c10::string_view activation) {
   constexpr const char* op = "glu";
   const auto kind = parse_glu_activation(op, activation);
   check_gate_up_pair(op, "gate", gate_in, "up", up_in);
@@ -185,7 +153,7 @@ at::Tensor glu(const at::Tensor& gate_in, const at::Tensor& up_in, c10::string_v
   return act;
 }
 
-std::tuple<at::Tensor, at::Tensor> glu_backward(const at::Tensor& grad_act_in, const at::Tensor& gate_in,
+std::tuple<at::Tensor, at::Tensor> glu_backward_op(const at::Tensor& grad_act_in, const at::Tensor& gate_in,
                                                 const at::Tensor& up_in, c10::string_view activation,
                                                 std::array<bool, 2> output_mask) {
   constexpr const char* op = "_glu_backward";
@@ -222,11 +190,8 @@ std::tuple<at::Tensor, at::Tensor> glu_backward(const at::Tensor& grad_act_in, c
   return {grad_gate, grad_up};
 }
 
-}  // namespace
-
-// The same ATen math serves both devices; only the output allocation and the chunking differ.
-TORCH_LIBRARY_IMPL(torch_moe, CPU, m) { impl_with_backward(m, "glu", &glu, &glu_backward); }
-
-TORCH_LIBRARY_IMPL(torch_moe, CUDA, m) { impl_with_backward(m, "glu", &glu, &glu_backward); }
+// The same ATen math serves both devices; only the output allocation and the chunking differ. The CUDA kernel is
+// registered from experts/grouped_mm_cuda.cu, so that only a CUDA build has one.
+TORCH_LIBRARY_IMPL(torch_moe, CPU, m) { impl_with_backward(m, "glu", &glu_op, &glu_backward_op); }
 
 }  // namespace torch_moe

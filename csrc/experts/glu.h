@@ -1,5 +1,5 @@
-// Gated expert FFN input half (SwiGLU / GeGLU): the activation math shared by the CPU kernel and the composite
-// used on CUDA, on whole tensors or on one expert segment at a time.
+// Gated expert FFN input half (SwiGLU / GeGLU): the activation math shared by the CPU and CUDA kernels, on whole
+// tensors or on one expert segment at a time.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -29,21 +29,10 @@ void glu_forward_out(at::Tensor& act, const at::Tensor& gate, const at::Tensor& 
 void glu_backward_out(at::Tensor& grad_gate, at::Tensor& grad_up, const at::Tensor& grad_act, const at::Tensor& gate,
                       const at::Tensor& up, GluActivation activation);
 
-// gather_grouped_glu from a backend's gather_grouped_mm and its backward: each projection's rows are gathered
-// separately and the gathered gate/up projections are whole [N, M] tensors. The CUDA kernels use it.
-using GatherGroupedMmFn = at::Tensor (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&);
-using GatherGroupedMmBackwardFn = std::tuple<at::Tensor, at::Tensor> (*)(const at::Tensor&, const at::Tensor&,
-                                                                         const at::Tensor&, const at::Tensor&,
-                                                                         const at::Tensor&, std::array<bool, 2>);
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_grouped_glu_composite(
-    GatherGroupedMmFn gather_grouped_mm, const at::Tensor& x, const at::Tensor& w_gate, const at::Tensor& w_up,
-    const at::Tensor& offsets, const at::Tensor& row_index, c10::string_view activation);
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_grouped_glu_backward_composite(
-    GatherGroupedMmBackwardFn gather_grouped_mm_backward, const at::Tensor& grad_act, const at::Tensor& x,
-    const at::Tensor& w_gate, const at::Tensor& w_up, const at::Tensor& gate, const at::Tensor& up,
-    const at::Tensor& offsets, const at::Tensor& row_index, c10::string_view activation,
-    std::array<bool, 3> output_mask);
+// The glu op and its backward on whole tensors (device-generic ATen math; on the CPU in cache-sized chunks).
+at::Tensor glu_op(const at::Tensor& gate, const at::Tensor& up, c10::string_view activation);
+std::tuple<at::Tensor, at::Tensor> glu_backward_op(const at::Tensor& grad_act, const at::Tensor& gate,
+                                                   const at::Tensor& up, c10::string_view activation,
+                                                   std::array<bool, 2> output_mask);
 
 }  // namespace torch_moe

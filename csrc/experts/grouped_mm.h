@@ -9,6 +9,7 @@
 #include <tuple>
 
 #include "common/checks.h"
+#include "common/gemm_paths.h"
 #include "common/kernel_registration.h"
 
 // Registers a backend's kernels of the grouped GEMM family (named alike in cpu:: and cuda::; the backward of
@@ -78,20 +79,68 @@ void check_row_plan(const char* op, const at::Tensor& row_index, int64_t tokens,
   B::check_unique_destinations(op, "row_index", row_index, num_rows);
 }
 
+// x [T, K] (the tokens) against the weights b [E, K, M], named b_name in messages, and the row plan of backend B.
+template <typename B>
+void check_gather_operands(const char* op, const at::Tensor& x, const at::Tensor& b, const at::Tensor& row_index,
+                           const char* b_name = "b") {
+  check_floating(op, "x", x);
+  check_dim(op, "x", x, 2, "[T, K]");
+  check_floating(op, b_name, b);
+  check_dim(op, b_name, b, 3, "[E, K, M]");
+  TORCH_MOE_CHECK(x.scalar_type() == b.scalar_type(), "torch_moe.{}: arguments 'x' and '{}' must share a dtype, got {} and {}",
+                  op, b_name, dtype_name(x.scalar_type()), dtype_name(b.scalar_type()));
+  check_size(op, b_name, b, 1, x.size(1), "columns of x");
+  check_same_device(op, {{"x", &x}, {b_name, &b}, {"row_index", &row_index}});
+  check_row_plan<B>(op, row_index, x.size(0), row_index.numel());
+}
+
+// grad_out [N, M] of gather_grouped_mm's backward: floating, the rows of the plan and the columns of b.
+inline void check_gather_grad_out(const char* op, const at::Tensor& grad_out, int64_t N, int64_t M) {
+  check_floating(op, "grad_out", grad_out);
+  check_dim(op, "grad_out", grad_out, 2, "[N, M]");
+  check_size(op, "grad_out", grad_out, 0, N, "rows of the plan");
+  check_size(op, "grad_out", grad_out, 1, M, "columns of b");
+}
+
+// h [N, K] and b [E, K, M] as grouped_mm's operands, weights [T, k] like row_index, all on h's device, and the row
+// plan of backend B.
+template <typename B>
+void check_unpermute_operands(const char* op, const at::Tensor& h, const at::Tensor& b, const at::Tensor& weights,
+                              const at::Tensor& row_index) {
+  check_grouped_mm_operands(op, h, b);
+  check_floating(op, "weights", weights);
+  check_row_plan<B>(op, row_index, weights.size(0), h.size(0));
+  check_same_shape(op, "weights", weights, "row_index", row_index);
+  check_same_device(op, {{"h", &h}, {"weights", &weights}, {"row_index", &row_index}});
+}
+
+// grad_y [T, M] of grouped_mm_unpermute's backward: floating, the tokens of row_index and the columns of b.
+inline void check_unpermute_grad_y(const char* op, const at::Tensor& grad_y, const at::Tensor& row_index,
+                                   const at::Tensor& b) {
+  check_floating(op, "grad_y", grad_y);
+  check_dim(op, "grad_y", grad_y, 2, "[T, M]");
+  check_size(op, "grad_y", grad_y, 0, row_index.size(0), "tokens");
+  check_size(op, "grad_y", grad_y, 1, b.size(2), "columns of b");
+}
+
 // _grouped_mm_backward, written once over a backend B -> (grad_a [N, K], grad_b [E, K, M]); experts without rows get
-// zero gradient. B::read_segments checks offsets and returns what B::segment_mm and B::segment_weight_grad take
-// (the bounds read to the host on the CPU, the offsets tensor on CUDA).
+// zero gradient. B::read_segments checks offsets (against a's rows and device) and returns what B::segment_mm and
+// B::segment_weight_grad take (the bounds read to the host on the CPU, the offsets tensor on CUDA).
 template <typename B>
 std::tuple<at::Tensor, at::Tensor> grouped_mm_backward_op(const at::Tensor& grad_out_in, const at::Tensor& a_in,
                                                           const at::Tensor& b, const at::Tensor& offsets,
                                                           std::array<bool, 2> output_mask) {
   constexpr const char* op = "_grouped_mm_backward";
+  constexpr const char* site_op = "grouped_mm";
   check_grouped_mm_backward_args(op, grad_out_in, a_in, b);
-  const auto segments = B::read_segments(op, offsets, b.size(0), a_in.size(0));
+  const auto segments = B::read_segments(op, offsets, b.size(0), a_in);
   const typename B::Guard guard(a_in.device());
   const auto grad_out = grad_out_in.to(a_in.scalar_type()).contiguous();
-  return {output_mask[0] ? B::segment_mm(grad_out, b.transpose(1, 2), segments) : at::Tensor(),
-          output_mask[1] ? B::segment_weight_grad(a_in.contiguous(), grad_out, segments) : at::Tensor()};
+  return {output_mask[0] ? B::segment_mm(grad_out, b.transpose(1, 2), segments, GemmSite{site_op, "backward_input"})
+                         : at::Tensor(),
+          output_mask[1] ? B::segment_weight_grad(a_in.contiguous(), grad_out, segments,
+                                                  GemmSite{site_op, "backward_weight"})
+                         : at::Tensor()};
 }
 
 }  // namespace torch_moe

@@ -26,7 +26,8 @@ namespace torch_moe::cpu {
 namespace {
 
 // out [N, M]: each segment of a (contiguous) times its expert's b[e] (any strides); other rows zero.
-at::Tensor segment_mm(const at::Tensor& a, const at::Tensor& b, const std::vector<int64_t>& bounds) {
+at::Tensor segment_mm(const at::Tensor& a, const at::Tensor& b, const std::vector<int64_t>& bounds, GemmSite site) {
+  record_gemm_path(site, kPathCpuLoop);
   const int64_t E = b.size(0);
   auto out = empty_cached({a.size(0), b.size(2)}, a.options());
   zero_rows_past_segments(out, bounds);
@@ -40,7 +41,9 @@ at::Tensor segment_mm(const at::Tensor& a, const at::Tensor& b, const std::vecto
 }
 
 // [E, K, M]: sum over each segment of a[r]^T g[r] (zero for experts without rows).
-at::Tensor segment_weight_grad(const at::Tensor& a, const at::Tensor& g, const std::vector<int64_t>& bounds) {
+at::Tensor segment_weight_grad(const at::Tensor& a, const at::Tensor& g, const std::vector<int64_t>& bounds,
+                               GemmSite site) {
+  record_gemm_path(site, kPathCpuLoop);
   const int64_t E = static_cast<int64_t>(bounds.size()) - 1;
   auto grad = empty_cached({E, a.size(1), g.size(1)}, a.options());
   for (int64_t e = 0; e < E; ++e) {
@@ -58,7 +61,10 @@ at::Tensor segment_weight_grad(const at::Tensor& a, const at::Tensor& g, const s
 // grouped_mm_backward_op's segments: the offsets read (and checked) on the host.
 struct CpuSegments {
   using Guard = NoDeviceGuard;
-  static constexpr auto read_segments = &read_offsets;
+  static std::vector<int64_t> read_segments(const char* op, const at::Tensor& offsets, int64_t num_experts,
+                                            const at::Tensor& a) {
+    return read_offsets(op, offsets, num_experts, a.size(0));
+  }
   static constexpr auto segment_mm = &cpu::segment_mm;
   static constexpr auto segment_weight_grad = &cpu::segment_weight_grad;
 };
@@ -69,34 +75,18 @@ at::Tensor grouped_mm(const at::Tensor& a_in, const at::Tensor& b, const at::Ten
   constexpr const char* op = "grouped_mm";
   check_grouped_mm_operands(op, a_in, b);
   const auto bounds = read_offsets(op, offsets, b.size(0), a_in.size(0));
-  return segment_mm(a_in.contiguous(), b, bounds);
+  return segment_mm(a_in.contiguous(), b, bounds, GemmSite{op, "forward"});
 }
 
 
-namespace {
-
-// x [T, K] (the tokens) against the weights b [E, K, M], named b_name in messages.
-void check_gather_operands(const char* op, const at::Tensor& x, const at::Tensor& b, const at::Tensor& row_index,
-                           const char* b_name = "b") {
-  check_floating(op, "x", x);
-  check_dim(op, "x", x, 2, "[T, K]");
-  check_floating(op, b_name, b);
-  check_dim(op, b_name, b, 3, "[E, K, M]");
-  TORCH_MOE_CHECK(x.scalar_type() == b.scalar_type(), "torch_moe.{}: arguments 'x' and '{}' must share a dtype, got {} and {}",
-                  op, b_name, dtype_name(x.scalar_type()), dtype_name(b.scalar_type()));
-  check_size(op, b_name, b, 1, x.size(1), "columns of x");
-  check_same_device(op, {{"x", &x}, {b_name, &b}, {"row_index", &row_index}});
-  check_row_plan<CpuRows>(op, row_index, x.size(0), row_index.numel());
-}
-
-}  // namespace
 
 at::Tensor gather_grouped_mm(const at::Tensor& x_in, const at::Tensor& b, const at::Tensor& offsets,
                              const at::Tensor& row_index) {
   constexpr const char* op = "gather_grouped_mm";
-  check_gather_operands(op, x_in, b, row_index);
+  check_gather_operands<CpuRows>(op, x_in, b, row_index);
   const int64_t N = row_index.numel(), K = x_in.size(1), M = b.size(2), E = b.size(0);
   const SegmentRun run(op, offsets, row_index, E, N, K * M, x_in);
+  record_gemm_path({op, "forward"}, kPathCpuLoop);
   auto out = empty_cached({N, M}, run.x.options());
   zero_rows_past_segments(out, run.plan.bounds);
   run_gathered_segments(run, [&](int64_t e, int64_t first, int64_t n, const at::Tensor& rows) {
@@ -111,17 +101,16 @@ std::tuple<at::Tensor, at::Tensor> gather_grouped_mm_backward(const at::Tensor& 
                                                               const at::Tensor& row_index,
                                                               std::array<bool, 2> output_mask) {
   constexpr const char* op = "_gather_grouped_mm_backward";
-  check_gather_operands(op, x_in, b, row_index);
+  check_gather_operands<CpuRows>(op, x_in, b, row_index);
   const int64_t N = row_index.numel(), T = x_in.size(0), K = x_in.size(1), M = b.size(2), E = b.size(0);
-  check_floating(op, "grad_out", grad_out_in);
-  check_dim(op, "grad_out", grad_out_in, 2, "[N, M]");
-  check_size(op, "grad_out", grad_out_in, 0, N, "rows of the plan");
-  check_size(op, "grad_out", grad_out_in, 1, M, "columns of b");
+  check_gather_grad_out(op, grad_out_in, N, M);
   const SegmentRun run(op, offsets, row_index, E, N, K * M, x_in, grad_out_in);
   const auto& plan = run.plan;
   const auto& x = run.x;
   const auto& grad_out = run.grad;
   const auto [want_x, want_b] = output_mask;
+  if (want_x) record_gemm_path({"gather_grouped_mm", "backward_input"}, kPathCpuLoop);
+  if (want_b) record_gemm_path({"gather_grouped_mm", "backward_weight"}, kPathCpuLoop);
   // grad_x sums a token's k row gradients: each slot adds its segments' rows (in expert order) into its own
   // accumulator, and the slots are summed in order.
   auto grad_x_acc = run.token_grad_sums(T, K, want_x);
@@ -156,10 +145,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_grouped_glu(const at::Tens
                                                                   c10::string_view activation) {
   constexpr const char* op = "gather_grouped_glu";
   const auto kind = parse_glu_activation(op, activation);
-  check_gather_operands(op, x_in, w_gate, row_index, "w_gate");
+  check_gather_operands<CpuRows>(op, x_in, w_gate, row_index, "w_gate");
   check_glu_weights(op, w_gate, w_up);
   const int64_t N = row_index.numel(), K = x_in.size(1), M = w_gate.size(2), E = w_gate.size(0);
   const SegmentRun run(op, offsets, row_index, E, N, K * M, x_in);
+  for (int projection = 0; projection < 2; ++projection) record_gemm_path({op, "forward"}, kPathCpuLoop);
   auto act = empty_cached({N, M}, run.x.options());
   auto gate = empty_cached({N, M}, run.x.options());
   auto up = empty_cached({N, M}, run.x.options());
@@ -183,7 +173,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_grouped_glu_backward(
     c10::string_view activation, std::array<bool, 3> output_mask) {
   constexpr const char* op = "_gather_grouped_glu_backward";
   const auto kind = parse_glu_activation(op, activation);
-  check_gather_operands(op, x_in, w_gate, row_index, "w_gate");
+  check_gather_operands<CpuRows>(op, x_in, w_gate, row_index, "w_gate");
   check_glu_weights(op, w_gate, w_up);
   const int64_t N = row_index.numel(), T = x_in.size(0), K = x_in.size(1), M = w_gate.size(2), E = w_gate.size(0);
   check_glu_projections(op, N, M, grad_act_in, gate_in, up_in);
@@ -196,6 +186,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_grouped_glu_backward(
   // Per segment: the gate/up gradients live in the slot's buffers, the token rows are gathered once, and one
   // [n, K] row gradient (from both projections) is added into the slot's grad_x accumulator.
   const auto [want_x, want_gate, want_up] = output_mask;
+  for (int projection = 0; projection < (want_x ? 2 : 0); ++projection) {
+    record_gemm_path({"gather_grouped_glu", "backward_input"}, kPathCpuLoop);
+  }
+  if (want_gate) record_gemm_path({"gather_grouped_glu", "backward_weight"}, kPathCpuLoop);
+  if (want_up) record_gemm_path({"gather_grouped_glu", "backward_weight"}, kPathCpuLoop);
   auto grad_x_acc = run.token_grad_sums(T, K, want_x);
   auto grad_w_gate = run.weight_grad(w_gate, want_gate);
   auto grad_w_up = run.weight_grad(w_up, want_up);
@@ -235,25 +230,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_grouped_glu_backward(
   return {want_x ? grad_x_acc->sum().to(x.scalar_type()) : at::Tensor(), grad_w_gate, grad_w_up};
 }
 
-namespace {
-
-void check_unpermute_operands(const char* op, const at::Tensor& h, const at::Tensor& b, const at::Tensor& weights,
-                              const at::Tensor& row_index) {
-  check_grouped_mm_operands(op, h, b);
-  check_floating(op, "weights", weights);
-  check_row_plan<CpuRows>(op, row_index, weights.size(0), h.size(0));
-  check_same_shape(op, "weights", weights, "row_index", row_index);
-  check_same_device(op, {{"h", &h}, {"weights", &weights}, {"row_index", &row_index}});
-}
-
-}  // namespace
 
 at::Tensor grouped_mm_unpermute(const at::Tensor& h_in, const at::Tensor& b, const at::Tensor& offsets,
                                 const at::Tensor& weights_in, const at::Tensor& row_index) {
   constexpr const char* op = "grouped_mm_unpermute";
-  check_unpermute_operands(op, h_in, b, weights_in, row_index);
+  check_unpermute_operands<CpuRows>(op, h_in, b, weights_in, row_index);
   const int64_t T = row_index.size(0), F = h_in.size(1), M = b.size(2), E = b.size(0);
   const SegmentRun run(op, offsets, row_index, E, h_in.size(0), F * M, h_in);
+  record_gemm_path({op, "forward"}, kPathCpuLoop);
   const auto& plan = run.plan;
   const auto& h = run.x;
   const auto opmath = opmath_of(h.scalar_type());
@@ -278,11 +262,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_unpermute_backward(
     const at::Tensor& grad_y_in, const at::Tensor& h_in, const at::Tensor& b, const at::Tensor& offsets,
     const at::Tensor& weights_in, const at::Tensor& row_index, std::array<bool, 3> output_mask) {
   constexpr const char* op = "_grouped_mm_unpermute_backward";
-  check_unpermute_operands(op, h_in, b, weights_in, row_index);
-  check_floating(op, "grad_y", grad_y_in);
-  check_dim(op, "grad_y", grad_y_in, 2, "[T, M]");
-  check_size(op, "grad_y", grad_y_in, 0, row_index.size(0), "tokens");
-  check_size(op, "grad_y", grad_y_in, 1, b.size(2), "columns of b");
+  check_unpermute_operands<CpuRows>(op, h_in, b, weights_in, row_index);
+  check_unpermute_grad_y(op, grad_y_in, row_index, b);
   const int64_t N = h_in.size(0), F = h_in.size(1), M = b.size(2), E = b.size(0);
   const SegmentRun run(op, offsets, row_index, E, N, F * M, h_in, grad_y_in);
   const auto& plan = run.plan;
@@ -295,6 +276,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_unpermute_backward(
   // grad_weights[a] = <P[r], h[r]>. G is formed per segment in its slot's buffer, P directly in grad_h (in a slot
   // buffer when only grad_weights needs it).
   const auto [want_h, want_b, want_weights] = output_mask;
+  if (want_h || want_weights) record_gemm_path({"grouped_mm_unpermute", "backward_input"}, kPathCpuLoop);
+  if (want_b) record_gemm_path({"grouped_mm_unpermute", "backward_weight"}, kPathCpuLoop);
   at::Tensor grad_h, grad_weights_acc, p_buffers;
   if (want_h) {
     grad_h = empty_cached({N, F}, h.options());

@@ -202,61 +202,6 @@ TEST_CASE("noisy_topk_load is the sum of normal CDFs and differentiable", "[nois
   CHECK(torch::allclose(clean.grad(), torch::full({1, 2}, 1.0 / std::sqrt(2.0 * M_PI), torch::kDouble)));
 }
 
-TEST_CASE("gather_grouped_glu: the fused CPU kernel equals the composite the CUDA kernels use", "[grouped_glu]") {
-  // The composite runs here on the CPU gathers, so its math is checked without a GPU.
-  using GatherGroupedGlu = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                                              const Tensor&, const Tensor&, c10::string_view);
-  const auto glu = op<GatherGroupedGlu>("torch_moe::gather_grouped_glu");
-  torch::manual_seed(7);
-  const int64_t T = 40, E = 6, k = 2, K = 8, M = 5;
-  const auto ids = std::get<1>(torch::rand({T, E}).sort(1)).narrow(1, 0, k).contiguous();
-  using PermutePlan = std::tuple<Tensor, Tensor>(const Tensor&, int64_t, const OptTensor&);
-  const auto [row_index, offsets] = op<PermutePlan>("torch_moe::permute_plan").call(ids, E, std::nullopt);
-  const auto x = torch::randn({T, K}, torch::kDouble).requires_grad_();
-  const auto w_gate = torch::randn({E, K, M}, torch::kDouble).requires_grad_();
-  const auto w_up = torch::randn({E, K, M}, torch::kDouble).requires_grad_();
-  const auto grad_act = torch::randn({T * k, M}, torch::kDouble);
-  for (const char* activation : {"silu", "gelu", "gelu_tanh"}) {
-    INFO(activation);
-    auto [act, gate, up] = glu.call(x, w_gate, w_up, offsets, row_index, activation);
-    const torch::autograd::variable_list outputs{act}, inputs{x, w_gate, w_up}, grad_outputs{grad_act};
-    auto grads = torch::autograd::grad(outputs, inputs, grad_outputs);
-    torch::NoGradGuard no_grad;
-    auto [c_act, c_gate, c_up] = torch_moe::gather_grouped_glu_composite(
-        &torch_moe::cpu::gather_grouped_mm, x, w_gate, w_up, offsets, row_index, activation);
-    CHECK(torch::allclose(act, c_act, 1e-12, 1e-12));
-    CHECK(torch::allclose(gate, c_gate, 1e-12, 1e-12));
-    CHECK(torch::allclose(up, c_up, 1e-12, 1e-12));
-    auto [c_grad_x, c_grad_gate, c_grad_up] = torch_moe::gather_grouped_glu_backward_composite(
-        &torch_moe::cpu::gather_grouped_mm_backward, grad_act, x, w_gate, w_up, c_gate, c_up, offsets, row_index,
-        activation, {true, true, true});
-    CHECK(torch::allclose(grads[0], c_grad_x, 1e-10, 1e-12));
-    CHECK(torch::allclose(grads[1], c_grad_gate, 1e-10, 1e-12));
-    CHECK(torch::allclose(grads[2], c_grad_up, 1e-10, 1e-12));
-    // With an output mask, only what is asked for comes back.
-    auto [m_grad_x, m_grad_gate, m_grad_up] = torch_moe::gather_grouped_glu_backward_composite(
-        &torch_moe::cpu::gather_grouped_mm_backward, grad_act, x, w_gate, w_up, c_gate, c_up, offsets, row_index,
-        activation, {true, false, true});
-    CHECK(torch::allclose(grads[0], m_grad_x, 1e-10, 1e-12));
-    CHECK_FALSE(m_grad_gate.defined());
-    CHECK(torch::allclose(grads[2], m_grad_up, 1e-10, 1e-12));
-  }
-  CHECK_THROWS_WITH(torch_moe::gather_grouped_glu_composite(&torch_moe::cpu::gather_grouped_mm, x, w_gate, w_up,
-                                                            offsets, row_index, "relu"),
-                    Catch::Contains("argument 'activation' must be \"silu\", \"gelu\" or \"gelu_tanh\""));
-  // The composite checks the backward's operands with the CPU kernel's checks and messages.
-  torch::NoGradGuard no_grad;
-  auto [act, gate, up] = glu.call(x, w_gate, w_up, offsets, row_index, "silu");
-  CHECK_THROWS_WITH(torch_moe::gather_grouped_glu_backward_composite(&torch_moe::cpu::gather_grouped_mm_backward,
-                                                                     grad_act, x, w_gate, w_up, gate.narrow(0, 1, T * k - 1),
-                                                                     up, offsets, row_index, "silu", {true, true, true}),
-                    Catch::Contains("argument 'gate' must have size 80 (rows of the plan) in dim 0"));
-  CHECK_THROWS_WITH(torch_moe::gather_grouped_glu_backward_composite(&torch_moe::cpu::gather_grouped_mm_backward,
-                                                                     grad_act, x, w_gate.select(0, 0), w_up, gate, up,
-                                                                     offsets, row_index, "silu", {true, true, true}),
-                    Catch::Contains("argument 'w_gate' must be a 3-D tensor"));
-}
-
 TEST_CASE("glu is silu(gate) * up and backpropagates to both", "[glu]") {
   using Glu = Tensor(const Tensor&, const Tensor&, c10::string_view);
   torch::manual_seed(11);
