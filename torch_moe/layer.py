@@ -66,10 +66,15 @@ class MoE(nn.Module):
         aux_loss_coef, z_loss_coef: weights of the load-balancing loss and the router z-loss in ``aux_loss``.
         jitter_eps: multiplicative U(1 - eps, 1 + eps) noise on the router input, training only.
         router: one of :data:`torch_moe.routing.ROUTERS`: ``"softmax"`` (default), ``"noisy_topk"``,
-            ``"expert_choice"``, ``"sigmoid"``, ``"hash"``, ``"random"``; see :mod:`torch_moe.routing`.
+            ``"expert_choice"``, ``"sigmoid"``, ``"hash"``, ``"random"``, ``"dselect_k"``, ``"hierarchical"``; see
+            :mod:`torch_moe.routing`.
         bias_update_rate: ``"sigmoid"`` only: step of the loss-free balancing bias (default 1e-3; 0 disables).
-        n_groups, topk_groups: ``"softmax"`` / ``"sigmoid"`` only: group-limited routing over n_groups contiguous
+        n_groups, topk_groups: ``"softmax"`` / ``"sigmoid"``: group-limited routing over n_groups contiguous
             expert groups, tokens choose inside their topk_groups best groups (default: all groups).
+            ``"hierarchical"``: the groups of the primary gate and how many of them a token takes (default 1);
+            top_k = topk_groups × experts taken per group.
+        smooth_step_gamma, selector_entropy_coef: ``"dselect_k"`` only: the smooth-step's width (default 1) and
+            the coefficient of the selectors' entropy regulariser in ``aux_loss`` (default 0).
         routed_scaling_factor: ``"softmax"`` / ``"sigmoid"`` / ``"noisy_topk"``: the routing weights (after
             normalisation) times this constant (DeepSeek-V2/V3's ``routed_scaling_factor``; default 1).
         importance_loss_coef, load_loss_coef: Shazeer et al.'s importance loss (any learned token-choice router)
@@ -124,6 +129,8 @@ class MoE(nn.Module):
         n_groups: Optional[int] = None,
         topk_groups: Optional[int] = None,
         routed_scaling_factor: Optional[float] = None,
+        smooth_step_gamma: Optional[float] = None,
+        selector_entropy_coef: Optional[float] = None,
         importance_loss_coef: float = 0.0,
         load_loss_coef: float = 0.0,
         seq_balance_loss_coef: float = 0.0,
@@ -146,7 +153,8 @@ class MoE(nn.Module):
         d_ff, num_experts, top_k = d_ff // expert_granularity, num_experts * expert_granularity, top_k * expert_granularity
         router_type = router_class(router)
         options = RouterOptions(normalize_weights, jitter_eps, bias_update_rate, n_groups, topk_groups,
-                                routed_scaling_factor)
+                                routed_scaling_factor, smooth_step_gamma=smooth_step_gamma,
+                                selector_entropy_coef=selector_entropy_coef)
         _validate_losses(router_type, aux_loss_coef, z_loss_coef, importance_loss_coef, load_loss_coef, seq_balance_loss_coef,
                          global_load_balancing)
         router_type.check(num_experts, top_k, options, capacity_factor=capacity_factor, drop_policy=drop_policy,
@@ -299,6 +307,9 @@ class MoE(nn.Module):
             if coef > 0:
                 losses[name] = loss()
                 aux = aux + coef * losses[name]
+        for name, (coef, loss) in self.router.own_losses(routing, valid).items():
+            losses[name] = loss
+            aux = aux + coef * loss
         self.aux_loss = aux
         self.stats = MoEStats(
             tokens_per_expert=load.tokens_per_expert.detach(),
