@@ -562,8 +562,9 @@ class DSelectKRouter(RouterBase):
     1 − S(z_il)), and the token's weights are q = Σ_i α_i r_i [E]. Once every S is exactly 0 or 1 a selector
     picks one expert and q has at most k nonzeros; before, a selector spreads over the 2^(#fractional bits)
     experts its binary bits allow. E not a power of 2: the codes of experts ≥ E are unreachable and dropped
-    (q then sums to at most 1, not renormalised, as in the paper), and the paper's penalty
-    Σ_i 1/Σ_j r_i[j] − k (0 once the unreachable codes carry no weight) is added to aux_loss as
+    (q then sums to at most 1, not renormalised, as in the paper), and the paper's penalty, mean over tokens of
+    Σ_i 1/max(Σ_j r_i[j], 1e-6) − k (0 once the unreachable codes carry no weight; the floor keeps a selector
+    stuck wholly on unreachable codes, whose flat steps get no gradient, finite) is added to aux_loss as
     ``selector_reachability`` with coefficient 1.
 
     So that the output is exactly the paper's mixture y = Σ_j q_j·expert_j(x) at every step, the routing has
@@ -587,6 +588,7 @@ class DSelectKRouter(RouterBase):
     name = "dselect_k"
     accepts = ("smooth_step_gamma", "selector_entropy_coef")
     entropy_epsilon = 1e-6
+    reachable_floor = 1e-6
 
     @classmethod
     def check(cls, num_experts: int, top_k: int, options: RouterOptions, *, capacity_factor: Optional[float],
@@ -674,7 +676,9 @@ class DSelectKRouter(RouterBase):
             entropy = -(r * torch.log(r + self.entropy_epsilon)).sum((1, 2))
             losses["selector_entropy"] = (self.selector_entropy_coef, _masked_mean(entropy, valid))
         if not self.power_of_2:
-            reachability = (1.0 / r.sum(2)).sum(1) - self.top_k
+            # A selector whose mass sits wholly on unreachable codes has flat steps: no gradient can bring it back,
+            # and 1/0 would make the loss inf and its gradient NaN; the floor keeps it finite (and visible).
+            reachability = (1.0 / r.sum(2).clamp(min=self.reachable_floor)).sum(1) - self.top_k
             losses["selector_reachability"] = (1.0, _masked_mean(reachability, valid))
         return losses
 
