@@ -190,8 +190,16 @@ def test_dselect_k_layer_output_and_gradients_match_reference(capacity_factor, d
     keep = reference_keep(ids, probs, E, capacity, drop_policy, valid)
     expected = mixture(ref, x_ref, ids, weights, keep)
     assert_close(y, expected, rtol=1e-10, atol=1e-12)
-    if capacity is None:  # dropless runs every expert on every valid token: the paper's mixture exactly
-        assert moe.stats.tokens_per_expert.tolist() == [sum(valid)] * E
+    # Statistics count the gate's nonzero weights only, not the zero-weight assignments dispatched alongside.
+    chosen = [[valid[t] and float(w) != 0 for w in weights[t]] for t in range(T)]
+    assert moe.stats.tokens_per_expert.tolist() == [sum(chosen[t][j] for t in range(T) for j in range(E)
+                                                        if ids[t][j] == e) for e in range(E)]
+    n_chosen = sum(map(sum, chosen))
+    dropped = sum(chosen[t][j] and not keep[t][j] for t in range(T) for j in range(E)) / n_chosen
+    assert moe.stats.dropped_fraction.item() == pytest.approx(dropped, abs=1e-12)
+    assert (dropped > 0) == (capacity is not None)  # the capacity cases do drop gate choices
+    unrouted = sum(valid[t] and not any(chosen[t][j] and keep[t][j] for j in range(E)) for t in range(T))
+    assert moe.stats.unrouted_fraction.item() == pytest.approx(unrouted / sum(valid), abs=1e-12)
 
     # Losses: Switch-style balance on q, the selectors' entropy and the non-power-of-2 reachability penalty.
     importance = [masked_mean([float(q[t][e]) for t in range(T)], valid) for e in range(E)]

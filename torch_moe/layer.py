@@ -252,6 +252,7 @@ class MoE(nn.Module):
         routing = self.router(clean, token_ids=token_ids, valid=valid)
         expert_input = tokens.to(self.experts.w1.dtype)
         y, load = self.dispatcher(self.experts, expert_input, routing, valid)
+        load = self.router.count_load(routing, valid, load)
         if self.shared_experts is not None:
             y = y + self._shared(clean.to(expert_input.dtype), valid)
         if self.training and self.router.adapts_to_load and not recomputing():

@@ -150,6 +150,10 @@ class RouterBase(nn.Module):
         """(load-balancing loss, z-loss, router entropy) of this routing, each 0-dim."""
         return ops.router_losses(routing.logits, routing.expert_ids, valid)
 
+    def count_load(self, routing: Routing, valid: Optional[Tensor], load):
+        """The dispatch's :class:`torch_moe.dispatch.Load` as the statistics should count it; as dispatched here."""
+        return load
+
     def own_losses(self, routing: Routing, valid: Optional[Tensor]) -> dict[str, tuple[float, Tensor]]:
         """The router's own aux losses, by name: (coefficient, 0-dim loss) each, added to the layer's aux_loss."""
         return {}
@@ -572,8 +576,9 @@ class DSelectKRouter(RouterBase):
     [T, E] the matching q, zeros included. Dropless mode therefore runs every expert on every token (the cost of
     a dense layer; zero-weight rows add 0 and get zero gradient); capacity mode keeps C = ceil(capacity_factor ·
     T · k / E) assignments per expert as usual, ``"probability"`` giving the slots to the largest weights first
-    (zero weights only fill slots left over), ``"position"`` ranking each token's experts by weight. Statistics
-    (``tokens_per_expert``, dropped fraction) count these dispatched assignments, zero weights included.
+    (zero weights only fill slots left over), ``"position"`` ranking each token's experts by weight (so a zero
+    weight of one token can take a slot before a third nonzero weight of another). Statistics
+    (``tokens_per_expert``, dropped and unrouted fractions) count the nonzero-weight assignments only.
 
     Losses: the load-balancing loss is Switch's E·Σ_i f_i·P_i with P_i the mean of q_i and f_i the share of
     nonzero weights on expert i; there are no logits over experts, so the z-loss is 0. The paper's entropy
@@ -659,6 +664,21 @@ class DSelectKRouter(RouterBase):
         q = (alpha.unsqueeze(2) * r).sum(1)
         weights, expert_ids = q.sort(dim=1, descending=True, stable=True)
         return Routing(None, weights, expert_ids, q.detach(), extra=(r,))
+
+    def count_load(self, routing: Routing, valid: Optional[Tensor], load):
+        """Statistics count the assignments of nonzero weight only: the zero-weight ones ride along in the
+        dispatch (static width E) but are no choice of the gate."""
+        chosen = routing.weights.detach() != 0
+        if valid is not None:
+            chosen = chosen & valid.unsqueeze(1)
+        tokens_per_expert = torch.zeros(self.num_experts, dtype=torch.int64, device=chosen.device).index_add_(
+            0, routing.expert_ids.reshape(-1), chosen.reshape(-1).to(torch.int64))
+        if load.slots is None:
+            return load._replace(tokens_per_expert=tokens_per_expert)
+        dtype = routing.weights.dtype
+        dropped = (chosen & (load.slots < 0)).sum().to(dtype) / chosen.sum().clamp(min=1).to(dtype)
+        return load._replace(tokens_per_expert=tokens_per_expert, dropped_fraction=dropped,
+                             slots=torch.where(chosen, load.slots, -1))
 
     def balance_losses(self, routing: Routing, valid: Optional[Tensor]) -> ops.RouterLosses:
         q = self.gates(routing)
