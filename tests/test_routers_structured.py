@@ -97,7 +97,7 @@ def ref_dselect(x, p, num_experts, k, gamma):
 
 def sort_desc(q_row):
     """Expert ids by decreasing weight, ties to the lower id."""
-    values = [float(v) for v in q_row]
+    values = [float(v.detach()) for v in q_row]
     return sorted(range(len(values)), key=lambda j: (-values[j], j))
 
 
