@@ -490,3 +490,17 @@ def test_structured_routers_train(router, kwargs):
         losses.append(loss.detach())
     assert losses[-1] < losses[0]
     assert all(torch.isfinite(p).all() for p in moe.router.parameters())
+
+
+@pytest.mark.parametrize("router,kwargs,capacity_factor", [("dselect_k", {}, 1.5),
+                                                            ("hierarchical", dict(n_groups=2, topk_groups=2), None)])
+def test_structured_routers_compile_and_empty_input(router, kwargs, capacity_factor):
+    torch.manual_seed(0)
+    moe = torch_moe.MoE(D, FF, 4, 2, router=router, capacity_factor=capacity_factor, **kwargs).eval()
+    x = torch.randn(2, 6, D)
+    eager = moe(x)
+    compiled = torch.compile(moe, fullgraph=True, backend="aot_eager")(x)
+    assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+    empty = moe(torch.randn(0, D))
+    assert empty.shape == (0, D) and moe.aux_loss.item() == 0.0
+    assert moe.stats.tokens_per_expert.tolist() == [0] * 4
