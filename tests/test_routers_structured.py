@@ -243,6 +243,7 @@ def test_dselect_k_power_of_2_has_no_reachability_loss_and_entropy_coef_weights_
     assert set(moe.stats.losses) == {"load_balancing", "z", "selector_entropy"}
     assert moe.aux_loss.item() == pytest.approx(0.5 * moe.stats.losses["selector_entropy"].item(), rel=1e-12)
     off = make_layer("dselect_k", 4, 2)
+    assert off.normalize_weights is False
     off(x_of(6))
     assert set(off.stats.losses) == {"load_balancing", "z"}  # entropy regulariser off by default (authors' code)
 
@@ -458,6 +459,7 @@ def test_hierarchical_defaults_and_primary_gate_picks_the_group():
     (dict(router="hierarchical", n_groups=4, topk_groups=2, top_k=3), "top_k=3 must be topk_groups=2 times"),
     (dict(router="hierarchical", n_groups=4, topk_groups=1, top_k=3), "at most the 2 experts of a group"),
     (dict(router="hierarchical", routed_scaling_factor=2.0), "routed_scaling_factor applies to"),
+    (dict(router="dselect_k", seq_balance_loss_coef=0.1), "seq_balance_loss_coef counts each token's k choices"),
 ])
 def test_bad_structured_router_options(kwargs, needle):
     base = dict(capacity_factor=1.25)

@@ -413,6 +413,9 @@ def _validate_losses(router_type, aux_loss_coef, z_loss_coef, importance_loss_co
     token_choice_with_scores = router_type.token_choice and router_type.has_scores
     if seq_balance_loss_coef > 0 and not token_choice_with_scores:
         raise ValueError(f"MoE(router={name!r}): seq_balance_loss_coef needs token-choice routing with scores")
+    if seq_balance_loss_coef > 0 and not router_type.routes_top_k:
+        raise ValueError(f"MoE(router={name!r}): seq_balance_loss_coef counts each token's k choices, and {name} routes "
+                         "every expert (zero weights included); use aux_loss_coef")
     if global_load_balancing and not token_choice_with_scores:
         raise ValueError(f"MoE(router={name!r}): global_load_balancing needs token-choice routing with logits")
 

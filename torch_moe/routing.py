@@ -114,6 +114,7 @@ class RouterBase(nn.Module):
     has_noise = False  # Shazeer's load loss applies
     accepts = ("n_groups", "topk_groups", "routed_scaling_factor")  # restricted RouterOptions this router takes
     normalizes_by_default = False  # normalize_weights=None means True for every top_k (else for top_k > 1)
+    routes_top_k = True  # expert_ids [T, k] are the token's k choices (False: every expert, zero weights included)
 
     @classmethod
     def default_normalize_weights(cls, top_k: int) -> bool:
@@ -592,8 +593,13 @@ class DSelectKRouter(RouterBase):
 
     name = "dselect_k"
     accepts = ("smooth_step_gamma", "selector_entropy_coef")
+    routes_top_k = False
     entropy_epsilon = 1e-6
     reachable_floor = 1e-6
+
+    @classmethod
+    def default_normalize_weights(cls, top_k: int) -> bool:
+        return False  # q is used as the paper defines it, never renormalised
 
     @classmethod
     def check(cls, num_experts: int, top_k: int, options: RouterOptions, *, capacity_factor: Optional[float],
