@@ -27,14 +27,16 @@ __all__ = ["MoE", "MoEStats", "aux_loss", "DROP_POLICIES"]
 class MoEStats:
     """What a MoE forward saw. Every field is a detached tensor on the layer's device.
 
-    tokens_per_expert: [E] int64, valid assignments per expert before dropping.
+    tokens_per_expert: [E] int64, valid assignments per expert before dropping (``"dselect_k"``: those of nonzero
+        weight).
     dropped_fraction: 0-dim, dropped assignments / valid assignments (0 when dropless or no valid token).
     router_entropy: 0-dim, mean over valid tokens of -sum_e p log p.
     load_balancing_loss, z_loss: 0-dim, unweighted.
     unrouted_fraction: 0-dim, fraction of valid tokens that reached no expert (every choice dropped; with expert
         choice, no expert took the token).
     losses: every unweighted aux loss the layer computed, by name (``load_balancing``, ``z``, and ``importance``,
-        ``load``, ``sequence_balance`` when their coefficients are set).
+        ``load``, ``sequence_balance`` when their coefficients are set, and the router's own:
+        ``selector_entropy``, ``selector_reachability`` for ``"dselect_k"``).
     """
 
     tokens_per_expert: Tensor
