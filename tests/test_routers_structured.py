@@ -186,12 +186,13 @@ def test_dselect_k_layer_output_and_gradients_match_reference(capacity_factor, d
     ids = [sort_desc(q[t]) for t in range(T)]
     weights = [[q[t][j] for j in ids[t]] for t in range(T)]
     capacity = None if capacity_factor is None else reference_capacity(capacity_factor, 1, T, k, E)
-    probs = torch.tensor([[float(v) for v in row] for row in q], dtype=F64)
+    probs = torch.stack([torch.stack(row) for row in q]).detach()
+    qv, rv = probs.tolist(), [[[float(v.detach()) for v in row] for row in r_t] for r_t in r]
     keep = reference_keep(ids, probs, E, capacity, drop_policy, valid)
     expected = mixture(ref, x_ref, ids, weights, keep)
     assert_close(y, expected, rtol=1e-10, atol=1e-12)
     # Statistics count the gate's nonzero weights only, not the zero-weight assignments dispatched alongside.
-    chosen = [[valid[t] and float(w) != 0 for w in weights[t]] for t in range(T)]
+    chosen = [[valid[t] and qv[t][e] != 0 for e in ids[t]] for t in range(T)]
     assert moe.stats.tokens_per_expert.tolist() == [sum(chosen[t][j] for t in range(T) for j in range(E)
                                                         if ids[t][j] == e) for e in range(E)]
     n_chosen = sum(map(sum, chosen))
@@ -202,18 +203,18 @@ def test_dselect_k_layer_output_and_gradients_match_reference(capacity_factor, d
     assert moe.stats.unrouted_fraction.item() == pytest.approx(unrouted / sum(valid), abs=1e-12)
 
     # Losses: Switch-style balance on q, the selectors' entropy and the non-power-of-2 reachability penalty.
-    importance = [masked_mean([float(q[t][e]) for t in range(T)], valid) for e in range(E)]
-    nonzero = [sum(1 for t in range(T) if valid[t] and float(q[t][e]) > 0) for e in range(E)]
+    importance = [masked_mean([qv[t][e] for t in range(T)], valid) for e in range(E)]
+    nonzero = [sum(1 for t in range(T) if valid[t] and qv[t][e] > 0) for e in range(E)]
     balance = E * sum(n / sum(nonzero) * p for n, p in zip(nonzero, importance))
-    entropy = [-sum(float(r[t][i][j]) * math.log(float(r[t][i][j]) + 1e-6) for i in range(k) for j in range(E))
+    entropy = [-sum(rv[t][i][j] * math.log(rv[t][i][j] + 1e-6) for i in range(k) for j in range(E))
                for t in range(T)]
-    reach = [sum(1.0 / max(sum(float(v) for v in r[t][i]), 1e-6) for i in range(k)) - k for t in range(T)]
+    reach = [sum(1.0 / max(sum(rv[t][i]), 1e-6) for i in range(k)) - k for t in range(T)]
     assert set(moe.stats.losses) == {"load_balancing", "z", "selector_entropy", "selector_reachability"}
     assert moe.stats.losses["load_balancing"].item() == pytest.approx(balance, rel=1e-10)
     assert moe.stats.z_loss.item() == 0.0
     assert moe.stats.losses["selector_entropy"].item() == pytest.approx(masked_mean(entropy, valid), rel=1e-10)
     assert moe.stats.losses["selector_reachability"].item() == pytest.approx(masked_mean(reach, valid), rel=1e-10)
-    q_entropy = [-sum(float(v) * math.log(float(v)) for v in q[t] if float(v) > 0) for t in range(T)]
+    q_entropy = [-sum(v * math.log(v) for v in qv[t] if v > 0) for t in range(T)]
     assert moe.stats.router_entropy.item() == pytest.approx(masked_mean(q_entropy, valid), rel=1e-10)
 
     # Gradients of output + aux loss, router parameters included, against autograd through the reference.
