@@ -76,7 +76,10 @@ def test_import_graph_sees_the_imports():
                                          ("torch_moe.layer", "torch_moe.parallel"),
                                          ("torch_moe.layer", "torch_moe.convert"),
                                          ("torch_moe.feedforward", "torch_moe.convert"),
-                                         ("torch_moe.feedforward", "torch_moe.integrations.hf_moe")])
+                                         ("torch_moe.feedforward", "torch_moe.integrations.hf_moe"),
+                                         ("torch_moe.layer", "torch_moe.surgery"),
+                                         ("torch_moe.diagnostics", "torch_moe.surgery"),
+                                         ("torch_moe.convert", "torch_moe.surgery")])
 def test_floors(lower, upper):
     """A lower floor never reaches an upper one, even through other modules."""
     graph = _graph()

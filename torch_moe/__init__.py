@@ -46,6 +46,8 @@ from .convert import moefy  # noqa: E402
 from .diagnostics import MoETracker  # noqa: E402
 from .routing import Router  # noqa: E402
 from .soft_moe import SoftMoE  # noqa: E402
+from . import surgery  # noqa: E402
+from .surgery import expert_importance, merge_experts, prune_experts  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -61,4 +63,5 @@ def build_info() -> dict:
 
 
 __all__ = ["MoE", "SoftMoE", "Router", "Experts", "MoEStats", "MoETracker", "moefy", "aux_loss", "ops", "losses",
-           "memory", "routing", "dispatch", "distributed", "parallel", "build_info"]
+           "memory", "routing", "dispatch", "distributed", "parallel", "surgery", "expert_importance", "prune_experts",
+           "merge_experts", "build_info"]

@@ -420,6 +420,7 @@ def moefy(
     upcycle: bool = False,
     select: Optional[Select] = None,
     upcycle_noise: float = 0.0,
+    drop_upcycling_ratio: float = 0.0,
     adapter: Optional[Adapter] = None,
     **moe_kwargs,
 ) -> nn.Module:
@@ -483,6 +484,19 @@ def moefy(
     ``normalize_weights=True``, which together make the converted model compute exactly what the dense one did
     until training moves the weights (with ``top_k=1`` the normalised weight is 1, so the router then learns from
     the auxiliary losses only; pass ``normalize_weights=False`` to keep Switch-style scaling).
+    ``drop_upcycling_ratio=r`` (Drop-Upcycling, Nakamura et al. 2025, "Drop-Upcycling: Training Sparse Mixture of
+    Experts with Partial Re-initialization"): after the copy, each expert re-initialises its own random subset of
+    round(r · d_ff) hidden units (drawn independently per expert): their w1 / w3 columns and w2 rows are drawn from
+    N(mean, std²) of the dense w1, w3 and w2 respectively (the paper's statistical re-initialisation), their b1 / b3
+    entries from the dense bias's mean and std (0 without one); b2 stays. r = 0 is plain upcycling, r = 1 keeps
+    nothing of the dense hidden units. The paper's best setting is r = 0.5. Draws follow ``torch.manual_seed``.
+    ``expert_granularity=g`` with upcycling (granular upcycling, as DeepSeekMoE's fine-grained experts from a dense
+    FFN): each of the E copies is split into g fine-grained experts holding consecutive d_ff/g slices of the dense
+    hidden units (b2 / g each), top_k·g of the E·g are routed, the g slices of a copy share one router row, and
+    ``routed_scaling_factor`` is multiplied by g. Why that is exact: the dense FFN is the sum of its g slices; equal
+    logits make a token take all g slices of each of its k copies, and normalised weights give each slice
+    p_copy / (g Σ p_chosen copies); the factor g restores Σ over slices = the copy's full weight. Needs a router
+    with ``routed_scaling_factor`` (softmax, sigmoid, noisy_topk; noisy top-k is exact in eval only).
     Raises ValueError when no FFN is found, naming what was looked for.
     ``adapter`` is a Python callable, which config.json cannot hold: pass the same ``adapter`` to
     :func:`from_pretrained`.
@@ -501,16 +515,29 @@ def moefy(
         raise ValueError(f"moefy: upcycle_noise must be a float >= 0, got {upcycle_noise!r}")
     if upcycle_noise > 0 and not upcycle:
         raise ValueError("moefy: upcycle_noise is only used with upcycle=True")
+    if not (isinstance(drop_upcycling_ratio, (int, float)) and not isinstance(drop_upcycling_ratio, bool)
+            and 0.0 <= drop_upcycling_ratio <= 1.0):
+        raise ValueError(f"moefy: drop_upcycling_ratio must be a float in [0, 1], got {drop_upcycling_ratio!r}")
+    if drop_upcycling_ratio > 0 and not upcycle:
+        raise ValueError("moefy: drop_upcycling_ratio is only used with upcycle=True")
     for arg in ("device", "dtype"):
         if arg in moe_kwargs:
             raise ValueError(f"moefy: {arg} is taken from the dense FFN being replaced; do not pass it")
     if upcycle:
-        for arg, neutral in (("num_shared_experts", 0), ("expert_granularity", 1)):
-            if moe_kwargs.get(arg, neutral) != neutral:
-                raise ValueError(f"moefy: upcycle=True copies the dense FFN into each routed expert and does not "
-                                 f"support {arg}={moe_kwargs[arg]!r}")
+        if moe_kwargs.get("num_shared_experts", 0) != 0:
+            raise ValueError(f"moefy: upcycle=True copies the dense FFN into each routed expert and does not "
+                             f"support num_shared_experts={moe_kwargs['num_shared_experts']!r}")
         moe_kwargs.setdefault("capacity_factor", None)
         moe_kwargs.setdefault("normalize_weights", True)
+        granularity = moe_kwargs.get("expert_granularity", 1)
+        if is_int(granularity) and granularity > 1:
+            router = moe_kwargs.get("router", "softmax")
+            if router not in ("softmax", "sigmoid", "noisy_topk"):
+                raise ValueError(f"moefy: granular upcycling (expert_granularity={granularity}) scales the routing "
+                                 f"weights by g through routed_scaling_factor, which router={router!r} does not "
+                                 "take; use 'softmax', 'sigmoid' or 'noisy_topk'")
+            # Recorded with the factor in: a replay by from_pretrained builds the same layer without upcycling.
+            moe_kwargs["routed_scaling_factor"] = (moe_kwargs.get("routed_scaling_factor") or 1.0) * granularity
 
     if adapter is not None and not callable(adapter):
         raise ValueError(f"moefy: adapter must be a callable (name, module) -> DenseFFN | None, got "
@@ -543,7 +570,8 @@ def moefy(
     generator = torch.Generator().manual_seed(torch.initial_seed() % (2**63)) if upcycle else None
     # Every MoE is built before any is installed: an FFN that cannot be converted leaves the model as it was.
     built = [(name, module, dense, _build_moe(name, module, dense, num_experts, top_k, upcycle, upcycle_noise,
-                                              moe_kwargs, generator)) for name, module, dense in targets]
+                                              moe_kwargs, generator, drop_upcycling_ratio))
+             for name, module, dense in targets]
     for name, module, dense, moe in built:
         replacement = MoEFeedForward(moe, dense.dropout)
         if dense.install is None:
@@ -690,7 +718,8 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def _build_moe(name: str, module: Optional[nn.Module], dense: DenseFFN, num_experts: int, top_k: int, upcycle: bool,
-               upcycle_noise: float, moe_kwargs: dict, generator: Optional[torch.Generator]) -> MoE:
+               upcycle_noise: float, moe_kwargs: dict, generator: Optional[torch.Generator],
+               drop_upcycling_ratio: float = 0.0) -> MoE:
     d_model, d_ff = dense.w1.shape
     for label, tensor, shape in (("w2", dense.w2, (d_ff, d_model)), ("w3", dense.w3, (d_model, d_ff)),
                                  ("b1", dense.b1, (d_ff,)), ("b2", dense.b2, (d_model,)), ("b3", dense.b3, (d_ff,))):
@@ -713,26 +742,83 @@ def _build_moe(name: str, module: Optional[nn.Module], dense: DenseFFN, num_expe
                 dense = replace(dense, w1=dense.w1 * scale, w2=dense.w2 / scale,
                                 b1=dense.b1 * scale if dense.b1 is not None else None)
         _upcycle_(moe, dense, upcycle_noise, generator)
+        if drop_upcycling_ratio > 0:
+            _drop_upcycle_(moe, dense, drop_upcycling_ratio, generator)
     return moe
 
 
 @torch.no_grad()
 def _upcycle_(moe: MoE, dense: DenseFFN, noise: float, generator: torch.Generator) -> None:
+    """Every expert a copy of ``dense``; with expert_granularity g, copy c is the g fine-grained experts c·g + s
+    holding the dense hidden units [s·d_ff/g, (s+1)·d_ff/g) and b2 / g (see :func:`moefy`)."""
     experts = moe.experts
-    pairs = [(experts.w1, dense.w1), (experts.w2, dense.w2), (experts.w3, dense.w3), (experts.b1, dense.b1),
-             (experts.b2, dense.b2), (experts.b3, dense.b3)]
-    for target, source in pairs:
+    g = moe.expert_granularity
+    copies = moe.num_experts // g
+
+    def sliced(name: str, source: Optional[Tensor]) -> Optional[Tensor]:
+        """The dense tensor as the [g, ...] stack of its slices, in the experts' layout."""
+        if source is None or g == 1:
+            return source if source is None else source.detach().unsqueeze(0)
+        source = source.detach()
+        if name in ("w1", "w3"):  # [d_model, d_ff] -> [g, d_model, d_ff / g]
+            return source.unflatten(1, (g, -1)).transpose(0, 1)
+        if name in ("w2", "b1", "b3"):  # [d_ff, ...] -> [g, d_ff / g, ...]
+            return source.unflatten(0, (g, -1))
+        return (source / g).unsqueeze(0).expand(g, *source.shape)  # b2: added once per slice
+
+    pairs = [("w1", experts.w1, dense.w1), ("w2", experts.w2, dense.w2), ("w3", experts.w3, dense.w3),
+             ("b1", experts.b1, dense.b1), ("b2", experts.b2, dense.b2), ("b3", experts.b3, dense.b3)]
+    for name, target, source in pairs:
         if target is None:
             continue
         if source is None:  # e.g. a Linear without bias beside one with: that bias is zero
             target.zero_()
             continue
-        target.copy_(source.detach().unsqueeze(0).expand_as(target))
+        target.copy_(sliced(name, source).repeat(copies, *([1] * source.dim())))
         if noise > 0:
             jitter = torch.randn(target.shape, generator=generator, dtype=torch.float32)
             target.mul_((1.0 + noise * jitter).to(device=target.device, dtype=target.dtype))
     weight = getattr(moe.router, "weight", None)
     if not isinstance(weight, Tensor):  # a router without parameters (hash) has nothing to initialise
         return
-    weight.copy_(torch.randn(weight.shape, generator=generator, dtype=torch.float32).mul_(UPCYCLE_ROUTER_STD)
-                 .to(device=weight.device, dtype=weight.dtype))
+    rows = torch.randn((copies, weight.shape[1]), generator=generator, dtype=torch.float32).mul_(UPCYCLE_ROUTER_STD)
+    # The g slices of a copy share its row: equal logits, so a token takes all of them or none.
+    weight.copy_(rows.repeat_interleave(g, dim=0).to(device=weight.device, dtype=weight.dtype))
+
+
+@torch.no_grad()
+def _drop_upcycle_(moe: MoE, dense: DenseFFN, ratio: float, generator: torch.Generator) -> None:
+    """Drop-Upcycling's diversity re-initialisation (Nakamura et al. 2025): each expert redraws its own random
+    round(ratio · d_ff) hidden units from the dense weights' statistics (see :func:`moefy`)."""
+    experts = moe.experts
+    num_experts, d_ff = experts.w1.shape[0], experts.w1.shape[2]
+    count = round(ratio * d_ff)
+    if count == 0:
+        return
+
+    def stats(tensor: Optional[Tensor]) -> tuple[float, float]:
+        if tensor is None:
+            return 0.0, 0.0
+        values = tensor.detach().to(torch.float64)
+        return float(values.mean()), float(values.std(correction=0))
+
+    statistics = {name: stats(getattr(dense, name)) for name in ("w1", "w2", "w3", "b1", "b3")}
+    for e in range(num_experts):
+        units = torch.randperm(d_ff, generator=generator)[:count].to(experts.w1.device)
+        for name in ("w1", "w3", "w2", "b1", "b3"):
+            target = getattr(experts, name)
+            if target is None:
+                continue
+            mean, std = statistics[name]
+            if name in ("w1", "w3"):  # columns: [d_model, count]
+                shape = (target.shape[1], count)
+            elif name == "w2":  # rows: [count, d_model]
+                shape = (count, target.shape[2])
+            else:
+                shape = (count,)
+            draw = torch.randn(shape, generator=generator, dtype=torch.float32).double().mul_(std).add_(mean)
+            draw = draw.to(device=target.device, dtype=target.dtype)
+            if name in ("w1", "w3"):
+                target[e][:, units] = draw
+            else:
+                target[e][units] = draw

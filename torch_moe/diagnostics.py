@@ -9,6 +9,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
+from .experts import unwrapped
 from .layer import MoE, MoEStats
 
 __all__ = [
@@ -77,7 +78,7 @@ def _cosine_matrix(rows: Tensor) -> Tensor:
 def expert_weight_similarity(layer: nn.Module) -> Tensor:
     """[E, E] cosine similarity of the experts' flattened parameters (w1, w3, w2, b1, b2 of each expert, joined).
     For an expert-parallel layer, of the experts this rank holds."""
-    experts = layer.experts
+    experts = unwrapped(layer.experts)
     with torch.no_grad():
         parts = [p.detach().flatten(1) for p in (experts.w1, experts.w3, experts.w2, experts.b1, experts.b2)
                  if p is not None]
@@ -87,10 +88,12 @@ def expert_weight_similarity(layer: nn.Module) -> Tensor:
 def expert_output_similarity(layer: nn.Module, probe: Tensor) -> Tensor:
     """[E, E] cosine similarity of the experts' outputs on a probe batch ``probe`` [..., d_model]: every
     expert sees every probe token, and its outputs are flattened into one vector."""
-    experts = layer.experts
-    tokens = probe.reshape(-1, probe.shape[-1]).to(experts.w1.dtype)
+    experts = layer.experts  # called, not read: a LoRA wrapper's update applies
+    dtype = unwrapped(experts).w1.dtype
+    num_experts = unwrapped(experts).num_experts
+    tokens = probe.reshape(-1, probe.shape[-1]).to(dtype)
     with torch.no_grad():
-        outputs = experts(tokens.unsqueeze(0).expand(experts.w1.shape[0], -1, -1).contiguous())
+        outputs = experts(tokens.unsqueeze(0).expand(num_experts, -1, -1).contiguous())
         return _cosine_matrix(outputs.flatten(1))
 
 

@@ -118,7 +118,7 @@ class ExpertChoiceDispatch(CapacityDispatch):
 
 class DroplessDispatch:
     """Dropless mode: rows sorted by expert, grouped GEMMs with the permutation fused into the first projections
-    and the weighted combine into the last (:meth:`Experts.forward_dropless`)."""
+    and the weighted combine into the last (:meth:`Experts.forward_dropless`, reached through ``experts(...)``)."""
 
     def __init__(self, num_experts: int) -> None:
         self.num_experts = num_experts
@@ -128,7 +128,7 @@ class DroplessDispatch:
 
     def __call__(self, experts, x: Tensor, routing, valid: Optional[Tensor]) -> tuple[Tensor, Load]:
         row_index, offsets = ops.permute_plan(routing.expert_ids, self.num_experts, valid)
-        y = experts.forward_dropless(x, routing.weights, row_index, offsets)
+        y = experts(x, offsets, routing.weights, row_index)
         return y, Load(offsets.diff(), _no_drops(routing.weights), None)
 
 
@@ -203,7 +203,7 @@ class ExpertParallelCapacityDispatch(_OverGroup, CapacityDispatch):
         num_experts, exchange_capacity, d = buffer.shape
         if exchange_capacity == 0:  # the group agreed on the capacity, so either every rank exchanges or none does
             return buffer
-        world_size, local_experts = self.group.size, experts.num_experts
+        world_size, local_experts = self.group.size, num_experts // self.group.size
         received = distributed.AllToAll.apply(buffer, anchor, None, None, self.group.group)  # [W, E/W, Cx, d]
         local = received.view(world_size, local_experts, exchange_capacity, d).transpose(0, 1)
         local = local.reshape(local_experts, world_size * exchange_capacity, d)
@@ -227,7 +227,7 @@ class ExpertParallelDroplessDispatch(_OverGroup, DroplessDispatch):
         self.group.agree(x, None)
         anchor = distributed.anchor(x.device)
         group, world_size = self.group.group, self.group.size
-        num_experts, local_experts = self.num_experts, experts.num_experts
+        num_experts, local_experts = self.num_experts, self.num_experts // self.group.size
         permuted = ops.permute(x, routing.expert_ids, num_experts, valid)
         tokens_per_expert = permuted.offsets.diff()
         # Counts first (E per rank, equal splits): afterwards every rank knows what it sends and receives.
@@ -250,7 +250,7 @@ class ExpertParallelDroplessDispatch(_OverGroup, DroplessDispatch):
             order = torch.argsort(expert_of_row, stable=True)
             inverse = torch.empty_like(order)
             inverse[order] = torch.arange(order.numel(), device=order.device)
-        out = experts.forward_grouped(received if order is None else received.index_select(0, order), offsets)
+        out = experts(received if order is None else received.index_select(0, order), offsets)
         if torch.is_grad_enabled() and not out.requires_grad:
             out = distributed.KeepConnected.apply(out, received)
         if inverse is not None:

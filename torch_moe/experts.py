@@ -11,7 +11,7 @@ from torch import Tensor, nn
 
 from . import ops
 
-__all__ = ["Experts", "EXPERT_TYPES", "ACTIVATIONS"]
+__all__ = ["Experts", "EXPERT_TYPES", "ACTIVATIONS", "unwrapped"]
 
 EXPERT_TYPES = ("swiglu", "geglu", "mlp", "geglu_tanh")
 _GATE_ACTIVATIONS = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh"}
@@ -100,7 +100,31 @@ class Experts(nn.Module):
         """f(gate) * up of the gated expert types, one op: backward keeps gate and up, not f(gate) as well."""
         return ops.glu(gate, up, self._gate_activation)
 
-    def forward(self, buffer: Tensor) -> Tensor:
+    def forward(self, x: Tensor, offsets: Optional[Tensor] = None, weights: Optional[Tensor] = None,
+                row_index: Optional[Tensor] = None) -> Tensor:
+        """Every path of the experts, so that callers reach the weights only through this call.
+
+        - ``experts(buffer [E, C, d_model])`` -> [E, C, d_model]: capacity mode (:meth:`forward_batched`);
+        - ``experts(rows [N, d_model], offsets [E + 1])`` -> [N, d_model]: rows grouped by expert
+          (:meth:`forward_grouped`);
+        - ``experts(x [T, d_model], offsets, weights [T, k], row_index [T, k])`` -> [T, d_model]: dropless from tokens
+          to the weighted output (:meth:`forward_dropless`).
+
+        Why one entry point: wrappers that substitute a weight for the duration of a call (PEFT's LoRA
+        ``ParamWrapper`` with ``target_parameters=["experts.w1", ...]``, ``torch.nn.utils.parametrize``) see only
+        ``__call__``; a layer calling ``experts.forward_dropless`` or reading ``experts.w1`` would bypass them.
+        """
+        if offsets is None:
+            if weights is not None or row_index is not None:
+                raise ValueError("Experts: weights and row_index need offsets (the dropless path)")
+            return self.forward_batched(x)
+        if (weights is None) != (row_index is None):
+            raise ValueError("Experts: pass weights and row_index together (dropless), or neither (grouped rows)")
+        if weights is None:
+            return self.forward_grouped(x, offsets)
+        return self.forward_dropless(x, weights, row_index, offsets)
+
+    def forward_batched(self, buffer: Tensor) -> Tensor:
         """Capacity mode: buffer [E, C, d_model] -> [E, C, d_model], one batched GEMM per projection."""
         self.last_path = "bmm"
         h = torch.bmm(buffer, self.w1)
@@ -178,6 +202,17 @@ class Experts(nn.Module):
             f"expert={self.expert!r}, activation={self.activation!r}, bias={self.b1 is not None}"
             + (", up_bias=True" if self.b3 is not None else "")
         )
+
+
+def unwrapped(module: nn.Module) -> nn.Module:
+    """The module itself, or the module a wrapper holds (PEFT's ``get_base_layer()``, nested wrappers followed).
+
+    For what is not a forward: a LoRA ``ParamWrapper`` around the experts or the router adds its update to the
+    weight only while it is called, so layers read metadata (dtype, the router's load hooks) from the base module
+    and compute only through the wrapper's ``__call__``.
+    """
+    get_base_layer = getattr(module, "get_base_layer", None)
+    return get_base_layer() if callable(get_base_layer) else module
 
 
 def _bias_row(bias: Optional[Tensor], weight: Tensor) -> Tensor:

@@ -17,7 +17,7 @@ from . import losses as moe_losses
 from ._checks import is_finite_number, is_int, is_number
 from .dispatch import (DROP_POLICIES, Capacity, CapacityDispatch, DroplessDispatch, ExpertChoiceDispatch,
                        ExpertGroup, ExpertParallelCapacityDispatch, ExpertParallelDroplessDispatch, Load)
-from .experts import ACTIVATIONS, EXPERT_TYPES, Experts
+from .experts import ACTIVATIONS, EXPERT_TYPES, Experts, unwrapped
 from .routing import ROUTER_CLASSES, RouterOptions, recomputing, router_class
 
 __all__ = ["MoE", "MoEStats", "aux_loss", "DROP_POLICIES"]
@@ -252,14 +252,15 @@ class MoE(nn.Module):
         # nothing of theirs reaches an output or a weight gradient (0 * NaN would).
         clean = tokens if valid is None else torch.where(valid.unsqueeze(1), tokens, 0)
         routing = self.router(clean, token_ids=token_ids, valid=valid)
-        expert_input = tokens.to(self.experts.w1.dtype)
+        expert_input = tokens.to(unwrapped(self.experts).w1.dtype)
         y, load = self.dispatcher(self.experts, expert_input, routing, valid)
         load = self.router.count_load(routing, valid, load)
         if self.shared_experts is not None:
             y = y + self._shared(clean.to(expert_input.dtype), valid)
-        if self.training and self.router.adapts_to_load and not recomputing():
+        router = unwrapped(self.router)  # its hooks, not its forward: a LoRA wrapper need not be active for them
+        if self.training and router.adapts_to_load and not recomputing():
             # Under expert parallelism the load is summed over the group, so the replicated state stays identical.
-            self.router.observe_load(self.dispatcher.summed_over_group(load.tokens_per_expert), y)
+            router.observe_load(self.dispatcher.summed_over_group(load.tokens_per_expert), y)
         self._record_losses_and_stats(x, routing, valid, load)
         return y.to(x.dtype).reshape(x.shape)
 
@@ -296,15 +297,16 @@ class MoE(nn.Module):
         return x.reshape(-1, self.d_model), valid
 
     def _record_losses_and_stats(self, x: Tensor, routing, valid: Optional[Tensor], load: Load) -> None:
-        load_balancing_loss, z_loss, router_entropy = self.router.balance_losses(routing, valid)
+        router = unwrapped(self.router)
+        load_balancing_loss, z_loss, router_entropy = router.balance_losses(routing, valid)
         if self.global_load_balancing:
             load_balancing_loss = moe_losses.global_load_balancing_loss(
                 routing.logits, load.tokens_per_expert, valid, self.top_k, self.expert_parallel_group)
         losses = {"load_balancing": load_balancing_loss, "z": z_loss}
         aux = self.aux_loss_coef * load_balancing_loss + self.z_loss_coef * z_loss
         optional = (("importance", self.importance_loss_coef,
-                     lambda: moe_losses.importance_loss(self.router.gates(routing), valid)),
-                    ("load", self.load_loss_coef, lambda: self.router.load_loss(routing, valid)),
+                     lambda: moe_losses.importance_loss(router.gates(routing), valid)),
+                    ("load", self.load_loss_coef, lambda: router.load_loss(routing, valid)),
                     ("sequence_balance", self.seq_balance_loss_coef, lambda: _sequence_balance(x, routing, valid)))
         for name, coef, loss in optional:
             if coef > 0:

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import is_int
-from .experts import EXPERT_TYPES, Experts
+from .experts import EXPERT_TYPES, Experts, unwrapped
 
 __all__ = ["SoftMoE"]
 
@@ -78,7 +78,7 @@ class SoftMoE(nn.Module):
         if padding_mask is not None:  # a sequence of padding only: softmax over nothing, no slot input at all
             dispatch = torch.nan_to_num(dispatch, nan=0.0)
         combine = torch.softmax(logits, dim=2)  # over slots
-        compute_dtype = self.experts.w1.dtype
+        compute_dtype = unwrapped(self.experts).w1.dtype
         slots_in = torch.bmm(dispatch.transpose(1, 2).to(compute_dtype), tokens.to(compute_dtype))  # [B, E*p, d]
         expert_in = slots_in.view(B, E, p, d).transpose(0, 1).reshape(E, B * p, d)
         expert_out = self.experts(expert_in).view(E, B, p, d).transpose(0, 1).reshape(B, E * p, d)
@@ -89,4 +89,4 @@ class SoftMoE(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"d_model={self.d_model}, num_experts={self.num_experts}, slots_per_expert={self.slots_per_expert}, "
-                f"expert={self.experts.expert!r}")
+                f"expert={unwrapped(self.experts).expert!r}")
