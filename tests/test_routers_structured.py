@@ -507,3 +507,14 @@ def test_structured_routers_compile_and_empty_input(router, kwargs, capacity_fac
     empty = moe(torch.randn(0, D))
     assert empty.shape == (0, D) and moe.aux_loss.item() == 0.0
     assert moe.stats.tokens_per_expert.tolist() == [0] * 4
+
+
+def test_surgery_refuses_what_the_structured_routers_cannot_support():
+    dselect = make_layer("dselect_k", 4, 2)
+    with pytest.raises(ValueError, match="router='dselect_k' routes every expert.*criterion='weight'"):
+        torch_moe.surgery.expert_importance(dselect, x_of(6), "frequency")
+    weight = torch_moe.surgery.expert_importance(dselect, x_of(6), "weight")
+    assert_close(weight, dselect.router.gates(dselect.router.eval()(x_of(6))).mean(0), rtol=1e-12, atol=0)
+    for moe in (dselect, make_layer("hierarchical", 7, 2)):  # 7 experts: one group, not refused as group-limited
+        with pytest.raises(ValueError, match=f"router='{moe.router_name}' is not supported"):
+            torch_moe.surgery.prune_experts(moe, keep=[0, 1, 2])

@@ -254,10 +254,10 @@ class MoE(nn.Module):
         routing = self.router(clean, token_ids=token_ids, valid=valid)
         expert_input = tokens.to(unwrapped(self.experts).w1.dtype)
         y, load = self.dispatcher(self.experts, expert_input, routing, valid)
-        load = self.router.count_load(routing, valid, load)
         if self.shared_experts is not None:
             y = y + self._shared(clean.to(expert_input.dtype), valid)
         router = unwrapped(self.router)  # its hooks, not its forward: a LoRA wrapper need not be active for them
+        load = router.count_load(routing, valid, load)
         if self.training and router.adapts_to_load and not recomputing():
             # Under expert parallelism the load is summed over the group, so the replicated state stays identical.
             router.observe_load(self.dispatcher.summed_over_group(load.tokens_per_expert), y)
@@ -312,7 +312,7 @@ class MoE(nn.Module):
             if coef > 0:
                 losses[name] = loss()
                 aux = aux + coef * losses[name]
-        for name, (coef, loss) in self.router.own_losses(routing, valid).items():
+        for name, (coef, loss) in router.own_losses(routing, valid).items():
             losses[name] = loss
             aux = aux + coef * loss
         self.aux_loss = aux
