@@ -9,7 +9,8 @@
 # 2. top-k ∈ {1, 2, 4} at equal total parameters (same experts; active parameters grow with k)
 # 3. α ∈ {0.001, 0.01, 0.1, 1}
 # 4. routers: plain softmax top-k vs noisy top-k (Shazeer 2017), learned vs frozen-random, plus sigmoid with
-#    loss-free balancing (DeepSeek-V3) and hash routing (Roller 2021)
+#    loss-free balancing (DeepSeek-V3), hash routing (Roller 2021), DSelect-k (Hazimeh 2021) and a hierarchical
+#    two-level gate (Shazeer 2017)
 # 5. capacity factor sweep, drop rate against loss
 # 6. dense FFN vs MoE at equal active parameters
 # 7. global-batch load balancing (Qiu et al. 2025): each step's batch as 4 micro-batches of gradient accumulation,
@@ -189,6 +190,10 @@ SPECS["noisy top-k"] = dict(BASE, router="noisy_topk", extra=dict(importance_los
 SPECS["frozen random router"] = dict(BASE, router="random")
 SPECS["sigmoid, loss-free balancing"] = dict(BASE, router="sigmoid", alpha=0.0)
 SPECS["hash router"] = dict(BASE, router="hash", alpha=0.0)
+# k = 2 selectors over binary codes of the 8 experts; the entropy term pushes the smooth-steps to exact 0/1.
+SPECS["DSelect-k (Hazimeh 2021)"] = dict(BASE, router="dselect_k", extra=dict(selector_entropy_coef=0.01))
+# 4 groups of 2 experts: each token takes its 2 best groups, then the best expert inside each.
+SPECS["hierarchical (Shazeer 2017)"] = dict(BASE, router="hierarchical", extra=dict(n_groups=4, topk_groups=2))
 for cf in CAPACITY_FACTORS:
     if cf != 1.25:
         SPECS[f"cf={cf}" if cf is not None else "dropless"] = dict(BASE, capacity_factor=cf)
@@ -264,7 +269,8 @@ for label, r in zip(labels, rows):
 ax.set(title="capacity factor: drops against loss", xlabel="dropped fraction", ylabel="validation loss")
 names = [BASELINE, "noisy top-k", "frozen random router", "sigmoid, loss-free balancing",
          "hash router", "top-p routing (p=0.4, at most 4)", "MoE++ null experts (1 zero, 1 copy, 2 constant)",
-         "DS-MoE (dense training, top-2 eval)", "dense, equal active params"]
+         "DS-MoE (dense training, top-2 eval)", "DSelect-k (Hazimeh 2021)",
+         "hierarchical (Shazeer 2017)", "dense, equal active params"]
 axes[1, 1].barh([n.split(" (")[0] for n in names], [results[n]["val_loss"] for n in names], color="tab:green")
 axes[1, 1].set(title="routers, and dense at equal active params", xlabel="validation loss")
 losses_shown = [results[n]["val_loss"] for n in names]

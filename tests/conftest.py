@@ -52,3 +52,16 @@ def cuda_device(request) -> str:
 def gen() -> torch.Generator:
     """A CPU generator with a fixed seed: inputs are built on the CPU and moved, so they match across devices."""
     return torch.Generator().manual_seed(0x5EED)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo_caches(request):
+    """Tests that torch.compile the same layer code (MoE.forward) from many files would otherwise share Dynamo's
+    per-code-object recompile budget (8), and a fullgraph test late in the run would fail on the limit, not on
+    its own behaviour. Reset only around tests that mention compile, to keep the rest fast."""
+    compiles = "compile" in request.node.name
+    if compiles:
+        torch._dynamo.reset()
+    yield
+    if compiles:
+        torch._dynamo.reset()

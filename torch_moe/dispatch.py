@@ -13,7 +13,6 @@ values, never with the layer: ``strategy(experts, x [T, d], routing, valid [T] |
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Mapping, NamedTuple, Optional
@@ -119,8 +118,6 @@ class CapacityDispatch:
 
     def __call__(self, experts, x: Tensor, routing, valid: Optional[Tensor]) -> tuple[Tensor, Load]:
         capacity = self.capacity(x.shape[0])
-        if routing.expert_ids.shape[1] > self.capacity.top_k:  # wider than top_k (DS-MoE's dense training)
-            capacity = dataclasses.replace(self.capacity, top_k=routing.expert_ids.shape[1])(x.shape[0])
         buffer_capacity, context = self.prepare(x, capacity)
         load = self.plan(routing, valid, capacity)
         expert_ids = routing.expert_ids if routing.active is None else _ffn_expert_ids(routing, self.num_experts)[1]

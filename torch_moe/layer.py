@@ -29,7 +29,8 @@ __all__ = ["MoE", "MoEStats", "aux_loss", "DROP_POLICIES"]
 class MoEStats:
     """What a MoE forward saw. Every field is a detached tensor on the layer's device.
 
-    tokens_per_expert: [E] int64, valid assignments per expert before dropping.
+    tokens_per_expert: [E] int64, valid assignments per expert before dropping (``"dselect_k"``: those of nonzero
+        weight).
     dropped_fraction: 0-dim, dropped assignments / valid assignments (0 when dropless or no valid token).
     router_entropy: 0-dim, mean over valid tokens of -sum_e p log p.
     load_balancing_loss, z_loss: 0-dim, unweighted.
@@ -37,9 +38,11 @@ class MoEStats:
         choice, no expert took the token).
     losses: every unweighted aux loss the layer computed, by name (``load_balancing``, ``z``, and ``importance``,
         ``load``, ``sequence_balance`` when their coefficients are set; ``dynamic`` for ``"top_p"``,
-        ``mutual_information`` for ``"ds_moe"``).
+        ``mutual_information`` for ``"ds_moe"``,
+        ``selector_entropy``, ``selector_reachability`` for ``"dselect_k"``).
     experts_per_token: 0-dim, mean over valid tokens of the FFN experts assigned to a token before dropping: top_k
-        for fixed top-k, the taken experts for ``"top_p"``, E for ``"ds_moe"`` in training, the experts that took
+        for fixed top-k, those of nonzero weight for ``"dselect_k"``, the taken experts for ``"top_p"``, E for
+        ``"ds_moe"`` in training, the experts that took
         the token for expert choice, 1 for a gating-dropout forward; null experts (MoE++) are not counted.
     """
 
@@ -77,11 +80,15 @@ class MoE(nn.Module):
         router_bias: a learned bias b [E] on the router logits, x·wᵀ + b (GPT-OSS); ``"softmax"``, ``"sigmoid"``
             and ``"sparsemixer"`` only.
         router: one of :data:`torch_moe.routing.ROUTERS`: ``"softmax"`` (default), ``"noisy_topk"``,
-            ``"sparsemixer"``, ``"expert_choice"``, ``"sigmoid"``, ``"hash"``, ``"random"``, ``"top_p"``, ``"ds_moe"``;
-            see :mod:`torch_moe.routing`.
+            ``"sparsemixer"``, ``"expert_choice"``, ``"sigmoid"``, ``"hash"``, ``"random"``, ``"top_p"``, ``"ds_moe"``,
+            ``"dselect_k"``, ``"hierarchical"``; see :mod:`torch_moe.routing`.
         bias_update_rate: ``"sigmoid"`` only: step of the loss-free balancing bias (default 1e-3; 0 disables).
-        n_groups, topk_groups: ``"softmax"`` / ``"sigmoid"`` only: group-limited routing over n_groups contiguous
+        n_groups, topk_groups: ``"softmax"`` / ``"sigmoid"``: group-limited routing over n_groups contiguous
             expert groups, tokens choose inside their topk_groups best groups (default: all groups).
+            ``"hierarchical"``: the groups of the primary gate and how many of them a token takes (default 1);
+            top_k = topk_groups × experts taken per group.
+        smooth_step_gamma, selector_entropy_coef: ``"dselect_k"`` only: the smooth-step's width (default 1) and
+            the coefficient of the selectors' entropy regulariser in ``aux_loss`` (default 0).
         routed_scaling_factor: ``"softmax"`` / ``"sigmoid"`` / ``"noisy_topk"``: the routing weights (after
             normalisation) times this constant (DeepSeek-V2/V3's ``routed_scaling_factor``; default 1).
         importance_loss_coef, load_loss_coef: Shazeer et al.'s importance loss (any learned token-choice router)
@@ -178,6 +185,8 @@ class MoE(nn.Module):
         topk_groups: Optional[int] = None,
         routed_scaling_factor: Optional[float] = None,
         router_bias: bool = False,
+        smooth_step_gamma: Optional[float] = None,
+        selector_entropy_coef: Optional[float] = None,
         importance_loss_coef: float = 0.0,
         load_loss_coef: float = 0.0,
         seq_balance_loss_coef: float = 0.0,
@@ -220,7 +229,8 @@ class MoE(nn.Module):
             n_groups=n_groups, topk_groups=topk_groups, routed_scaling_factor=routed_scaling_factor,
             router_bias=router_bias or None, top_p_threshold=top_p_threshold, dynamic_loss_coef=dynamic_loss_coef,
             mutual_information_loss_coef=mutual_information_loss_coef,
-            sparse_inference_threshold=sparse_inference_threshold)
+            sparse_inference_threshold=sparse_inference_threshold, smooth_step_gamma=smooth_step_gamma,
+            selector_entropy_coef=selector_entropy_coef)
         num_null = _validate_part2(router_type, num_zero_experts, num_copy_experts, num_constant_experts,
                                    gating_dropout, expert_dropout, global_load_balancing, seq_balance_loss_coef)
         _validate_losses(router_type, aux_loss_coef, z_loss_coef, importance_loss_coef, load_loss_coef, seq_balance_loss_coef,
@@ -270,12 +280,17 @@ class MoE(nn.Module):
         shared_d_ff = shared_expert_d_ff or num_shared_experts * d_ff
         self.shared_experts = Experts(d_model, shared_d_ff, 1, **experts) if num_shared_experts else None
         self.shared_expert_gate = nn.Linear(d_model, 1, bias=False, **factory) if shared_expert_gate else None
+        sparse_capacity = self._capacity
+        if router_type.dense_in_training and self._capacity is not None:
+            # DS-MoE trains with every expert per token: the training capacity is that of E choices per token, the
+            # eval one (built below) that of top_k.
+            self._capacity = dataclasses.replace(self._capacity, top_k=num_experts)
         self.dispatcher = self._make_dispatcher(router_type, expert, activation, bias, up_bias)
         # The eval strategy, when eval_capacity_factor or eval_top_k changes it: built once, like the training one.
         self._eval_capacity_factor = eval_capacity_factor
         self.eval_dispatcher = None
-        if eval_capacity_factor is not None or eval_top_k is not None:
-            capacity = self._capacity
+        if eval_capacity_factor is not None or eval_top_k is not None or sparse_capacity is not self._capacity:
+            capacity = sparse_capacity
             if eval_capacity_factor == "dropless":
                 capacity = None
             elif eval_capacity_factor is not None:
@@ -374,6 +389,7 @@ class MoE(nn.Module):
         if self.shared_experts is not None:
             y = y + self._shared(clean.to(expert_input.dtype), valid)
         router = unwrapped(self.router)  # its hooks, not its forward: a LoRA wrapper need not be active for them
+        load = router.count_load(routing, valid, load)
         if self.training and router.adapts_to_load and not recomputing():
             router_load = load.tokens_per_expert
             if self.null_experts is not None or gate_dropped:
@@ -460,7 +476,7 @@ class MoE(nn.Module):
             z_loss=z_loss.detach(),
             unrouted_fraction=_unrouted_fraction(load.slots, valid, routing.weights.dtype, x.device).detach(),
             losses={name: value.detach() for name, value in losses.items()},
-            experts_per_token=_experts_per_token(dispatched, valid).detach(),
+            experts_per_token=_experts_per_token(dispatched, valid, router.routes_top_k).detach(),
         )
 
     def extra_repr(self) -> str:
@@ -578,10 +594,13 @@ def _validate(d_model, d_ff, num_experts, top_k, capacity_factor, min_capacity, 
         raise ValueError(f"MoE: jitter_eps must be in [0, 1), got {jitter_eps!r}")
 
 
-def _experts_per_token(routing, valid: Optional[Tensor]) -> Tensor:
-    """0-dim: mean over valid tokens of the FFN assignments of a token before dropping (0 with no valid token)."""
+def _experts_per_token(routing, valid: Optional[Tensor], routes_top_k: bool = True) -> Tensor:
+    """0-dim: mean over valid tokens of the FFN assignments of a token before dropping (0 with no valid token);
+    for routers whose routing lists every expert (``routes_top_k`` False: DSelect-k), those of nonzero weight."""
     if routing.slots is not None:  # expert choice: the experts that took the token
         per_token = (routing.slots >= 0).sum(1)
+    elif not routes_top_k:
+        per_token = (routing.weights != 0).sum(1)
     elif routing.active is not None:
         per_token = routing.active.sum(1)
     else:
@@ -671,6 +690,9 @@ def _validate_losses(router_type, aux_loss_coef, z_loss_coef, importance_loss_co
     token_choice_with_scores = router_type.token_choice and router_type.has_scores
     if seq_balance_loss_coef > 0 and not token_choice_with_scores:
         raise ValueError(f"MoE(router={name!r}): seq_balance_loss_coef needs token-choice routing with scores")
+    if seq_balance_loss_coef > 0 and not router_type.routes_top_k:
+        raise ValueError(f"MoE(router={name!r}): seq_balance_loss_coef counts each token's k choices, and {name} routes "
+                         "every expert (zero weights included); use aux_loss_coef")
     if global_load_balancing and not token_choice_with_scores:
         raise ValueError(f"MoE(router={name!r}): global_load_balancing needs token-choice routing with logits")
 

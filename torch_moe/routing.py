@@ -4,7 +4,8 @@ Token-choice routers (every token picks experts): ``"softmax"`` (:class:`Router`
 (:class:`NoisyTopKRouter`), ``"sigmoid"`` (:class:`SigmoidRouter`), ``"hash"`` (:class:`HashRouter`),
 ``"random"`` (:class:`RandomRouter`), ``"sparsemixer"`` (:class:`SparseMixerRouter`), ``"top_p"``
 (:class:`TopPRouter`, a varying number of experts per token), ``"ds_moe"`` (:class:`DSMoERouter`, dense in
-training). Expert-choice (every expert picks tokens): ``"expert_choice"``
+training), ``"dselect_k"`` (:class:`DSelectKRouter`), ``"hierarchical"`` (:class:`HierarchicalRouter`).
+Expert-choice (every expert picks tokens): ``"expert_choice"``
 (:class:`ExpertChoiceRouter`). Soft MoE is a layer of its own: :class:`torch_moe.SoftMoE`.
 
 A router owns its options (:class:`RouterOptions`), their checks (:meth:`Router.check`), how it is built from
@@ -15,6 +16,7 @@ and its typed output (:class:`Routing`); the layer asks it for its share of the 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import NamedTuple, Optional
@@ -41,6 +43,8 @@ __all__ = [
     "SparseMixerRouter",
     "TopPRouter",
     "DSMoERouter",
+    "DSelectKRouter",
+    "HierarchicalRouter",
     "router_class",
     "SoftMoE",
 ]
@@ -56,6 +60,7 @@ class Routing(NamedTuple):
     -1 for none); clean_logits, noise_std [T, E] (noisy top-k: the logits before the noise and its scale).
     active: [T, k] bool, False for a slot that takes no FFN row and no capacity slot (top-p's unused slots, null
     experts); ``None``: every slot is an FFN assignment.
+    extra: a tuple of the tensors the router's own losses read (DSelect-k, hierarchical).
     """
 
     logits: Optional[Tensor]
@@ -66,6 +71,7 @@ class Routing(NamedTuple):
     clean_logits: Optional[Tensor] = None
     noise_std: Optional[Tensor] = None
     active: Optional[Tensor] = None
+    extra: Optional[tuple] = None
 
 
 @dataclass(frozen=True)
@@ -84,6 +90,8 @@ class RouterOptions:
     dynamic_loss_coef: Optional[float] = None
     mutual_information_loss_coef: Optional[float] = None
     sparse_inference_threshold: Optional[float] = None
+    smooth_step_gamma: Optional[float] = None
+    selector_entropy_coef: Optional[float] = None
 
 
 # Options that only some routers take, with the words the error uses when another router is given them.
@@ -92,7 +100,8 @@ _RESTRICTED_OPTIONS = {"bias_update_rate": ("bias_update_rate",), "n_groups": ("
                        "router_bias": ("router_bias",),
                        "top_p_threshold": ("top_p_threshold",), "dynamic_loss_coef": ("dynamic_loss_coef",),
                        "mutual_information_loss_coef": ("mutual_information_loss_coef",),
-                       "sparse_inference_threshold": ("sparse_inference_threshold",)}
+                       "sparse_inference_threshold": ("sparse_inference_threshold",),
+                       "smooth_step_gamma": ("smooth_step_gamma",), "selector_entropy_coef": ("selector_entropy_coef",)}
 
 
 def _router_dtype(x: Tensor) -> torch.dtype:
@@ -122,6 +131,8 @@ class RouterBase(nn.Module):
     has_noise = False  # Shazeer's load loss applies
     accepts = ("n_groups", "topk_groups", "routed_scaling_factor")  # restricted RouterOptions this router takes
     normalizes_by_default = False  # normalize_weights=None means True for every top_k (else for top_k > 1)
+    routes_top_k = True  # expert_ids [T, k] are the token's k choices (False: every expert, zero weights included)
+    dense_in_training = False  # training routes every token to all E experts (DS-MoE): capacity for E choices
     accepts_eval_top_k = False  # MoE(eval_top_k=...) may change how many experts it picks in eval mode
     eval_top_k: Optional[int] = None  # set by the layer: top_k of eval-mode forwards (None: top_k)
 
@@ -171,6 +182,10 @@ class RouterBase(nn.Module):
         _, z_loss, entropy = ops.router_losses(routing.logits, routing.expert_ids[:, :1].contiguous(), valid)
         return ops.RouterLosses(_masked_balance_loss(routing.logits, routing.expert_ids, routing.active, valid),
                                 z_loss, entropy)
+
+    def count_load(self, routing: Routing, valid: Optional[Tensor], load):
+        """The dispatch's :class:`torch_moe.dispatch.Load` as the statistics should count it; as dispatched here."""
+        return load
 
     def extra_losses(self, routing: Routing, valid: Optional[Tensor]) -> dict[str, tuple[float, Tensor]]:
         """The router's own aux losses, by name: (coefficient, unweighted 0-dim loss); none here."""
@@ -601,12 +616,6 @@ def _masked_balance_loss(logits: Tensor, expert_ids: Tensor, active: Tensor, val
     return num_experts * (fraction.detach() * mean_probs).sum()
 
 
-def _mean_over_valid(per_token: Tensor, valid: Optional[Tensor]) -> Tensor:
-    if valid is None:
-        return per_token.sum() / max(per_token.shape[0], 1)
-    return torch.where(valid, per_token, 0).sum() / valid.sum().clamp(min=1)
-
-
 def _token_entropy(logits: Tensor) -> Tensor:
     """[T] −Σ_e p log p of softmax(logits), differentiable (0·log 0 taken as 0 through log_softmax)."""
     return -(torch.softmax(logits, dim=1) * torch.log_softmax(logits, dim=1)).sum(1)
@@ -677,7 +686,7 @@ class TopPRouter(Router):
     def extra_losses(self, routing: Routing, valid: Optional[Tensor]) -> dict[str, tuple[float, Tensor]]:
         if self.dynamic_loss_coef == 0:
             return {}
-        return {"dynamic": (self.dynamic_loss_coef, _mean_over_valid(_token_entropy(routing.logits), valid))}
+        return {"dynamic": (self.dynamic_loss_coef, _masked_mean(_token_entropy(routing.logits), valid))}
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", top_p_threshold={self.top_p_threshold}"
@@ -701,6 +710,7 @@ class DSMoERouter(Router):
     """
 
     name = "ds_moe"
+    dense_in_training = True
     accepts = ("mutual_information_loss_coef", "sparse_inference_threshold")
 
     @classmethod
@@ -769,7 +779,7 @@ def mutual_information_loss(logits: Tensor, valid: Optional[Tensor] = None) -> T
     marginal_entropy = -(mean_probs * torch.log(mean_probs.clamp(min=torch.finfo(probs.dtype).tiny))).sum()
     if valid is not None:
         marginal_entropy = torch.where(valid.any(), marginal_entropy, 0)
-    return -marginal_entropy + _mean_over_valid(_token_entropy(logits), valid)
+    return -marginal_entropy + _masked_mean(_token_entropy(logits), valid)
 
 
 class SparseMixerRouter(Router):
@@ -854,10 +864,301 @@ def _sparsemixer(logits: Tensor, top_k: int, eps: float, training: bool) -> tupl
     return torch.cat(weights, dim=-1), torch.cat(expert_ids, dim=-1)
 
 
+def _masked_mean(per_token: Tensor, valid: Optional[Tensor]) -> Tensor:
+    """Mean of per_token [T] over the valid tokens (0 when there is none)."""
+    if valid is None:
+        return per_token.sum() / max(per_token.shape[0], 1)
+    return torch.where(valid, per_token, 0).sum() / valid.sum().clamp(min=1).to(per_token.dtype)
+
+
+def _jitter(x: Tensor, eps: float, training: bool) -> Tensor:
+    if training and eps > 0:
+        return x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
+    return x
+
+
+def smooth_step(t: Tensor, gamma: float) -> Tensor:
+    """The smooth-step of Hazimeh et al. 2020/2021: 0 for t <= -gamma/2, 1 for t >= gamma/2, and the cubic
+    -2/gamma³·t³ + 3/(2·gamma)·t + 1/2 between (C¹: value and slope match at both ends, so it reaches exact 0/1)."""
+    cubic = (-2.0 / gamma**3) * t**3 + (1.5 / gamma) * t + 0.5
+    return torch.where(t <= -gamma / 2, torch.zeros_like(t), torch.where(t >= gamma / 2, torch.ones_like(t), cubic))
+
+
+class DSelectKRouter(RouterBase):
+    """DSelect-k (``"dselect_k"``; Hazimeh et al. 2021, "DSelect-k: Differentiable Selection in the Mixture of
+    Experts with Applications to Multi-Task Learning"), the per-example gate.
+
+    ``top_k`` = k single-expert selectors, m = ceil(log2 E) bits. Per token, selector i has code logits
+    z_i = x·code_weight_iᵀ + code_bias_i [m] and the selector weights are α = softmax(x·selector_weightᵀ +
+    selector_bias) [k]. With S the smooth-step of width ``smooth_step_gamma`` (default 1, as the authors' code),
+    selector i gives expert j (bits b_1..b_m of j, most significant first) r_i[j] = Π_l (S(z_il) if b_l else
+    1 − S(z_il)), and the token's weights are q = Σ_i α_i r_i [E]. Once every S is exactly 0 or 1 a selector
+    picks one expert and q has at most k nonzeros; before, a selector spreads over the 2^(#fractional bits)
+    experts its binary bits allow. E not a power of 2: the codes of experts ≥ E are unreachable and dropped
+    (q then sums to at most 1, not renormalised, as in the paper), and the paper's penalty, mean over tokens of
+    Σ_i 1/max(Σ_j r_i[j], 1e-6) − k (0 once the unreachable codes carry no weight; the floor keeps a selector
+    stuck wholly on unreachable codes, whose flat steps get no gradient, finite) is added to aux_loss as
+    ``selector_reachability`` with coefficient 1.
+
+    So that the output is exactly the paper's mixture y = Σ_j q_j·expert_j(x) at every step, the routing has
+    width E: expert_ids [T, E] are all experts sorted by decreasing weight (ties to the lower id), weights
+    [T, E] the matching q, zeros included. Dropless mode therefore runs every expert on every token (the cost of
+    a dense layer; zero-weight rows add 0 and get zero gradient); capacity mode keeps C = ceil(capacity_factor ·
+    T · k / E) assignments per expert as usual, ``"probability"`` giving the slots to the largest weights first
+    (zero weights only fill slots left over), ``"position"`` ranking each token's experts by weight (so a zero
+    weight of one token can take a slot before a third nonzero weight of another). Statistics
+    (``tokens_per_expert``, dropped and unrouted fractions) count the nonzero-weight assignments only.
+
+    Losses: the load-balancing loss is Switch's E·Σ_i f_i·P_i with P_i the mean of q_i and f_i the share of
+    nonzero weights on expert i; there are no logits over experts, so the z-loss is 0. The paper's entropy
+    regulariser, mean over tokens of −Σ_i Σ_j r_i[j]·log(r_i[j] + 1e-6) (the authors' epsilon), is added to
+    aux_loss as ``selector_entropy`` times ``selector_entropy_coef`` (default 0: off, as in the authors' code);
+    it pushes the smooth-steps to 0/1, i.e. to k-sparse routing.
+
+    Parameters: ``code_weight`` [k·m, d_model], ``code_bias`` [k·m] (init U(±gamma/100), the authors' init),
+    ``selector_weight`` [k, d_model], ``selector_bias`` [k] (init U(±0.05)). Buffer ``codes`` [E, m] bool.
+    """
+
+    name = "dselect_k"
+    accepts = ("smooth_step_gamma", "selector_entropy_coef")
+    routes_top_k = False
+    entropy_epsilon = 1e-6
+    reachable_floor = 1e-6
+
+    @classmethod
+    def default_normalize_weights(cls, top_k: int) -> bool:
+        return False  # q is used as the paper defines it, never renormalised
+
+    @classmethod
+    def check(cls, num_experts: int, top_k: int, options: RouterOptions, *, capacity_factor: Optional[float],
+              drop_policy: str, expert_parallel: bool) -> None:
+        super().check(num_experts, top_k, options, capacity_factor=capacity_factor, drop_policy=drop_policy,
+                      expert_parallel=expert_parallel)
+        gamma, coef = options.smooth_step_gamma, options.selector_entropy_coef
+        if gamma is not None and not (is_finite_number(gamma) and gamma > 0):
+            raise ValueError(f"MoE: smooth_step_gamma must be a number > 0 and finite, got {gamma!r}")
+        if coef is not None and not (is_finite_number(coef) and coef >= 0):
+            raise ValueError(f"MoE: selector_entropy_coef must be a number >= 0 and finite, got {coef!r}")
+        if options.normalize_weights is not None:
+            raise ValueError("MoE(router='dselect_k'): the weights are the DSelect-k mixture (they sum to 1 for a "
+                             f"power-of-2 num_experts); normalize_weights must be None, got {options.normalize_weights!r}")
+        if expert_parallel:
+            raise ValueError("MoE(router='dselect_k') does not support expert_parallel_group: it dispatches every "
+                             "expert with nonzero weight (up to num_experts per token)")
+
+    @classmethod
+    def build(cls, d_model, num_experts, top_k, options, capacity, *, device=None, dtype=None) -> "DSelectKRouter":
+        gamma = 1.0 if options.smooth_step_gamma is None else float(options.smooth_step_gamma)
+        coef = 0.0 if options.selector_entropy_coef is None else float(options.selector_entropy_coef)
+        return cls(d_model, num_experts, top_k, gamma=gamma, selector_entropy_coef=coef,
+                   jitter_eps=options.jitter_eps, device=device, dtype=dtype)
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int, *, gamma: float = 1.0,
+                 selector_entropy_coef: float = 0.0, jitter_eps: float = 0.0, device=None, dtype=None) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.gamma = gamma
+        self.selector_entropy_coef = selector_entropy_coef
+        self.jitter_eps = jitter_eps
+        self.num_bits = (num_experts - 1).bit_length()  # ceil(log2 E); 0 bits for a single expert
+        factory = {"device": device, "dtype": dtype}
+        self.code_weight = nn.Parameter(torch.empty(top_k * self.num_bits, d_model, **factory))
+        self.code_bias = nn.Parameter(torch.empty(top_k * self.num_bits, **factory))
+        self.selector_weight = nn.Parameter(torch.empty(top_k, d_model, **factory))
+        self.selector_bias = nn.Parameter(torch.empty(top_k, **factory))
+        shifts = torch.arange(self.num_bits - 1, -1, -1)
+        codes = (torch.arange(num_experts)[:, None] >> shifts).bitwise_and(1).bool()
+        self.register_buffer("codes", codes.to(device), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for tensor in (self.code_weight, self.code_bias):
+            nn.init.uniform_(tensor, -self.gamma / 100, self.gamma / 100)
+        for tensor in (self.selector_weight, self.selector_bias):
+            nn.init.uniform_(tensor, -0.05, 0.05)
+
+    @property
+    def power_of_2(self) -> bool:
+        return self.num_experts == 1 << self.num_bits
+
+    def selectors(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x: [T, d_model] -> (selector outputs r [T, k, E], selector weights α [T, k]) in the router dtype."""
+        x = _jitter(x, self.jitter_eps, self.training)
+        dtype = _router_dtype(x)
+        z = _router_linear(x, self.code_weight) + self.code_bias.to(dtype)
+        steps = smooth_step(z.view(x.shape[0], self.top_k, 1, self.num_bits), self.gamma)
+        r = torch.where(self.codes, steps, 1 - steps).prod(-1)
+        alpha = torch.softmax(_router_linear(x, self.selector_weight) + self.selector_bias.to(dtype), dim=-1)
+        return r, alpha
+
+    def forward(self, x: Tensor, *, token_ids: Optional[Tensor] = None, valid: Optional[Tensor] = None) -> Routing:
+        """x: [T, d_model] -> :class:`Routing` with weights / expert_ids [T, E] (all experts, by decreasing q)."""
+        r, alpha = self.selectors(x)
+        q = (alpha.unsqueeze(2) * r).sum(1)
+        weights, expert_ids = q.sort(dim=1, descending=True, stable=True)
+        return Routing(None, weights, expert_ids, q.detach(), extra=(r,))
+
+    def count_load(self, routing: Routing, valid: Optional[Tensor], load):
+        """Statistics count the assignments of nonzero weight only: the zero-weight ones ride along in the
+        dispatch (static width E) but are no choice of the gate."""
+        chosen = routing.weights.detach() != 0
+        if valid is not None:
+            chosen = chosen & valid.unsqueeze(1)
+        tokens_per_expert = torch.zeros(self.num_experts, dtype=torch.int64, device=chosen.device).index_add_(
+            0, routing.expert_ids.reshape(-1), chosen.reshape(-1).to(torch.int64))
+        if load.slots is None:
+            return load._replace(tokens_per_expert=tokens_per_expert)
+        dtype = routing.weights.dtype
+        dropped = (chosen & (load.slots < 0)).sum().to(dtype) / chosen.sum().clamp(min=1).to(dtype)
+        return load._replace(tokens_per_expert=tokens_per_expert, dropped_fraction=dropped,
+                             slots=torch.where(chosen, load.slots, -1))
+
+    def balance_losses(self, routing: Routing, valid: Optional[Tensor]) -> ops.RouterLosses:
+        q = self.gates(routing)
+        mask = torch.ones(q.shape[0], dtype=torch.bool, device=q.device) if valid is None else valid
+        importance = torch.where(mask[:, None], q, 0).sum(0) / mask.sum().clamp(min=1).to(q.dtype)
+        nonzero = ((q.detach() > 0) & mask[:, None]).sum(0).to(q.dtype)
+        load_balancing = self.num_experts * (nonzero / nonzero.sum().clamp(min=1) * importance).sum()
+        entropy = _masked_mean(-torch.xlogy(q.detach(), q.detach()).sum(1), valid)
+        return ops.RouterLosses(load_balancing, q.new_zeros(()), entropy)
+
+    def extra_losses(self, routing: Routing, valid: Optional[Tensor]) -> dict[str, tuple[float, Tensor]]:
+        (r,) = routing.extra
+        losses = {}
+        if self.selector_entropy_coef > 0:
+            entropy = -(r * torch.log(r + self.entropy_epsilon)).sum((1, 2))
+            losses["selector_entropy"] = (self.selector_entropy_coef, _masked_mean(entropy, valid))
+        if not self.power_of_2:
+            # A selector whose mass sits wholly on unreachable codes has flat steps: no gradient can bring it back,
+            # and 1/0 would make the loss inf and its gradient NaN; the floor keeps it finite (and visible).
+            reachability = (1.0 / r.sum(2).clamp(min=self.reachable_floor)).sum(1) - self.top_k
+            losses["selector_reachability"] = (1.0, _masked_mean(reachability, valid))
+        return losses
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.code_weight.shape[1]}, num_experts={self.num_experts}, top_k={self.top_k}, "
+                f"gamma={self.gamma}, selector_entropy_coef={self.selector_entropy_coef}")
+
+
+class HierarchicalRouter(RouterBase):
+    """Hierarchical MoE gating (``"hierarchical"``; Shazeer et al. 2017, "Outrageously Large Neural Networks",
+    section "Hierarchical Mixture of Experts" and appendix B).
+
+    The E experts form ``n_groups`` = G contiguous groups of m = E/G. A primary gate (``group_weight`` [G, d])
+    gives p = softmax(x·group_weightᵀ) over groups; each token takes its ``topk_groups`` = a best groups. Each
+    group g has its own secondary gate (rows g·m..(g+1)·m of ``weight`` [E, d]) giving p_g = softmax over its m
+    experts, in which the token takes its b = top_k / a best experts. The weight of expert j of group g is
+    p[g]·p_g[j], so top_k = a·b experts per token; with ``normalize_weights`` each level is renormalised over what
+    it chose when it chose more than one (a level choosing one entry keeps its probability: renormalised it would be
+    1 and its gate would get no gradient from the output). Both levels run :func:`torch_moe.ops.router_topk`
+    (ties to the lower id). Unlike the group-limited ``n_groups`` of ``"softmax"`` / ``"sigmoid"`` (one gate,
+    groups ranked by its scores), here the groups have a gate of their own. The gates are noiseless, so the balance
+    losses are Switch's at both levels (not Shazeer's importance/load, which need the noise): load_balancing = the
+    primary gate's G·Σ_g f_g·P_g plus the mean over groups of m·Σ_j f_gj·P_gj, where the group's f and P are taken
+    over the tokens routed to it; z-loss = the primary gate's plus the secondary gates' (mean over routed
+    (token, group) pairs). ``logits`` in :class:`Routing` are log(p[g]·p_g[j]) [T, E] and ``scores`` their exp.
+
+    Defaults: n_groups = the largest divisor of E that is at most √E, topk_groups = 1 (so b = top_k).
+    Parameters: ``group_weight`` [G, d_model], ``weight`` [E, d_model] (no biases).
+    """
+
+    name = "hierarchical"
+    accepts = ("n_groups", "topk_groups")
+
+    @staticmethod
+    def default_groups(num_experts: int) -> int:
+        return max(g for g in range(1, math.isqrt(num_experts) + 1) if num_experts % g == 0)
+
+    @classmethod
+    def check(cls, num_experts: int, top_k: int, options: RouterOptions, **layer) -> None:
+        # The groups mean something else here: the base check of group-limited routing does not apply.
+        super().check(num_experts, top_k, dataclasses.replace(options, n_groups=None, topk_groups=None), **layer)
+        groups = cls.default_groups(num_experts) if options.n_groups is None else options.n_groups
+        if not is_int(groups) or groups < 1 or num_experts % groups:
+            raise ValueError(f"MoE(router='hierarchical'): n_groups must be a positive int dividing "
+                             f"num_experts={num_experts}, got {options.n_groups!r}")
+        chosen = 1 if options.topk_groups is None else options.topk_groups
+        if not is_int(chosen) or not 1 <= chosen <= groups:
+            raise ValueError(f"MoE(router='hierarchical'): topk_groups must be an int in [1, n_groups={groups}], "
+                             f"got {options.topk_groups!r}")
+        if top_k % chosen or top_k // chosen > num_experts // groups:
+            raise ValueError(f"MoE(router='hierarchical'): top_k={top_k} must be topk_groups={chosen} times the "
+                             f"experts chosen per group, at most the {num_experts // groups} experts of a group")
+
+    @classmethod
+    def build(cls, d_model, num_experts, top_k, options, capacity, *, device=None,
+              dtype=None) -> "HierarchicalRouter":
+        groups = cls.default_groups(num_experts) if options.n_groups is None else options.n_groups
+        return cls(d_model, num_experts, top_k, n_groups=groups, topk_groups=options.topk_groups or 1,
+                   normalize_weights=options.normalize_weights, jitter_eps=options.jitter_eps, device=device,
+                   dtype=dtype)
+
+    def __init__(self, d_model: int, num_experts: int, top_k: int, *, n_groups: int, topk_groups: int = 1,
+                 normalize_weights: bool = True, jitter_eps: float = 0.0, device=None, dtype=None) -> None:
+        super().__init__()
+        self.num_experts = num_experts
+        self.top_k = top_k
+        self.n_groups = n_groups
+        self.topk_groups = topk_groups
+        self.group_size = num_experts // n_groups
+        self.topk_in_group = top_k // topk_groups
+        self.normalize_weights = normalize_weights
+        self.jitter_eps = jitter_eps
+        self.group_weight = nn.Parameter(torch.empty(n_groups, d_model, device=device, dtype=dtype))
+        self.weight = nn.Parameter(torch.empty(num_experts, d_model, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        bound = 1.0 / math.sqrt(self.weight.shape[1])
+        nn.init.uniform_(self.group_weight, -bound, bound)
+        nn.init.uniform_(self.weight, -bound, bound)
+
+    def forward(self, x: Tensor, *, token_ids: Optional[Tensor] = None, valid: Optional[Tensor] = None) -> Routing:
+        """x: [T, d_model] -> :class:`Routing` with weights / expert_ids [T, topk_groups · experts per group]."""
+        x = _jitter(x, self.jitter_eps, self.training)
+        num_tokens, a, b, m = x.shape[0], self.topk_groups, self.topk_in_group, self.group_size
+        group_logits = _router_linear(x, self.group_weight)
+        expert_logits = _router_linear(x, self.weight).view(num_tokens, self.n_groups, m)
+        primary = ops.router_topk(group_logits, a, "softmax", None, self.normalize_weights and a > 1)
+        chosen_logits = expert_logits.gather(1, primary.expert_ids.unsqueeze(2).expand(num_tokens, a, m))
+        secondary = ops.router_topk(chosen_logits.reshape(num_tokens * a, m), b, "softmax", None,
+                                    self.normalize_weights and b > 1)
+        expert_ids = primary.expert_ids.unsqueeze(2) * m + secondary.expert_ids.view(num_tokens, a, b)
+        weights = primary.weights.unsqueeze(2) * secondary.weights.view(num_tokens, a, b)
+        log_probs = F.log_softmax(group_logits, -1).unsqueeze(2) + F.log_softmax(expert_logits, -1)
+        log_probs = log_probs.reshape(num_tokens, self.num_experts)
+        return Routing(log_probs, weights.reshape(num_tokens, self.top_k), expert_ids.reshape(num_tokens, self.top_k),
+                       log_probs.detach().exp(), extra=(group_logits, primary.expert_ids, expert_logits))
+
+    def balance_losses(self, routing: Routing, valid: Optional[Tensor]) -> ops.RouterLosses:
+        group_logits, group_ids, expert_logits = routing.extra
+        primary_balance, primary_z, _ = ops.router_losses(group_logits, group_ids, valid)
+        num_tokens, dtype = group_logits.shape[0], group_logits.dtype
+        mask = (torch.ones(num_tokens, dtype=dtype, device=group_logits.device) if valid is None
+                else valid.to(dtype))
+        routed = group_logits.new_zeros(num_tokens, self.n_groups).scatter(1, group_ids, 1.0) * mask[:, None]
+        tokens_per_group = routed.sum(0)
+        probs = torch.softmax(expert_logits, -1)
+        importance = (routed.unsqueeze(2) * probs).sum(0) / tokens_per_group.clamp(min=1).unsqueeze(1)
+        assignments = torch.zeros(self.num_experts, dtype=dtype, device=group_logits.device).index_add(
+            0, routing.expert_ids.reshape(-1), mask.repeat_interleave(self.top_k))
+        fraction = assignments.view(self.n_groups, self.group_size) / (
+            tokens_per_group * self.topk_in_group).clamp(min=1).unsqueeze(1)
+        secondary_balance = (self.group_size * (fraction * importance).sum(1)).mean()
+        secondary_z = (routed * torch.logsumexp(expert_logits, -1) ** 2).sum() / routed.sum().clamp(min=1)
+        entropy = _masked_mean(-torch.xlogy(routing.scores, routing.scores).sum(1), valid)
+        return ops.RouterLosses(primary_balance + secondary_balance, primary_z + secondary_z, entropy)
+
+    def extra_repr(self) -> str:
+        return (f"d_model={self.weight.shape[1]}, num_experts={self.num_experts}, top_k={self.top_k}, "
+                f"n_groups={self.n_groups}, topk_groups={self.topk_groups}, normalize_weights={self.normalize_weights}")
+
+
 ROUTER_CLASSES = (Router, NoisyTopKRouter, ExpertChoiceRouter, SigmoidRouter, HashRouter, RandomRouter,
                   SparseMixerRouter)
 # Routing, part 2 (issue 22): adaptive and dense-to-sparse routers.
-ROUTER_CLASSES += (TopPRouter, DSMoERouter)
+ROUTER_CLASSES += (TopPRouter, DSMoERouter, DSelectKRouter, HierarchicalRouter)
 ROUTERS = tuple(router.name for router in ROUTER_CLASSES)
 
 

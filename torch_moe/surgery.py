@@ -151,6 +151,9 @@ def expert_importance(source, batches: Optional[Batches] = None, criterion: str 
     if layer.router_name == "hash":
         raise ValueError("expert_importance: router='hash' routes by token id, not by the hidden states; count its "
                          "choices with a MoETracker instead")
+    if layer.router_name == "dselect_k" and criterion == "frequency":
+        raise ValueError("expert_importance: router='dselect_k' routes every expert (zero weights included), so "
+                         "counting its assignments says nothing; use criterion='weight'")
     counts = weights = None
     num_tokens = 0
     for tokens in _batches(batches, layer.d_model, "expert_importance"):
@@ -231,6 +234,9 @@ def prune_experts(layer: MoE, keep=None, *, drop=None, capacity_factor: Union[st
     if layer.router_name == "hash":
         raise ValueError("prune_experts: router='hash' maps token ids to expert ids through a fixed table; pruning "
                          "would leave tokens with no expert")
+    if layer.router_name in ("dselect_k", "hierarchical"):
+        raise ValueError(f"prune_experts: router={layer.router_name!r} is not supported: its parameters are not one "
+                         "row per expert (binary codes of the expert ids; a gate per expert group)")
     if getattr(layer.router, "n_groups", 1) > 1:
         raise ValueError(f"prune_experts: the layer uses group-limited routing (n_groups={layer.router.n_groups}); "
                          "its equal expert groups would not survive pruning")
