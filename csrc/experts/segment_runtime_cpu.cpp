@@ -67,8 +67,10 @@ int64_t block_bound(int64_t size, int64_t parts, int64_t i) {
 
 void fixed_mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
   const int64_t m = out.size(0), n = out.size(1), k = a.size(1);
-  const int64_t macs = m * n * std::max<int64_t>(k, 1);
-  const int64_t blocks = std::clamp<int64_t>(macs / kBlockMacs, 1, kMaxBlocks);
+  // In double: the product of three sizes can pass int64 even when each operand fits in memory.
+  const double macs = static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(std::max<int64_t>(k, 1));
+  const int64_t blocks =
+      std::clamp<int64_t>(static_cast<int64_t>(std::min(macs / kBlockMacs, double(kMaxBlocks))), 1, kMaxBlocks);
   // Rows first (a block of rows re-reads all of b, a block of columns all of a), at least kMinBlockSide a side.
   const int64_t row_parts = std::clamp<int64_t>(std::min(blocks, m / kMinBlockSide), 1, blocks);
   const int64_t col_parts = std::clamp<int64_t>(std::min((blocks + row_parts - 1) / row_parts, n / kMinBlockSide),
