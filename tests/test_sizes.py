@@ -43,6 +43,33 @@ CASES = {
     "moe_capacity_factor": ("torch_moe.MoE(8, 16, 4, 1, capacity_factor=2.0**62, min_capacity=1)(torch.randn(2, 3, 8))",
                             "ValueError", ["capacity_factor", "overflows int64"]),
     "moe_min_capacity": ("torch_moe.MoE(8, 16, 4, 1, min_capacity=2**62)", "ValueError", ["min_capacity", "overflows int64"]),
+    # Known at construction: already one token's buffer [E, C, d] is past what one allocation can have.
+    "moe_capacity_factor_huge": ("torch_moe.MoE(8, 16, 4, 1, capacity_factor=1e15)", "ValueError",
+                                 ["capacity_factor", "capacity of 250000000000000 slots", "bytes"]),
+    # Known only at the forward, where 6 tokens make a buffer of ~19 TB that no allocation gets.
+    "moe_capacity_factor_unallocatable": ("torch_moe.MoE(8, 16, 4, 1, capacity_factor=1e11)(torch.randn(2, 3, 8))",
+                                          "RuntimeError", ["'capacity'", "bytes"]),
+    "glu_too_large": ("ops.glu(torch.zeros(1, 1).expand(2**24, 2**22), torch.zeros(1, 1).expand(2**24, 2**22))",
+                      "RuntimeError", ["'gate'", "bytes"]),
+    "glu_unallocatable": ("ops.glu(torch.zeros(1, 1).expand(2**20, 2**20), torch.zeros(1, 1).expand(2**20, 2**20))",
+                          "RuntimeError", ["'gate'", "4398046511104 bytes"]),
+    "glu_backward_unallocatable": ("torch.ops.torch_moe._glu_backward(torch.zeros(1, 1).expand(2**20, 2**20), "
+                                   "torch.zeros(1, 1).expand(2**20, 2**20), torch.zeros(1, 1).expand(2**20, 2**20), "
+                                   "'silu', [True, True])", "RuntimeError", ["'gate'", "bytes"]),
+    "gather_grouped_mm_too_large": ("ops.gather_grouped_mm(x, torch.zeros(1, 1, 1).expand(4, 8, 2**44), "
+                                    "*ops.permute_plan(ids, 4)[::-1])", "RuntimeError", ["'b'", "output [N, M]", "bytes"]),
+    "gather_grouped_mm_unallocatable": ("ops.gather_grouped_mm(x, torch.zeros(1, 1, 1).expand(4, 8, 2**38), "
+                                        "*ops.permute_plan(ids, 4)[::-1])", "RuntimeError", ["'b'", "bytes"]),
+    "gather_grouped_glu_too_large": ("ops.gather_grouped_glu(x, torch.zeros(1, 1, 1).expand(4, 8, 2**44), "
+                                     "torch.zeros(1, 1, 1).expand(4, 8, 2**44), *ops.permute_plan(ids, 4)[::-1])",
+                                     "RuntimeError", ["'w_gate'", "output [N, M]", "bytes"]),
+    "gather_grouped_glu_unallocatable": ("ops.gather_grouped_glu(x, torch.zeros(1, 1, 1).expand(4, 8, 2**38), "
+                                         "torch.zeros(1, 1, 1).expand(4, 8, 2**38), *ops.permute_plan(ids, 4)[::-1])",
+                                         "RuntimeError", ["'w_gate'", "bytes"]),
+    "grouped_mm_unpermute_unallocatable": ("ops.grouped_mm_unpermute(torch.zeros(12, 8), "
+                                           "torch.zeros(1, 1, 1).expand(4, 8, 2**40), "
+                                           "ops.permute_plan(ids, 4)[1], torch.ones(6, 2), ops.permute_plan(ids, 4)[0])",
+                                           "RuntimeError", ["'b'", "bytes"]),
 }
 
 # The CUDA kernels share the checks above; these run only with a GPU (the child moves the inputs there).

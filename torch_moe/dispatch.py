@@ -28,6 +28,9 @@ __all__ = ["DROP_POLICIES", "Capacity", "Load", "CapacityDispatch", "ExpertChoic
 
 DROP_POLICIES = ("position", "probability")
 
+# The most bytes one allocation can have (csrc/common/checks.h kMaxAllocBytes, torch_moe/_fake.py).
+_MAX_ALLOC_BYTES = 1 << 47
+
 
 @dataclass(frozen=True)
 class Capacity:
@@ -49,6 +52,19 @@ class Capacity:
                              f"per expert for {num_tokens} tokens: num_experts * capacity = {self.num_experts} * "
                              f"{capacity} overflows int64")
         return capacity
+
+    def check_buffer(self, d_model: int, itemsize: int) -> None:
+        """Refuses, at construction, settings whose dispatch buffer [E, C, d] could not be allocated even for one
+        token (C only grows with T): the kernels would refuse it at the first forward, but only here is it known
+        that capacity_factor or min_capacity made it."""
+        capacity = self(1)
+        numel = self.num_experts * capacity * d_model
+        if numel * itemsize > _MAX_ALLOC_BYTES:
+            overflow = " (its size num_experts * capacity * d_model overflows int64)" if numel > 2**63 - 1 else ""
+            raise ValueError(f"MoE: capacity_factor={self.factor} and min_capacity={self.minimum} give a capacity of "
+                             f"{capacity} slots per expert already for one token: the dispatch buffer [E, C, d] = "
+                             f"[{self.num_experts}, {capacity}, {d_model}]{overflow} would need {numel * itemsize} "
+                             f"bytes, more than the {_MAX_ALLOC_BYTES} bytes one allocation can have")
 
 
 class Load(NamedTuple):

@@ -260,6 +260,8 @@ class MoE(nn.Module):
         self._capacity = None if capacity_factor is None else Capacity(
             capacity_factor, min_capacity, top_k, num_experts, at_most_tokens=not router_type.token_choice)
         factory = {"device": device, "dtype": dtype}
+        if self._capacity is not None:
+            self._capacity.check_buffer(d_model, (dtype or torch.get_default_dtype()).itemsize)
         self.gating_dropout, self.expert_dropout = gating_dropout, expert_dropout
         self.router = router_type.build(d_model, num_experts + num_null, top_k,
                                         dataclasses.replace(options, normalize_weights=self.normalize_weights),

@@ -118,7 +118,17 @@ def _router_linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> 
     route differently from float32."""
     router_dtype = _router_dtype(x)
     with torch.autocast(x.device.type, enabled=False):
-        return F.linear(x.to(router_dtype), weight.to(router_dtype), None if bias is None else bias.to(router_dtype))
+        x, weight = x.to(router_dtype), weight.to(router_dtype)
+        bias = None if bias is None else bias.to(router_dtype)
+        if x.device.type == "cpu" and x.dim() == 2 and not torch.compiler.is_compiling():
+            # torch's CPU GEMM (MKL) splits its work, and with it its rounding, by the thread count (e.g. the
+            # [E, T] x [T, d] weight gradient for 5 to 11 experts at 2 threads). grouped_mm with one group computes
+            # the same product on a partition fixed by the shapes, so routing and its gradients do not depend on
+            # the number of threads.
+            offsets = torch.tensor([0, x.shape[0]], dtype=torch.long)
+            logits = ops.grouped_mm(x, weight.t().unsqueeze(0), offsets)
+            return logits if bias is None else logits + bias
+        return F.linear(x, weight, bias)
 
 
 class RouterBase(nn.Module):

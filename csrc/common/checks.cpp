@@ -157,6 +157,14 @@ void throw_alloc_failure(const char* op, const char* name, int64_t value, int64_
   TORCH_INTERNAL_ASSERT(false);
 }
 
+void throw_alloc_failure(const char* op, const char* name, const std::string& what, int64_t bytes, const char* cause) {
+  TORCH_MOE_CHECK(false,
+                  "torch_moe.{}: argument '{}' is too large: {} would need at least {} bytes, which could not be "
+                  "allocated ({})",
+                  op, name, what, bytes, cause);
+  TORCH_INTERNAL_ASSERT(false);
+}
+
 bool is_cpu_alloc_failure(const c10::Error& e) {
   return std::string(e.what_without_backtrace()).find("DefaultCPUAllocator") != std::string::npos;
 }

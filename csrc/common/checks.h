@@ -71,11 +71,15 @@ int64_t check_alloc_bytes(const char* op, const char* name, const char* what, in
 // Runs body(); an allocation failure inside it (std::bad_alloc, std::length_error, c10::OutOfMemoryError, the
 // DefaultCPUAllocator's error) comes back as a user error naming argument `name` = `value` and the `bytes` the
 // request needs, instead of a bare std::bad_alloc.
+// Where no one size argument made the request (a tensor's shape did), `value` is instead a description of what was
+// requested, e.g. "the output [N, M] of 12 * 2^38 elements".
 [[noreturn]] void throw_alloc_failure(const char* op, const char* name, int64_t value, int64_t bytes,
                                       const char* cause);
+[[noreturn]] void throw_alloc_failure(const char* op, const char* name, const std::string& what, int64_t bytes,
+                                      const char* cause);
 bool is_cpu_alloc_failure(const c10::Error& e);
-template <typename F>
-decltype(auto) rethrow_alloc_failure(const char* op, const char* name, int64_t value, int64_t bytes, F&& body) {
+template <typename V, typename F>
+decltype(auto) rethrow_alloc_failure(const char* op, const char* name, const V& value, int64_t bytes, F&& body) {
   try {
     return body();
   } catch (const c10::OutOfMemoryError& e) {

@@ -13,6 +13,7 @@
 
 #include "common/checks.h"
 #include "common/cpu_cache.h"
+#include "common/fixed_tasks_cpu.h"
 #include "common/kernel_registration.h"
 
 namespace torch_moe {
@@ -128,13 +129,46 @@ void for_element_chunks(const at::Tensor& like, const Body& body) {
   }
   constexpr int64_t kChunk = 65536;
   const int64_t chunks = (numel + kChunk - 1) / kChunk;
-  // The passes are ATen calls on OpenMP worker threads: they must see the caller's dispatch state.
-  const at::ThreadLocalState caller_state;
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    at::ThreadLocalStateGuard state_guard(caller_state);
-    for (int64_t c = begin; c < end; ++c) body(c * kChunk, std::min(numel, (c + 1) * kChunk));
+  // Each chunk runs whole on one thread (run_fixed_tasks), so results do not depend on the thread count.
+  cpu::run_fixed_tasks(chunks, [&](int64_t c) { body(c * kChunk, std::min(numel, (c + 1) * kChunk)); });
+}
+
+}  // namespace
+
+void glu_forward_chunked(at::Tensor& act, const at::Tensor& gate, const at::Tensor& up, GluActivation activation) {
+  auto act_flat = act.view(-1);
+  const auto gate_flat = gate.view(-1), up_flat = up.view(-1);
+  for_element_chunks(gate_flat, [&](int64_t begin, int64_t end) {
+    auto act_chunk = act_flat.slice(0, begin, end);
+    glu_forward_out(act_chunk, gate_flat.slice(0, begin, end), up_flat.slice(0, begin, end), activation);
   });
 }
+
+void glu_backward_chunked(at::Tensor& grad_gate, at::Tensor& grad_up, const at::Tensor& grad_act,
+                          const at::Tensor& gate, const at::Tensor& up, GluActivation activation) {
+  auto grad_gate_flat = grad_gate.view(-1), grad_up_flat = grad_up.view(-1);
+  const auto grad_act_flat = grad_act.view(-1), gate_flat = gate.view(-1), up_flat = up.view(-1);
+  for_element_chunks(gate_flat, [&](int64_t begin, int64_t end) {
+    auto grad_gate_chunk = grad_gate_flat.slice(0, begin, end);
+    auto grad_up_chunk = grad_up_flat.slice(0, begin, end);
+    glu_backward_out(grad_gate_chunk, grad_up_chunk, grad_act_flat.slice(0, begin, end),
+                     gate_flat.slice(0, begin, end), up_flat.slice(0, begin, end), activation);
+  });
+}
+
+namespace {
+
+// `count` outputs shaped like gate: each fits, else a user error naming gate (an expanded gate and up can be far
+// larger than their storage). -> (bytes they need together, a description for an allocation failure).
+std::pair<int64_t, std::string> check_outputs(const char* op, const at::Tensor& gate, int64_t count) {
+  const int64_t bytes = check_alloc_bytes(op, "gate", "an output shaped like gate", gate.numel(), gate.element_size());
+  return {checked_mul(op, "gate", "the bytes of the outputs", bytes, count),
+          fmt::format("{} output(s) of {} elements", count, gate.numel())};
+}
+
+std::tuple<at::Tensor, at::Tensor> glu_backward_body(const at::Tensor& grad_act_in, const at::Tensor& gate_in,
+                                                     const at::Tensor& up_in, GluActivation kind,
+                                                     std::array<bool, 2> output_mask);
 
 }  // namespace
 
@@ -142,15 +176,14 @@ at::Tensor glu_op(const at::Tensor& gate_in, const at::Tensor& up_in, c10::strin
   constexpr const char* op = "glu";
   const auto kind = parse_glu_activation(op, activation);
   check_gate_up_pair(op, "gate", gate_in, "up", up_in);
-  const auto gate = gate_in.contiguous().view(-1);
-  const auto up = up_in.contiguous().view(-1);
-  auto act = empty_like_output(gate_in);
-  auto act_flat = act.view(-1);
-  for_element_chunks(gate, [&](int64_t begin, int64_t end) {
-    auto act_chunk = act_flat.slice(0, begin, end);
-    glu_forward_out(act_chunk, gate.slice(0, begin, end), up.slice(0, begin, end), kind);
+  const auto [bytes, what] = check_outputs(op, gate_in, 1);
+  return rethrow_alloc_failure(op, "gate", what, bytes, [&] {
+    const auto gate = gate_in.contiguous();
+    const auto up = up_in.contiguous();
+    auto act = empty_like_output(gate_in);
+    glu_forward_chunked(act, gate, up, kind);
+    return act;
   });
-  return act;
 }
 
 std::tuple<at::Tensor, at::Tensor> glu_backward_op(const at::Tensor& grad_act_in, const at::Tensor& gate_in,
@@ -162,6 +195,16 @@ std::tuple<at::Tensor, at::Tensor> glu_backward_op(const at::Tensor& grad_act_in
   check_floating(op, "grad_act", grad_act_in);
   check_same_shape(op, "grad_act", grad_act_in, "gate", gate_in);
   check_same_device(op, {{"grad_act", &grad_act_in}, {"gate", &gate_in}});
+  const auto [bytes, what] = check_outputs(op, gate_in, 2);
+  return rethrow_alloc_failure(op, "gate", what, bytes,
+                               [&] { return glu_backward_body(grad_act_in, gate_in, up_in, kind, output_mask); });
+}
+
+namespace {
+
+std::tuple<at::Tensor, at::Tensor> glu_backward_body(const at::Tensor& grad_act_in, const at::Tensor& gate_in,
+                                                     const at::Tensor& up_in, GluActivation kind,
+                                                     std::array<bool, 2> output_mask) {
   const auto gate = gate_in.contiguous().view(-1);
   const auto up = up_in.contiguous().view(-1);
   const auto grad_act = grad_act_in.to(gate_in.scalar_type()).contiguous().view(-1);
@@ -190,8 +233,10 @@ std::tuple<at::Tensor, at::Tensor> glu_backward_op(const at::Tensor& grad_act_in
   return {grad_gate, grad_up};
 }
 
-// The same ATen math serves both devices; only the output allocation and the chunking differ. The CUDA kernel is
-// registered from experts/grouped_mm_cuda.cu, so that only a CUDA build has one.
+}  // namespace
+
+// The same ATen math serves both devices; only the output allocation and the chunking differ.
+// The CUDA kernel is registered from experts/grouped_mm_cuda.cu, so that only a CUDA build has one.
 TORCH_LIBRARY_IMPL(torch_moe, CPU, m) { impl_with_backward(m, "glu", &glu_op, &glu_backward_op); }
 
 }  // namespace torch_moe

@@ -29,6 +29,14 @@ void glu_forward_out(at::Tensor& act, const at::Tensor& gate, const at::Tensor& 
 void glu_backward_out(at::Tensor& grad_gate, at::Tensor& grad_up, const at::Tensor& grad_act, const at::Tensor& gate,
                       const at::Tensor& up, GluActivation activation);
 
+// The CPU kernels' forms of the two above, on contiguous operands: the math runs in fixed chunks of elements, each
+// without nested threads, so that where ATen's vectorised loops stop and their scalar remainders start depends on
+// the operands' size only. Run whole, an elementwise op splits at a point set by the thread count, and f(gate)'s
+// vector and scalar forms can differ in the last bit.
+void glu_forward_chunked(at::Tensor& act, const at::Tensor& gate, const at::Tensor& up, GluActivation activation);
+void glu_backward_chunked(at::Tensor& grad_gate, at::Tensor& grad_up, const at::Tensor& grad_act,
+                          const at::Tensor& gate, const at::Tensor& up, GluActivation activation);
+
 // The glu op and its backward on whole tensors (device-generic ATen math; on the CPU in cache-sized chunks).
 at::Tensor glu_op(const at::Tensor& gate, const at::Tensor& up, c10::string_view activation);
 std::tuple<at::Tensor, at::Tensor> glu_backward_op(const at::Tensor& grad_act, const at::Tensor& gate,

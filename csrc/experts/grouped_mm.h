@@ -6,7 +6,9 @@
 #include <c10/util/string_view.h>
 
 #include <array>
+#include <string>
 #include <tuple>
+#include <utility>
 
 #include "common/checks.h"
 #include "common/gemm_paths.h"
@@ -36,6 +38,17 @@ inline void check_grouped_mm_operands(const char* op, const at::Tensor& a, const
   check_same_device(op, {{"a", &a}, {"b", &b}});
   // The output [N, M]: each operand fits, but an expanded a or b can make N * M overflow.
   check_alloc_bytes(op, "a", "output [N, M]", checked_mul(op, "a", "N * M", a.size(0), b.size(2)), a.element_size());
+}
+
+// The `count` outputs [N, M] of a gathered op, N = row_index.numel() rows and M = w.size(2) columns of the weights w
+// (named w_name): each an allocation that can be had, else a user error naming w_name. -> what they need together,
+// as (bytes, a description for an allocation failure).
+inline std::pair<int64_t, std::string> check_gathered_outputs(const char* op, const at::Tensor& row_index,
+                                                              const char* w_name, const at::Tensor& w, int64_t count) {
+  const int64_t numel = checked_mul(op, w_name, "N * M (rows of the plan times columns)", row_index.numel(), w.size(2));
+  const int64_t bytes = check_alloc_bytes(op, w_name, "an output [N, M]", numel, w.element_size());
+  return {checked_mul(op, w_name, "the bytes of the outputs", bytes, count),
+          fmt::format("{} output(s) [N, M] = [{}, {}]", count, row_index.numel(), w.size(2))};
 }
 
 // offsets [E + 1] int64.

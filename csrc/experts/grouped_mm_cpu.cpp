@@ -35,7 +35,7 @@ at::Tensor segment_mm(const at::Tensor& a, const at::Tensor& b, const std::vecto
     const int64_t n = bounds[e + 1] - bounds[e];
     if (n == 0) continue;
     auto out_e = out.narrow(0, bounds[e], n);
-    at::mm_out(out_e, a.narrow(0, bounds[e], n), b.select(0, e));
+    fixed_mm_out(out_e, a.narrow(0, bounds[e], n), b.select(0, e));
   }
   return out;
 }
@@ -52,7 +52,7 @@ at::Tensor segment_weight_grad(const at::Tensor& a, const at::Tensor& g, const s
     if (n == 0) {
       grad_e.zero_();
     } else {
-      at::mm_out(grad_e, a.narrow(0, bounds[e], n).t(), g.narrow(0, bounds[e], n));
+      fixed_mm_out(grad_e, a.narrow(0, bounds[e], n).t(), g.narrow(0, bounds[e], n));
     }
   }
   return grad;
@@ -85,15 +85,18 @@ at::Tensor gather_grouped_mm(const at::Tensor& x_in, const at::Tensor& b, const 
   constexpr const char* op = "gather_grouped_mm";
   check_gather_operands<CpuRows>(op, x_in, b, row_index);
   const int64_t N = row_index.numel(), K = x_in.size(1), M = b.size(2), E = b.size(0);
-  const SegmentRun run(op, offsets, row_index, E, N, K * M, x_in);
-  record_gemm_path({op, "forward"}, kPathCpuLoop);
-  auto out = empty_cached({N, M}, run.x.options());
-  zero_rows_past_segments(out, run.plan.bounds);
-  run_gathered_segments(run, [&](int64_t e, int64_t first, int64_t n, const at::Tensor& rows) {
-    auto out_e = out.narrow(0, first, n);
-    at::mm_out(out_e, rows, b.select(0, e));
+  const auto [bytes, what] = check_gathered_outputs(op, row_index, "b", b, 1);
+  return rethrow_alloc_failure(op, "b", what, bytes, [&] {
+    const SegmentRun run(op, offsets, row_index, E, N, K * M, x_in);
+    record_gemm_path({op, "forward"}, kPathCpuLoop);
+    auto out = empty_cached({N, M}, run.x.options());
+    zero_rows_past_segments(out, run.plan.bounds);
+    run_gathered_segments(run, [&](int64_t e, int64_t first, int64_t n, const at::Tensor& rows) {
+      auto out_e = out.narrow(0, first, n);
+      fixed_mm_out(out_e, rows, b.select(0, e));
+    });
+    return out;
   });
-  return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> gather_grouped_mm_backward(const at::Tensor& grad_out_in, const at::Tensor& x_in,
@@ -111,12 +114,12 @@ std::tuple<at::Tensor, at::Tensor> gather_grouped_mm_backward(const at::Tensor& 
   const auto [want_x, want_b] = output_mask;
   if (want_x) record_gemm_path({"gather_grouped_mm", "backward_input"}, kPathCpuLoop);
   if (want_b) record_gemm_path({"gather_grouped_mm", "backward_weight"}, kPathCpuLoop);
-  // grad_x sums a token's k row gradients: each slot adds its segments' rows (in expert order) into its own
-  // accumulator, and the slots are summed in order.
-  auto grad_x_acc = run.token_grad_sums(T, K, want_x);
+  // grad_x sums a token's k row gradients, in expert order at any thread count (TokenSums).
+  std::optional<TokenSums> grad_x_acc;
+  if (want_x) grad_x_acc.emplace(run, T, K);
   auto grad_b = run.weight_grad(b, want_b);
   const auto x_buffers = run.slot_buffers(K, want_b);
-  const auto grad_buffers = run.slot_buffers(K, want_x);
+  at::Tensor grad_x;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "torch_moe_gather_grouped_mm_backward", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     run.for_each_segment([&](int64_t e, int64_t slot, int64_t first, int64_t n) {
@@ -126,17 +129,17 @@ std::tuple<at::Tensor, at::Tensor> gather_grouped_mm_backward(const at::Tensor& 
         gather_segment(x_rows.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), K, plan.assignment.data(), first, n,
                        plan.k);
         auto grad_b_e = grad_b.select(0, e);
-        at::mm_out(grad_b_e, x_rows.t(), grad_out_e);
+        fixed_mm_out(grad_b_e, x_rows.t(), grad_out_e);
       }
       if (want_x) {
-        auto grad_rows = grad_buffers.select(0, slot).narrow(0, 0, n);
-        at::mm_out(grad_rows, grad_out_e, b.select(0, e).t());
-        add_segment<scalar_t, opmath_t>(grad_x_acc->slot<opmath_t>(slot), grad_rows.data_ptr<scalar_t>(), K,
-                                        plan.assignment.data(), first, n, plan.k, nullptr, plan.repeats_tokens);
+        auto grad_rows = grad_x_acc->rows(first, n);
+        fixed_mm_out(grad_rows, grad_out_e, b.select(0, e).t());
+        grad_x_acc->add<scalar_t, opmath_t>(first, n, nullptr);
       }
     });
+    if (want_x) grad_x = grad_x_acc->sum<scalar_t, opmath_t>(nullptr).to(x.scalar_type());
   });
-  return {want_x ? grad_x_acc->sum().to(x.scalar_type()) : at::Tensor(), grad_b};
+  return {grad_x, grad_b};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_grouped_glu(const at::Tensor& x_in, const at::Tensor& w_gate,
@@ -148,23 +151,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_grouped_glu(const at::Tens
   check_gather_operands<CpuRows>(op, x_in, w_gate, row_index, "w_gate");
   check_glu_weights(op, w_gate, w_up);
   const int64_t N = row_index.numel(), K = x_in.size(1), M = w_gate.size(2), E = w_gate.size(0);
-  const SegmentRun run(op, offsets, row_index, E, N, K * M, x_in);
-  for (int projection = 0; projection < 2; ++projection) record_gemm_path({op, "forward"}, kPathCpuLoop);
-  auto act = empty_cached({N, M}, run.x.options());
-  auto gate = empty_cached({N, M}, run.x.options());
-  auto up = empty_cached({N, M}, run.x.options());
-  for (auto* t : {&act, &gate, &up}) zero_rows_past_segments(*t, run.plan.bounds);
-  // A segment's rows are gathered once for both projections, and its activation is formed while the two
-  // projections are still in cache.
-  run_gathered_segments(run, [&](int64_t e, int64_t first, int64_t n, const at::Tensor& rows) {
-    auto gate_e = gate.narrow(0, first, n);
-    auto up_e = up.narrow(0, first, n);
-    auto act_e = act.narrow(0, first, n);
-    at::mm_out(gate_e, rows, w_gate.select(0, e));
-    at::mm_out(up_e, rows, w_up.select(0, e));
-    glu_forward_out(act_e, gate_e, up_e, kind);
+  const auto [bytes, what] = check_gathered_outputs(op, row_index, "w_gate", w_gate, 3);
+  return rethrow_alloc_failure(op, "w_gate", what, bytes, [&] {
+    const SegmentRun run(op, offsets, row_index, E, N, K * M, x_in);
+    for (int projection = 0; projection < 2; ++projection) record_gemm_path({op, "forward"}, kPathCpuLoop);
+    auto act = empty_cached({N, M}, run.x.options());
+    auto gate = empty_cached({N, M}, run.x.options());
+    auto up = empty_cached({N, M}, run.x.options());
+    for (auto* t : {&act, &gate, &up}) zero_rows_past_segments(*t, run.plan.bounds);
+    // A segment's rows are gathered once for both projections, and its activation is formed while the two
+    // projections are still in cache.
+    run_gathered_segments(run, [&](int64_t e, int64_t first, int64_t n, const at::Tensor& rows) {
+      auto gate_e = gate.narrow(0, first, n);
+      auto up_e = up.narrow(0, first, n);
+      auto act_e = act.narrow(0, first, n);
+      fixed_mm_out(gate_e, rows, w_gate.select(0, e));
+      fixed_mm_out(up_e, rows, w_up.select(0, e));
+      glu_forward_chunked(act_e, gate_e, up_e, kind);
+    });
+    return std::make_tuple(act, gate, up);
   });
-  return {act, gate, up};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_grouped_glu_backward(
@@ -184,50 +190,51 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_grouped_glu_backward(
   const auto gate = gate_in.to(x.scalar_type()).contiguous();
   const auto up = up_in.to(x.scalar_type()).contiguous();
   // Per segment: the gate/up gradients live in the slot's buffers, the token rows are gathered once, and one
-  // [n, K] row gradient (from both projections) is added into the slot's grad_x accumulator.
+  // [n, K] row gradient (from both projections) goes to grad_x's TokenSums.
   const auto [want_x, want_gate, want_up] = output_mask;
   for (int projection = 0; projection < (want_x ? 2 : 0); ++projection) {
     record_gemm_path({"gather_grouped_glu", "backward_input"}, kPathCpuLoop);
   }
   if (want_gate) record_gemm_path({"gather_grouped_glu", "backward_weight"}, kPathCpuLoop);
   if (want_up) record_gemm_path({"gather_grouped_glu", "backward_weight"}, kPathCpuLoop);
-  auto grad_x_acc = run.token_grad_sums(T, K, want_x);
+  std::optional<TokenSums> grad_x_acc;
+  if (want_x) grad_x_acc.emplace(run, T, K);
   auto grad_w_gate = run.weight_grad(w_gate, want_gate);
   auto grad_w_up = run.weight_grad(w_up, want_up);
   const auto x_buffers = run.slot_buffers(K, want_gate || want_up);
-  const auto grad_row_buffers = run.slot_buffers(K, want_x);
   auto grad_gate_buffers = run.slot_buffers(M);
   auto grad_up_buffers = run.slot_buffers(M);
+  at::Tensor grad_x;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "torch_moe_gather_grouped_glu_backward", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
     run.for_each_segment([&](int64_t e, int64_t slot, int64_t first, int64_t n) {
       auto grad_gate = grad_gate_buffers.select(0, slot).narrow(0, 0, n);
       auto grad_up = grad_up_buffers.select(0, slot).narrow(0, 0, n);
-      glu_backward_out(grad_gate, grad_up, grad_act.narrow(0, first, n), gate.narrow(0, first, n),
-                       up.narrow(0, first, n), kind);
+      glu_backward_chunked(grad_gate, grad_up, grad_act.narrow(0, first, n), gate.narrow(0, first, n),
+                           up.narrow(0, first, n), kind);
       if (want_gate || want_up) {
         auto x_rows = x_buffers.select(0, slot).narrow(0, 0, n);
         gather_segment(x_rows.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), K, plan.assignment.data(), first, n,
                        plan.k);
         if (want_gate) {
           auto grad_w_gate_e = grad_w_gate.select(0, e);
-          at::mm_out(grad_w_gate_e, x_rows.t(), grad_gate);
+          fixed_mm_out(grad_w_gate_e, x_rows.t(), grad_gate);
         }
         if (want_up) {
           auto grad_w_up_e = grad_w_up.select(0, e);
-          at::mm_out(grad_w_up_e, x_rows.t(), grad_up);
+          fixed_mm_out(grad_w_up_e, x_rows.t(), grad_up);
         }
       }
       if (want_x) {
-        auto grad_rows = grad_row_buffers.select(0, slot).narrow(0, 0, n);
-        at::mm_out(grad_rows, grad_gate, w_gate.select(0, e).t());
-        at::addmm_out(grad_rows, grad_rows, grad_up, w_up.select(0, e).t());
-        add_segment<scalar_t, opmath_t>(grad_x_acc->slot<opmath_t>(slot), grad_rows.data_ptr<scalar_t>(), K,
-                                        plan.assignment.data(), first, n, plan.k, nullptr, plan.repeats_tokens);
+        auto grad_rows = grad_x_acc->rows(first, n);
+        fixed_mm_out(grad_rows, grad_gate, w_gate.select(0, e).t());
+        fixed_mm_out(grad_rows, grad_up, w_up.select(0, e).t(), /*accumulate=*/true);
+        grad_x_acc->add<scalar_t, opmath_t>(first, n, nullptr);
       }
     });
+    if (want_x) grad_x = grad_x_acc->sum<scalar_t, opmath_t>(nullptr).to(x.scalar_type());
   });
-  return {want_x ? grad_x_acc->sum().to(x.scalar_type()) : at::Tensor(), grad_w_gate, grad_w_up};
+  return {grad_x, grad_w_gate, grad_w_up};
 }
 
 
@@ -235,27 +242,33 @@ at::Tensor grouped_mm_unpermute(const at::Tensor& h_in, const at::Tensor& b, con
                                 const at::Tensor& weights_in, const at::Tensor& row_index) {
   constexpr const char* op = "grouped_mm_unpermute";
   check_unpermute_operands<CpuRows>(op, h_in, b, weights_in, row_index);
-  const int64_t T = row_index.size(0), F = h_in.size(1), M = b.size(2), E = b.size(0);
-  const SegmentRun run(op, offsets, row_index, E, h_in.size(0), F * M, h_in);
-  record_gemm_path({op, "forward"}, kPathCpuLoop);
-  const auto& plan = run.plan;
-  const auto& h = run.x;
-  const auto opmath = opmath_of(h.scalar_type());
-  const auto weights = weights_in.to(opmath).contiguous();
-  // y[t] = sum of w * (h @ b[e]) over t's rows; a segment's expert output lives only in its slot's buffer.
-  SlotSums y_acc(run.schedule.slots(), T, M, h.options().dtype(opmath));
-  auto out_buffers = run.slot_buffers(M);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "torch_moe_grouped_mm_unpermute", [&] {
-    using opmath_t = at::opmath_type<scalar_t>;
-    run.for_each_segment([&](int64_t e, int64_t slot, int64_t first, int64_t n) {
-      auto out_e = out_buffers.select(0, slot).narrow(0, 0, n);
-      at::mm_out(out_e, h.narrow(0, first, n), b.select(0, e));
-      add_segment<scalar_t, opmath_t>(y_acc.slot<opmath_t>(slot), out_e.data_ptr<scalar_t>(), M,
-                                      plan.assignment.data(), first, n, plan.k, weights.data_ptr<opmath_t>(),
-                                      plan.repeats_tokens);
+  const int64_t T = row_index.size(0), N = h_in.size(0), F = h_in.size(1), M = b.size(2), E = b.size(0);
+  // The output [T, M] (its opmath accumulator) and the [N, M] rows of the expert outputs: each fits, and what does
+  // not come is refused naming b, whose columns these are.
+  const int64_t accumulator_bytes = check_alloc_bytes(op, "b", "the output [T, M]", checked_mul(op, "b", "T * M", T, M),
+                                                      h_in.scalar_type() == at::kDouble ? 8 : 4);
+  const int64_t bytes = checked_add(op, "b", "the bytes of the output and its scratch", accumulator_bytes,
+                                    checked_mul(op, "b", "the bytes of the scratch", N * M, h_in.element_size()));
+  return rethrow_alloc_failure(op, "b", fmt::format("the output [T, M] = [{}, {}] with its scratch", T, M), bytes, [&] {
+    const SegmentRun run(op, offsets, row_index, E, N, F * M, h_in);
+    record_gemm_path({op, "forward"}, kPathCpuLoop);
+    const auto& h = run.x;
+    const auto weights = weights_in.to(opmath_of(h.scalar_type())).contiguous();
+    // y[t] = sum of w * (h @ b[e]) over t's rows, in expert order at any thread count (TokenSums).
+    TokenSums y_acc(run, T, M);
+    at::Tensor y;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "torch_moe_grouped_mm_unpermute", [&] {
+      using opmath_t = at::opmath_type<scalar_t>;
+      const opmath_t* wp = weights.data_ptr<opmath_t>();
+      run.for_each_segment([&](int64_t e, int64_t slot, int64_t first, int64_t n) {
+        auto out_e = y_acc.rows(first, n);
+        fixed_mm_out(out_e, h.narrow(0, first, n), b.select(0, e));
+        y_acc.add<scalar_t, opmath_t>(first, n, wp);
+      });
+      y = y_acc.sum<scalar_t, opmath_t>(wp).to(h.scalar_type());
     });
+    return y;
   });
-  return y_acc.sum().to(h.scalar_type());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_unpermute_backward(
@@ -300,7 +313,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_unpermute_backward(
       scalar_t* Pp = nullptr;
       if (want_h || want_weights) {
         auto P = want_h ? grad_h.narrow(0, first, n) : p_buffers.select(0, slot).narrow(0, 0, n);
-        at::mm_out(P, G, b.select(0, e).t());
+        fixed_mm_out(P, G, b.select(0, e).t());
         Pp = P.data_ptr<scalar_t>();
       }
       const scalar_t* hp = h.data_ptr<scalar_t>() + first * F;
@@ -319,7 +332,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> grouped_mm_unpermute_backward(
       });
       if (want_b) {
         auto grad_b_e = grad_b.select(0, e);
-        at::mm_out(grad_b_e, h.narrow(0, first, n).t(), G);
+        fixed_mm_out(grad_b_e, h.narrow(0, first, n).t(), G);
       }
     });
   });

@@ -9,6 +9,7 @@
 
 #include "common/checks.h"
 #include "common/cpu_cache.h"
+#include "common/fixed_tasks_cpu.h"
 #include "experts/grouped_mm.h"
 
 namespace torch_moe::cpu {
@@ -46,6 +47,51 @@ Schedule schedule_segments(const std::vector<int64_t>& bounds, int64_t macs_per_
     schedule.first_expert[s] = std::max(e, schedule.first_expert[s - 1]);
   }
   return schedule;
+}
+
+namespace {
+
+// Blocks of about this many multiply-adds, at least 128 a side: large enough that a sequential MKL call runs near
+// its peak (2^24 and 64 a side cost Mixtral-mini fwd+bwd ~14% at 2 threads; these ~3-5%), while a Mixtral-sized
+// expert GEMM (512 x 1024 x 3584) still gives 16 blocks to spread over the threads. One expert's GEMM therefore
+// uses at most 16 threads.
+constexpr int64_t kBlockMacs = int64_t{1} << 26;
+constexpr int64_t kMaxBlocks = 16;
+constexpr int64_t kMinBlockSide = 128;
+
+// [0, size) cut into `parts` ranges of whole multiples of 16 (so that vector loops see the same alignment).
+int64_t block_bound(int64_t size, int64_t parts, int64_t i) {
+  if (i >= parts) return size;
+  return std::min(size, (size * i / parts) / 16 * 16);
+}
+
+}  // namespace
+
+void fixed_mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  const int64_t m = out.size(0), n = out.size(1), k = a.size(1);
+  // In double: the product of three sizes can pass int64 even when each operand fits in memory.
+  const double macs = static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(std::max<int64_t>(k, 1));
+  const int64_t blocks =
+      std::clamp<int64_t>(static_cast<int64_t>(std::min(macs / kBlockMacs, double(kMaxBlocks))), 1, kMaxBlocks);
+  // Rows first (a block of rows re-reads all of b, a block of columns all of a), at least kMinBlockSide a side.
+  const int64_t row_parts = std::clamp<int64_t>(std::min(blocks, m / kMinBlockSide), 1, blocks);
+  const int64_t col_parts = std::clamp<int64_t>(std::min((blocks + row_parts - 1) / row_parts, n / kMinBlockSide),
+                                                1, kMaxBlocks);
+  auto block = [&](int64_t i) {
+    const int64_t r = i / col_parts, c = i % col_parts;
+    const int64_t r0 = block_bound(m, row_parts, r), r1 = block_bound(m, row_parts, r + 1);
+    const int64_t c0 = block_bound(n, col_parts, c), c1 = block_bound(n, col_parts, c + 1);
+    if (r1 <= r0 || c1 <= c0) return;
+    auto out_block = out.narrow(0, r0, r1 - r0).narrow(1, c0, c1 - c0);
+    const auto a_block = a.narrow(0, r0, r1 - r0);
+    const auto b_block = b.narrow(1, c0, c1 - c0);
+    if (accumulate) {
+      at::addmm_out(out_block, out_block, a_block, b_block);
+    } else {
+      at::mm_out(out_block, a_block, b_block);
+    }
+  };
+  run_fixed_tasks(row_parts * col_parts, block);
 }
 
 void zero_empty_experts(at::Tensor& grad_b, const std::vector<int64_t>& bounds) {
@@ -92,6 +138,7 @@ SegmentPlan segment_plan(const char* op, const at::Tensor& offsets, const at::Te
   SegmentPlan plan;
   plan.bounds = read_offsets(op, offsets, num_experts, num_rows);
   plan.assignment = assignment_of_rows(row_index, num_rows);
+  plan.row_index = row_index.contiguous();
   plan.k = std::max<int64_t>(row_index.size(1), 1);
   plan.repeats_tokens = segments_repeat_tokens(plan.assignment, plan.bounds, plan.k, row_index.size(0));
   return plan;
@@ -115,10 +162,5 @@ at::Tensor SegmentRun::weight_grad(const at::Tensor& w, bool wanted) const {
   return grad_w;
 }
 
-std::optional<SlotSums> SegmentRun::token_grad_sums(int64_t tokens, int64_t cols, bool wanted) const {
-  std::optional<SlotSums> sums;
-  if (wanted) sums.emplace(schedule.slots(), tokens, cols, x.options().dtype(opmath_of(x.scalar_type())));
-  return sums;
-}
 
 }  // namespace torch_moe::cpu

@@ -28,8 +28,9 @@ int64_t longest_segment(const std::vector<int64_t>& bounds);
 // after the other. Small GEMMs lose most of their time to each GEMM's own fork/join across threads, so when the
 // segments are many and small, each thread takes a contiguous range of experts holding about an equal share of the
 // rows and runs their GEMMs single-threaded (MKL and nested at::parallel_for run sequentially inside a parallel
-// region). Large GEMMs run one expert after the other, each threaded. The split depends only on the offsets and
-// the thread count, so results are deterministic for a given thread count.
+// region). Large GEMMs run one expert after the other, each threaded (fixed_mm_out). The split depends on the
+// thread count, but no result does: a GEMM's blocks are the same either way and per-token sums are formed in one
+// order (TokenSums).
 struct Schedule {
   std::vector<int64_t> first_expert;
   int64_t slots() const { return static_cast<int64_t>(first_expert.size()) - 1; }
@@ -41,6 +42,13 @@ constexpr int64_t kSideBySideMacs = int64_t{1} << 26;
 
 // Slots for the segments of `bounds` when a row costs macs_per_row multiply-adds.
 Schedule schedule_segments(const std::vector<int64_t>& bounds, int64_t macs_per_row);
+
+// out = a @ b (out += a @ b when accumulate), out [m, n] contiguous rows, a [m, k] and b [k, n] any strides: one
+// expert's GEMM. MKL's threaded GEMMs round differently at different thread counts (the split of the work, and
+// with it which kernel computes which part, follows the thread count), so MKL never runs threaded here: the output
+// is cut into blocks whose bounds depend on m, n and k only, each block is one sequential MKL call, and the blocks
+// run on the threads (or one after the other inside a parallel region). The result then depends on the shapes only.
+void fixed_mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate = false);
 
 // body(e, slot) for every expert e with rows, on the schedule.
 template <typename Body>
@@ -68,28 +76,6 @@ void zero_empty_experts(at::Tensor& grad_b, const std::vector<int64_t>& bounds);
 
 // Zero the rows of t [N, ...] past the last segment (padding rows no expert computes).
 void zero_rows_past_segments(at::Tensor& t, const std::vector<int64_t>& bounds);
-
-// Per-slot accumulators [rows, cols] (opmath): slot 0 is the result itself and the other slots are added into it in
-// slot order, so side-by-side runs cost one extra [rows, cols] per extra thread and no separate sum.
-class SlotSums {
- public:
-  SlotSums(int64_t slots, int64_t rows, int64_t cols, const at::TensorOptions& options)
-      : result_(zeros_cached({rows, cols}, options)),
-        extra_(slots > 1 ? zeros_cached({slots - 1, rows, cols}, options) : at::Tensor()) {}
-  template <typename T>
-  T* slot(int64_t s) const {
-    return s == 0 ? result_.data_ptr<T>() : extra_.select(0, s - 1).data_ptr<T>();
-  }
-  at::Tensor sum() {
-    if (extra_.defined()) {
-      for (int64_t s = 0; s < extra_.size(0); ++s) result_.add_(extra_.select(0, s));
-    }
-    return result_;
-  }
-
- private:
-  at::Tensor result_, extra_;
-};
 
 // The inverse of a [T, k] row plan: assignment_of_row[r] = t * k + j where row_index[t, j] == r, else -1.
 // The plan is checked to name distinct rows in [-1, num_rows) before this runs.
@@ -146,6 +132,7 @@ at::ScalarType opmath_of(at::ScalarType dtype);
 struct SegmentPlan {
   std::vector<int64_t> bounds;
   std::vector<int64_t> assignment;  // [N]: t * k + j of the row, -1 when unassigned
+  at::Tensor row_index;             // [T, k] int64, contiguous
   int64_t k = 1;
   bool repeats_tokens = false;
 };
@@ -165,8 +152,6 @@ struct SegmentRun {
   // A weight gradient shaped like w, in x's dtype: zero for experts without rows, the others for run_segments to
   // write; undefined when not wanted.
   at::Tensor weight_grad(const at::Tensor& w, bool wanted) const;
-  // Per-slot accumulators (opmath) of a token gradient [tokens, cols]; none when not wanted.
-  std::optional<SlotSums> token_grad_sums(int64_t tokens, int64_t cols, bool wanted) const;
   // body(e, slot, first, n) for every expert e with rows [first, first + n), on the schedule.
   template <typename Body>
   void for_each_segment(const Body& body) const {
@@ -180,6 +165,66 @@ struct SegmentRun {
   Schedule schedule;
   at::Tensor x;
   at::Tensor grad;
+};
+
+// Per-token sums of segment rows, acc[t] = sum over t's rows r of scale_r * rows[r] (opmath), added in one order
+// whatever the thread count: ascending row, which is expert order, as one thread adding segment after segment into
+// one accumulator does. With one slot that is what runs (each segment's rows go through a scratch block and are
+// added at once). With slots side by side, adding into one accumulator would race and per-slot accumulators summed
+// at the end would change the order with the number of slots; there each segment's rows are kept in an [N, cols]
+// buffer and the sums are formed per token at the end, in the one-slot order. So the results are bit-identical at
+// any thread count.
+class TokenSums {
+ public:
+  TokenSums(const SegmentRun& run, int64_t tokens, int64_t cols)
+      : plan_(run.plan),
+        cols_(cols),
+        buffered_(run.schedule.slots() > 1),
+        rows_(buffered_ ? empty_cached({static_cast<int64_t>(run.plan.assignment.size()), cols}, run.x.options())
+                        : empty_cached({longest_segment(run.plan.bounds), cols}, run.x.options())),
+        acc_(zeros_cached({tokens, cols}, run.x.options().dtype(opmath_of(run.x.scalar_type())))) {}
+
+  // Where the rows [first, first + n) of a segment are to be written: [n, cols], contiguous.
+  at::Tensor rows(int64_t first, int64_t n) const { return rows_.narrow(0, buffered_ ? first : 0, n); }
+
+  // Once those rows are written: with one slot they are added now (scale_r = w[assignment of r], 1 when w is null).
+  template <typename scalar_t, typename opmath_t>
+  void add(int64_t first, int64_t n, const opmath_t* w) {
+    if (buffered_) return;
+    add_segment<scalar_t, opmath_t>(acc_.data_ptr<opmath_t>(), rows_.data_ptr<scalar_t>(), cols_,
+                                    plan_.assignment.data(), first, n, plan_.k, w, plan_.repeats_tokens);
+  }
+
+  // The sums [tokens, cols] (opmath), once every segment was added.
+  template <typename scalar_t, typename opmath_t>
+  at::Tensor sum(const opmath_t* w) {
+    if (!buffered_) return acc_;
+    const int64_t tokens = acc_.size(0), k = plan_.row_index.size(1), end = plan_.bounds.back();
+    const int64_t* ri = plan_.row_index.data_ptr<int64_t>();
+    const scalar_t* rows = rows_.data_ptr<scalar_t>();
+    opmath_t* acc = acc_.data_ptr<opmath_t>();
+    at::parallel_for(0, tokens, grain_for(cols_ * std::max<int64_t>(k, 1)), [&](int64_t begin, int64_t stop) {
+      std::vector<std::pair<int64_t, int64_t>> order;  // (row, assignment) of a token, by row
+      for (int64_t t = begin; t < stop; ++t) {
+        order.clear();
+        for (int64_t a = t * k; a < (t + 1) * k; ++a) {
+          // Rows past the last segment belong to no expert: one slot never adds them either.
+          if (ri[a] >= 0 && ri[a] < end) order.emplace_back(ri[a], a);
+        }
+        std::sort(order.begin(), order.end());
+        for (const auto& [r, a] : order) {
+          add_scaled_row(acc + t * cols_, rows + r * cols_, w == nullptr ? opmath_t(1) : w[a], cols_);
+        }
+      }
+    });
+    return acc_;
+  }
+
+ private:
+  const SegmentPlan& plan_;
+  int64_t cols_;
+  bool buffered_;
+  at::Tensor rows_, acc_;
 };
 
 // body(e, first, n, rows) for every expert e with rows, on the schedule: rows [n, K] are the segment's token rows
