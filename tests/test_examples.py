@@ -54,7 +54,7 @@ def test_ablation_notebook_is_the_script_twin_and_runs(tmp_path, monkeypatch):
     client.execute()  # raises CellExecutionError if any cell fails
     table = (tmp_path / "ablations.md").read_text()
     rows = [line for line in table.splitlines() if line.startswith("| ") and not line.startswith("| run")]
-    assert len(rows) == 20, table
+    assert len(rows) == 25, table
     for row in rows:
         assert math.isfinite(float(row.split("|")[2])), row
     assert (tmp_path / "ablations.png").stat().st_size > 0
