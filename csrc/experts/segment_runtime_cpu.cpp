@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "common/checks.h"
@@ -72,7 +73,8 @@ void fixed_mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, boo
   // In double: the product of three sizes can pass int64 even when each operand fits in memory.
   const double macs = static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(std::max<int64_t>(k, 1));
   const int64_t blocks =
-      std::clamp<int64_t>(static_cast<int64_t>(std::min(macs / kBlockMacs, double(kMaxBlocks))), 1, kMaxBlocks);
+      std::clamp<int64_t>(static_cast<int64_t>(std::min(std::ceil(macs / kBlockMacs), double(kMaxBlocks))), 1,
+                          kMaxBlocks);
   // Rows first (a block of rows re-reads all of b, a block of columns all of a), at least kMinBlockSide a side.
   const int64_t row_parts = std::clamp<int64_t>(std::min(blocks, m / kMinBlockSide), 1, blocks);
   const int64_t col_parts = std::clamp<int64_t>(std::min((blocks + row_parts - 1) / row_parts, n / kMinBlockSide),
