@@ -136,7 +136,8 @@ def _dselect_k_gate(code_logits, selector_logits, num_experts, gamma=1.0):
     _check(selector_logits.dim() == 2, f"torch_moe.dselect_k_gate: argument 'selector_logits' must be a 2-D tensor "
                                        f"[T, k], got {tuple(selector_logits.shape)}")
     if _concrete(num_experts):
-        _check(num_experts >= 1, f"torch_moe.dselect_k_gate: argument 'num_experts' must be in [1, 2^62], got {num_experts}")
+        _check(num_experts >= 1,
+               f"torch_moe.dselect_k_gate: argument 'num_experts' must be in [1, 2^62], got {num_experts}")
     T, k, _ = code_logits.shape
     dtype = _router_dtype(code_logits)
     _check_alloc_bytes("dselect_k_gate", "num_experts", "selector_outputs [T, k, E]",
