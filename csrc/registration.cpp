@@ -23,6 +23,15 @@ TORCH_LIBRARY(torch_moe, m) {
   // Backward of expert_choice: grad_weights [T, E] -> grad_logits [T, E].
   m.def("_expert_choice_backward(Tensor grad_weights, Tensor logits, Tensor slots) -> Tensor");
 
+  // DSelect-k gate: with S the smooth-step of width gamma of code_logits [T, k, m = ceil(log2 E)], selector outputs
+  // r [T, k, E] = product over the bits of expert j of S or 1 - S (codes >= E never formed), and the mixture
+  // weights q [T, E] = sum_i softmax(selector_logits [T, k])_i r_i -> (weights q, selector_outputs r).
+  m.def("dselect_k_gate(Tensor code_logits, Tensor selector_logits, int num_experts, float gamma=1.0) -> "
+        "(Tensor weights, Tensor selector_outputs)");
+  // Backward of dselect_k_gate: (grad_weights [T, E], grad_selector_outputs [T, k, E]) -> grads of both logits.
+  m.def("_dselect_k_gate_backward(Tensor grad_weights, Tensor grad_selector_outputs, Tensor code_logits, "
+        "Tensor selector_logits, int num_experts, float gamma) -> (Tensor, Tensor)");
+
   // Capacity plan: slot of every assignment in its expert's buffer (-1: dropped or padding),
   // tokens_per_expert [E] before dropping and kept_per_expert [E]; policy "position" or "probability".
   m.def("capacity_plan(Tensor expert_ids, int num_experts, SymInt capacity, str drop_policy=\"position\", "

@@ -129,6 +129,28 @@ def _expert_choice_backward(grad_weights, logits, slots):
     return torch.empty_like(logits)
 
 
+@_fake("dselect_k_gate")
+def _dselect_k_gate(code_logits, selector_logits, num_experts, gamma=1.0):
+    _check(code_logits.dim() == 3, f"torch_moe.dselect_k_gate: argument 'code_logits' must be a 3-D tensor [T, k, m], "
+                                   f"got {tuple(code_logits.shape)}")
+    _check(selector_logits.dim() == 2, f"torch_moe.dselect_k_gate: argument 'selector_logits' must be a 2-D tensor "
+                                       f"[T, k], got {tuple(selector_logits.shape)}")
+    if _concrete(num_experts):
+        _check(num_experts >= 1,
+               f"torch_moe.dselect_k_gate: argument 'num_experts' must be in [1, 2^62], got {num_experts}")
+    T, k, _ = code_logits.shape
+    dtype = _router_dtype(code_logits)
+    _check_alloc_bytes("dselect_k_gate", "num_experts", "selector_outputs [T, k, E]",
+                       _checked_mul("dselect_k_gate", "num_experts", "T * k * num_experts", T * k, num_experts),
+                       dtype.itemsize)
+    return code_logits.new_empty((T, num_experts), dtype=dtype), code_logits.new_empty((T, k, num_experts), dtype=dtype)
+
+
+@_fake("_dselect_k_gate_backward")
+def _dselect_k_gate_backward(grad_weights, grad_selector_outputs, code_logits, selector_logits, num_experts, gamma):
+    return torch.empty_like(code_logits), torch.empty_like(selector_logits)
+
+
 @_fake("noisy_topk_load")
 def _noisy_topk_load(clean_logits, noisy_logits, noise_std, k, valid_mask=None):
     _check(clean_logits.dim() == 2, "torch_moe.noisy_topk_load: argument 'clean_logits' must be a 2-D tensor [T, E]")

@@ -19,6 +19,8 @@ __all__ = [
     "router_topk",
     "ExpertChoice",
     "expert_choice",
+    "DSelectKGate",
+    "dselect_k_gate",
     "noisy_topk_load",
     "capacity_plan",
     "dispatch",
@@ -51,6 +53,11 @@ class ExpertChoice(NamedTuple):
     slots: Tensor  # [T, E] int64, slot of token t in expert e's buffer, -1 when e did not take t
     token_ids: Tensor  # [E, C] int64, the token in each slot (best first), -1 for an empty slot
     scores: Tensor  # [T, E] softmax of the logits, router dtype, not differentiable
+
+
+class DSelectKGate(NamedTuple):
+    weights: Tensor  # [T, E] router dtype, the mixture q = sum_i alpha_i r_i, differentiable
+    selector_outputs: Tensor  # [T, k, E] router dtype, each selector's r_i over the experts, differentiable
 
 
 class CapacityPlan(NamedTuple):
@@ -104,6 +111,19 @@ def expert_choice(logits: Tensor, capacity: int, valid_mask: Optional[Tensor] = 
     :func:`dispatch` / :func:`combine` to run the experts.
     """
     return ExpertChoice(*torch.ops.torch_moe.expert_choice(logits, capacity, valid_mask))
+
+
+def dselect_k_gate(code_logits: Tensor, selector_logits: Tensor, num_experts: int, gamma: float = 1.0) -> DSelectKGate:
+    """The per-token gate of DSelect-k (Hazimeh et al. 2021): k single-expert selectors over m = ceil(log2 E) bits.
+
+    code_logits: [T, k, m], selector_logits: [T, k] (same dtype; computed in float32, float64 for float64 logits).
+    With S the smooth-step of width ``gamma`` (exactly 0 for z <= -gamma/2, exactly 1 for z >= gamma/2, the cubic
+    -2/gamma³·z³ + 3/(2·gamma)·z + 1/2 between), selector i gives expert j (code bits b_1..b_m of j, most
+    significant first) r_i[j] = prod_l (S(z_il) if b_l else 1 - S(z_il)); codes >= E are never formed, so for E not
+    a power of 2 sum_j r_i[j] <= 1. weights q = sum_i softmax(selector_logits)_i r_i. Both outputs are
+    differentiable w.r.t. both logits; a code logit on a flat part of S gets exactly zero gradient.
+    """
+    return DSelectKGate(*torch.ops.torch_moe.dselect_k_gate(code_logits, selector_logits, num_experts, gamma))
 
 
 def noisy_topk_load(

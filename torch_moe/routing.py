@@ -889,7 +889,9 @@ def _jitter(x: Tensor, eps: float, training: bool) -> Tensor:
 
 def smooth_step(t: Tensor, gamma: float) -> Tensor:
     """The smooth-step of Hazimeh et al. 2020/2021: 0 for t <= -gamma/2, 1 for t >= gamma/2, and the cubic
-    -2/gamma³·t³ + 3/(2·gamma)·t + 1/2 between (C¹: value and slope match at both ends, so it reaches exact 0/1)."""
+    -2/gamma³·t³ + 3/(2·gamma)·t + 1/2 between (C¹: value and slope match at both ends, so it reaches exact 0/1).
+    Elementwise, in ATen ops; :class:`DSelectKRouter` computes the same step inside
+    :func:`torch_moe.ops.dselect_k_gate`."""
     cubic = (-2.0 / gamma**3) * t**3 + (1.5 / gamma) * t + 0.5
     return torch.where(t <= -gamma / 2, torch.zeros_like(t), torch.where(t >= gamma / 2, torch.ones_like(t), cubic))
 
@@ -926,7 +928,8 @@ class DSelectKRouter(RouterBase):
     it pushes the smooth-steps to 0/1, i.e. to k-sparse routing.
 
     Parameters: ``code_weight`` [k·m, d_model], ``code_bias`` [k·m] (init U(±gamma/100), the authors' init),
-    ``selector_weight`` [k, d_model], ``selector_bias`` [k] (init U(±0.05)). Buffer ``codes`` [E, m] bool.
+    ``selector_weight`` [k, d_model], ``selector_bias`` [k] (init U(±0.05)). The two logit GEMMs run here; the
+    per-token gate (steps, products over the bits, mixture) is the C++ op :func:`torch_moe.ops.dselect_k_gate`.
     """
 
     name = "dselect_k"
@@ -977,9 +980,6 @@ class DSelectKRouter(RouterBase):
         self.code_bias = nn.Parameter(torch.empty(top_k * self.num_bits, **factory))
         self.selector_weight = nn.Parameter(torch.empty(top_k, d_model, **factory))
         self.selector_bias = nn.Parameter(torch.empty(top_k, **factory))
-        shifts = torch.arange(self.num_bits - 1, -1, -1)
-        codes = (torch.arange(num_experts)[:, None] >> shifts).bitwise_and(1).bool()
-        self.register_buffer("codes", codes.to(device), persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -992,20 +992,18 @@ class DSelectKRouter(RouterBase):
     def power_of_2(self) -> bool:
         return self.num_experts == 1 << self.num_bits
 
-    def selectors(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """x: [T, d_model] -> (selector outputs r [T, k, E], selector weights α [T, k]) in the router dtype."""
+    def per_token_gate(self, x: Tensor) -> ops.DSelectKGate:
+        """x: [T, d_model] -> (weights q [T, E], selector outputs r [T, k, E]) in the router dtype: the code and
+        selector logits are two GEMMs here, the per-token gate is :func:`torch_moe.ops.dselect_k_gate`."""
         x = _jitter(x, self.jitter_eps, self.training)
         dtype = _router_dtype(x)
         z = _router_linear(x, self.code_weight) + self.code_bias.to(dtype)
-        steps = smooth_step(z.view(x.shape[0], self.top_k, 1, self.num_bits), self.gamma)
-        r = torch.where(self.codes, steps, 1 - steps).prod(-1)
-        alpha = torch.softmax(_router_linear(x, self.selector_weight) + self.selector_bias.to(dtype), dim=-1)
-        return r, alpha
+        a = _router_linear(x, self.selector_weight) + self.selector_bias.to(dtype)
+        return ops.dselect_k_gate(z.view(x.shape[0], self.top_k, self.num_bits), a, self.num_experts, self.gamma)
 
     def forward(self, x: Tensor, *, token_ids: Optional[Tensor] = None, valid: Optional[Tensor] = None) -> Routing:
         """x: [T, d_model] -> :class:`Routing` with weights / expert_ids [T, E] (all experts, by decreasing q)."""
-        r, alpha = self.selectors(x)
-        q = (alpha.unsqueeze(2) * r).sum(1)
+        q, r = self.per_token_gate(x)
         weights, expert_ids = q.sort(dim=1, descending=True, stable=True)
         return Routing(None, weights, expert_ids, q.detach(), extra=(r,))
 

@@ -40,6 +40,7 @@ using Unpermute = Tensor(const Tensor&, const Tensor&, const Tensor&);
 using RouterLosses = std::tuple<Tensor, Tensor, Tensor>(const Tensor&, const Tensor&, const OptTensor&);
 using ExpertChoice = std::tuple<Tensor, Tensor, Tensor, Tensor>(const Tensor&, c10::SymInt, const OptTensor&);
 using NoisyTopkLoad = Tensor(const Tensor&, const Tensor&, const Tensor&, int64_t, const OptTensor&);
+using DSelectKGate = std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, int64_t, double);
 
 }  // namespace
 
@@ -51,7 +52,8 @@ TEST_CASE("every op is registered in the torch_moe namespace", "[registration]")
                            "torch_moe::_router_losses_backward", "torch_moe::expert_choice",
                            "torch_moe::_expert_choice_backward", "torch_moe::noisy_topk_load",
                            "torch_moe::_noisy_topk_load_backward", "torch_moe::gather_grouped_glu",
-                           "torch_moe::_gather_grouped_glu_backward", "torch_moe::glu", "torch_moe::_glu_backward"}) {
+                           "torch_moe::_gather_grouped_glu_backward", "torch_moe::glu", "torch_moe::_glu_backward",
+                           "torch_moe::dselect_k_gate", "torch_moe::_dselect_k_gate_backward"}) {
     INFO(name);
     CHECK(c10::Dispatcher::singleton().findSchema({name, ""}).has_value());
   }
@@ -200,6 +202,23 @@ TEST_CASE("noisy_topk_load is the sum of normal CDFs and differentiable", "[nois
   CHECK(torch::allclose(load, torch::full({2}, 0.5, torch::kDouble)));
   load.sum().backward();
   CHECK(torch::allclose(clean.grad(), torch::full({1, 2}, 1.0 / std::sqrt(2.0 * M_PI), torch::kDouble)));
+}
+
+TEST_CASE("dselect_k_gate: binary steps pick one expert per selector, fractional ones spread and backpropagate",
+          "[dselect_k_gate]") {
+  const auto gate = op<DSelectKGate>("torch_moe::dselect_k_gate");
+  // E = 4, m = 2, k = 2. Selector 0: both steps exactly 1 (code 11 = expert 3). Selector 1: first step exactly 0,
+  // second at z = 0, S = 1/2: half on expert 0 (00), half on expert 1 (01).
+  auto code = torch::tensor({1.0, 2.0, -1.0, 0.0}, torch::kDouble).reshape({1, 2, 2}).requires_grad_();
+  auto selector = torch::zeros({1, 2}, torch::kDouble).requires_grad_();
+  auto [q, r] = gate.call(code, selector, 4, 1.0);
+  CHECK(torch::equal(r, torch::tensor({0.0, 0.0, 0.0, 1.0, 0.5, 0.5, 0.0, 0.0}, torch::kDouble).reshape({1, 2, 4})));
+  CHECK(torch::allclose(q, torch::tensor({{0.25, 0.25, 0.0, 0.5}}, torch::kDouble)));
+  (q.select(1, 1) - q.select(1, 0)).sum().backward();
+  REQUIRE(code.grad().defined());
+  // Only the fractional step (z = 0, slope 3/(2 gamma)) gets a gradient: alpha_1 * (d r[1] - d r[0]) = 0.5 * 2 * 1.5.
+  CHECK(torch::allclose(code.grad(), torch::tensor({0.0, 0.0, 0.0, 1.5}, torch::kDouble).reshape({1, 2, 2})));
+  CHECK(selector.grad().defined());
 }
 
 TEST_CASE("glu is silu(gate) * up and backpropagates to both", "[glu]") {
