@@ -14,7 +14,7 @@ from torch import Tensor, nn
 
 from . import distributed
 from . import losses as moe_losses
-from ._checks import is_finite_number, is_int, is_number
+from ._checks import flat_tokens, is_finite_number, is_int, is_number
 from .dispatch import (DROP_POLICIES, Capacity, CapacityDispatch, DroplessDispatch, ExpertChoiceDispatch,
                        ExpertGroup, ExpertParallelCapacityDispatch, ExpertParallelDroplessDispatch, Load)
 from .experts import ACTIVATIONS, EXPERT_TYPES, Experts, NullExperts, _check_swiglu_oss, unwrapped
@@ -426,19 +426,8 @@ class MoE(nn.Module):
     def _flatten(self, x: Tensor, padding_mask: Optional[Tensor],
                  token_ids: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
         """x [..., d_model] -> (tokens [T, d_model], valid [T] bool or None), after checking the arguments."""
-        if x.dim() == 0 or x.shape[-1] != self.d_model:
-            raise ValueError(f"MoE: the last dim of x must be d_model={self.d_model}, got x of shape {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise ValueError(f"MoE: x must be a floating-point tensor, got {x.dtype}")
+        tokens, valid = flat_tokens("MoE", x, "d_model", self.d_model, padding_mask)
         lead_shape = x.shape[:-1]
-        valid = None
-        if padding_mask is not None:
-            if padding_mask.shape != lead_shape or padding_mask.dtype != torch.bool:
-                raise ValueError(
-                    f"MoE: padding_mask must be a bool tensor of shape {tuple(lead_shape)} (x without its last dim), "
-                    f"got {padding_mask.dtype} of shape {tuple(padding_mask.shape)}"
-                )
-            valid = padding_mask.reshape(-1)
         if token_ids is not None and (token_ids.shape != lead_shape or token_ids.is_floating_point()
                                       or token_ids.dtype == torch.bool):
             raise ValueError(f"MoE: token_ids must be an integer tensor of shape {tuple(lead_shape)} (x without its "
@@ -446,7 +435,7 @@ class MoE(nn.Module):
         if self.seq_balance_loss_coef > 0 and x.dim() != 3:
             raise ValueError(f"MoE: seq_balance_loss_coef > 0 needs x laid out as [B, S, d_model], got x of shape "
                              f"{tuple(x.shape)}")
-        return x.reshape(-1, self.d_model), valid
+        return tokens, valid
 
     def _record_losses_and_stats(self, x: Tensor, routing, valid: Optional[Tensor], load: Load, dispatched) -> None:
         router = unwrapped(self.router)

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from . import ops
-from ._checks import is_finite_number, is_int
+from ._checks import flat_tokens, is_finite_number, is_int
 from .dispatch import Load
 from .convert import _find, _selector, register_replay
 from .feedforward import ConvertedLayer, _install_attention_mask_hook, record_conversion
@@ -118,25 +118,14 @@ class MoLoRALinear(ConvertedLayer):
     def _flatten(self, x: Tensor, padding_mask: Optional[Tensor],
                  token_ids: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
         """x [..., d_in] -> (tokens [T, d_in], valid [T] bool or None), after checking the arguments."""
-        if x.dim() == 0 or x.shape[-1] != self.in_features:
-            raise ValueError(f"MoLoRALinear: the last dim of x must be in_features={self.in_features}, got x of shape "
-                             f"{tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise ValueError(f"MoLoRALinear: x must be a floating-point tensor, got {x.dtype}")
+        tokens, valid = flat_tokens("MoLoRALinear", x, "in_features", self.in_features, padding_mask)
         lead_shape = x.shape[:-1]
-        valid = None
-        if padding_mask is not None:
-            if padding_mask.shape != lead_shape or padding_mask.dtype != torch.bool:
-                raise ValueError(f"MoLoRALinear: padding_mask must be a bool tensor of shape {tuple(lead_shape)} (x "
-                                 f"without its last dim), got {padding_mask.dtype} of shape "
-                                 f"{tuple(padding_mask.shape)}")
-            valid = padding_mask.reshape(-1)
         if self.router_name == "hash" and (token_ids is None or token_ids.shape != lead_shape
                                            or token_ids.is_floating_point() or token_ids.dtype == torch.bool):
             got = None if token_ids is None else f"{token_ids.dtype} of shape {tuple(token_ids.shape)}"
             raise ValueError(f"MoLoRALinear(router='hash'): token_ids must be an integer tensor of shape "
                              f"{tuple(lead_shape)} (x without its last dim), got {got}")
-        return x.reshape(-1, self.in_features), valid
+        return tokens, valid
 
     def _record_losses_and_stats(self, routing, valid: Optional[Tensor], load: Load) -> None:
         load_balancing_loss, z_loss, router_entropy = self.router.balance_losses(routing, valid)
