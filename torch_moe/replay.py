@@ -68,12 +68,8 @@ class RoutingRecorder:
                 return None
             return hook
 
-        handles = [layer.register_routing_hook(hook_for(name)) for name, layer in layers]
-        try:
+        with _hooks_installed(layers, hook_for):
             yield self
-        finally:
-            for handle in handles:
-                handle.remove()
 
     @contextmanager
     def replay(self, model: nn.Module) -> Iterator["RoutingRecorder"]:
@@ -104,9 +100,16 @@ class RoutingRecorder:
                 return layer.override_routing(routing, entry["expert_ids"], entry.get("weights"))
             return hook
 
-        handles = [layer.register_routing_hook(hook_for(name)) for name, layer in layers]
-        try:
+        with _hooks_installed(layers, hook_for):
             yield self
-        finally:
-            for handle in handles:
-                handle.remove()
+
+
+@contextmanager
+def _hooks_installed(layers, hook_for) -> Iterator[None]:
+    """Each (name, layer) of ``layers`` carries the routing hook ``hook_for(name)`` inside the block."""
+    handles = [layer.register_routing_hook(hook_for(name)) for name, layer in layers]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
