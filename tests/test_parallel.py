@@ -637,9 +637,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_job(world_size: int) -> dict:
+def _run_job(world_size: int, worker=None) -> dict:
+    """Spawn ``worker(rank, world_size, port, out_dir)`` (default: this file's) on world_size ranks; each writes its
+    cases' verdicts to rank<r>.json. -> {"failure": why the job itself failed or None, "ranks": {rank: verdicts}}."""
     with tempfile.TemporaryDirectory() as out_dir:
-        context = mp.start_processes(_worker, args=(world_size, _free_port(), out_dir), nprocs=world_size,
+        context = mp.start_processes(worker or _worker, args=(world_size, _free_port(), out_dir), nprocs=world_size,
                                      join=False, start_method="spawn")
         deadline = time.monotonic() + JOB_DEADLINE_S
         finished, failure = False, None

@@ -8,15 +8,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
-import time
 import traceback
 from datetime import timedelta
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.testing import assert_close
 
 import test_parallel as harness
@@ -115,26 +112,7 @@ _JOB: dict = {}
 
 def _job() -> dict:
     if not _JOB:
-        with tempfile.TemporaryDirectory() as out_dir:
-            context = mp.start_processes(_worker, args=(WORLD_SIZE, harness._free_port(), out_dir),
-                                         nprocs=WORLD_SIZE, join=False, start_method="spawn")
-            deadline, failure = time.monotonic() + harness.JOB_DEADLINE_S, None
-            try:
-                while not context.join(timeout=1):
-                    if time.monotonic() > deadline:
-                        failure = "the job did not finish in time (a hang)"
-                        break
-            except Exception as err:  # a worker died, not a case failure
-                failure = f"a worker process failed: {err}"
-            for process in context.processes:
-                if process.is_alive():
-                    process.kill()
-                    process.join(5)
-            ranks = {}
-            for rank in range(WORLD_SIZE):
-                path = os.path.join(out_dir, f"rank{rank}.json")
-                ranks[rank] = json.load(open(path)) if os.path.exists(path) else {}
-            _JOB.update(failure=failure, ranks=ranks)
+        _JOB.update(harness._run_job(WORLD_SIZE, _worker))
     return _JOB
 
 
