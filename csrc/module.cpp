@@ -8,6 +8,7 @@
 
 #include "common/checks.h"
 #include "common/cpu_cache.h"
+#include "common/cpu_gemm.h"
 #include "common/gemm_paths.h"
 
 #ifndef TORCH_MOE_WITH_CUDA
@@ -51,6 +52,10 @@ PYBIND11_MODULE(_C, m) {
         "Host-side CUDA value checks: 1 on, 0 off, -1 as TORCH_MOE_CUDA_CHECKS says.");
   m.def("cuda_value_checks_requested", &torch_moe::cuda_value_checks_requested,
         "Whether host-side CUDA value checks are asked for.");
+  m.def("cpu_gemm_library", &torch_moe::cpu::cpu_gemm_library,
+        "The library of the CPU kernels' float32 GEMM blocks now: onednn or aten (common/cpu_gemm.h).");
+  m.def("set_cpu_gemm_library", &torch_moe::cpu::set_cpu_gemm_library,
+        "Choose the library of the CPU kernels' float32 GEMM blocks: auto, onednn or aten.");
   m.def("cpu_cache_stats", [] {
     const auto s = torch_moe::cpu::cache_stats();
     return std::map<std::string, int64_t>{{"in_use_bytes", s.in_use_bytes}, {"cached_bytes", s.cached_bytes},

@@ -7,6 +7,7 @@ expert segments, segments long enough that each expert's GEMM runs threaded, and
 side, in float32, float64 and bfloat16.
 """
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -42,8 +43,12 @@ _CHILD = textwrap.dedent("""
         for i, t in enumerate(inputs):
             results[f"{name} grad{i}"] = t.grad
 
-    # (T, K, M, E, k): uneven small segments; a few long segments (threaded GEMMs); many small ones (side by side).
-    shapes = {"uneven": (300, 24, 40, 6, 2), "long": (3000, 96, 160, 4, 2), "many": (1024, 64, 32, 64, 8)}
+    results["library"] = ops.cpu_gemm_library()
+    # (T, K, M, E, k): uneven small segments; a few long segments; many small ones (side by side); GEMMs of more
+    # than 2^26 multiply-adds cut into blocks: of rows ("row blocks", float32 ones on oneDNN) and of columns, for
+    # few rows and wide weights ("few rows": the forward's blocks are columns on at::mm, the weight gradient's rows).
+    shapes = {"uneven": (300, 24, 40, 6, 2), "long": (3000, 96, 160, 4, 2), "many": (1024, 64, 32, 64, 8),
+              "row blocks": (1100, 256, 512, 2, 1), "few rows": (64, 1024, 2048, 2, 1)}
     for dtype in (torch.float32, torch.float64, torch.bfloat16):
         for shape_name, (T, K, M, E, k) in shapes.items():
             g = torch.Generator().manual_seed(0)
@@ -107,28 +112,36 @@ _CHILD = textwrap.dedent("""
 """)
 
 
+# The library of float32 GEMM blocks (torch_moe.ops.set_cpu_gemm_library): each must be thread-count invariant.
+LIBRARIES = ("auto", "aten")
+
+
 def _bits(t: torch.Tensor) -> torch.Tensor:
     """The tensor's bits as integers, so that comparing them treats NaN like any other value."""
     ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
     return t.contiguous().view(ints[t.element_size()])
 
 
-@pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-    directory = tmp_path_factory.mktemp("threads")
+@pytest.fixture(scope="module", params=LIBRARIES)
+def runs(request, tmp_path_factory):
+    directory = tmp_path_factory.mktemp(f"threads-{request.param}")
+    env = dict(os.environ, TORCH_MOE_CPU_GEMM=request.param)
     out = {}
     for threads in THREAD_COUNTS:
         path = directory / f"{threads}.pt"
         proc = subprocess.run([sys.executable, "-c", _CHILD, str(threads), str(path)], capture_output=True, text=True,
-                              timeout=600)
+                              timeout=600, env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
         out[threads] = torch.load(path)
+    if request.param == "aten":
+        assert out[1]["library"] == "aten"
     return out
 
 
 @pytest.mark.parametrize("threads", THREAD_COUNTS[1:])
 def test_results_are_bit_identical_across_thread_counts(runs, threads):
-    reference, other = runs[1], runs[threads]
+    reference, other = dict(runs[1]), dict(runs[threads])
+    assert reference.pop("library") == other.pop("library")
     assert reference.keys() == other.keys()
     assert any(key.startswith("layer") for key in reference) and any(key.startswith("grouped_mm_unpermute")
                                                                       for key in reference)

@@ -39,6 +39,8 @@ __all__ = [
     "reset_gemm_path_counts",
     "set_cuda_value_checks",
     "cuda_value_checks",
+    "set_cpu_gemm_library",
+    "cpu_gemm_library",
 ]
 
 
@@ -295,6 +297,37 @@ def set_cuda_value_checks(enabled: Optional[bool]) -> None:
     from . import _C
 
     _C.set_cuda_value_checks(-1 if enabled is None else int(bool(enabled)))
+
+
+def set_cpu_gemm_library(library: Optional[str]) -> None:
+    """Choose the library of the CPU kernels' float32 expert GEMMs: ``"onednn"`` (the oneDNN inside torch),
+    ``"aten"`` (``torch.mm``: MKL in torch's x86 wheels) or ``"auto"`` (oneDNN where this torch build and CPU run
+    it). ``None`` goes back to what ``TORCH_MOE_CPU_GEMM`` says (``auto`` when unset).
+
+    Why: torch's float32 matmul calls MKL, which runs its AVX2 kernels on AMD CPUs; oneDNN runs AVX-512 ones there
+    (2.2x the GEMM throughput on the Zen CPU of benchmarks/NOTES.md section 19; on Intel CPUs both are at peak).
+    Results agree to float32 rounding, not bit for bit; either way they do not depend on the thread count. Other
+    dtypes are unaffected (bfloat16/float16 ``torch.mm`` already uses oneDNN). ``"onednn"`` raises where it is not
+    available. The first GEMM of each new shape builds a oneDNN kernel (a few hundred microseconds; oneDNN caches
+    1024 of them, ``ONEDNN_PRIMITIVE_CACHE_CAPACITY``).
+    """
+    from . import _C
+
+    if library is None:
+        import os
+
+        library = os.environ.get("TORCH_MOE_CPU_GEMM") or "auto"
+    if not isinstance(library, str):
+        raise TypeError(f"set_cpu_gemm_library: library must be a str or None, got {type(library).__name__}")
+    _C.set_cpu_gemm_library(library)
+
+
+def cpu_gemm_library() -> str:
+    """The library the CPU kernels' float32 expert GEMMs use now: ``"onednn"`` or ``"aten"`` (see
+    :func:`set_cpu_gemm_library`)."""
+    from . import _C
+
+    return str(_C.cpu_gemm_library())
 
 
 def cuda_value_checks() -> bool:

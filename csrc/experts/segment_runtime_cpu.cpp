@@ -10,6 +10,7 @@
 
 #include "common/checks.h"
 #include "common/cpu_cache.h"
+#include "common/cpu_gemm.h"
 #include "common/fixed_tasks_cpu.h"
 #include "experts/grouped_mm.h"
 
@@ -77,8 +78,14 @@ void fixed_mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, boo
                           kMaxBlocks);
   // Rows first (a block of rows re-reads all of b, a block of columns all of a), at least kMinBlockSide a side.
   const int64_t row_parts = std::clamp<int64_t>(std::min(blocks, m / kMinBlockSide), 1, blocks);
-  const int64_t col_parts = std::clamp<int64_t>(std::min((blocks + row_parts - 1) / row_parts, n / kMinBlockSide),
-                                                1, kMaxBlocks);
+  // oneDNN (float32, common/cpu_gemm.h) takes blocks of whole rows only: a block of b's columns is a strided
+  // operand it would copy first. So it takes a GEMM that is one block, or that splits into at least two row blocks;
+  // a large GEMM of few rows (decode-sized) keeps at::mm's column blocks, so that both threads work on it. Which
+  // library a block uses depends on the shapes and the library switch only, never on the thread count.
+  const bool by_onednn = onednn_gemm_wanted(out, a, b) && (blocks == 1 || row_parts >= 2);
+  const int64_t col_parts =
+      by_onednn ? 1
+                : std::clamp<int64_t>(std::min((blocks + row_parts - 1) / row_parts, n / kMinBlockSide), 1, kMaxBlocks);
   auto block = [&](int64_t i) {
     const int64_t r = i / col_parts, c = i % col_parts;
     const int64_t r0 = block_bound(m, row_parts, r), r1 = block_bound(m, row_parts, r + 1);
@@ -87,7 +94,9 @@ void fixed_mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, boo
     auto out_block = out.narrow(0, r0, r1 - r0).narrow(1, c0, c1 - c0);
     const auto a_block = a.narrow(0, r0, r1 - r0);
     const auto b_block = b.narrow(1, c0, c1 - c0);
-    if (accumulate) {
+    if (by_onednn) {
+      onednn_gemm(out_block, a_block, b_block, accumulate);
+    } else if (accumulate) {
       at::addmm_out(out_block, out_block, a_block, b_block);
     } else {
       at::mm_out(out_block, a_block, b_block);

@@ -1,0 +1,96 @@
+// The float32 GEMM block library switch of the CPU kernels (see the header for why oneDNN).
+#include "common/cpu_gemm.h"
+
+#include <dlfcn.h>
+
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+
+#include "common/checks.h"
+
+namespace torch_moe::cpu {
+namespace {
+
+// at::native::mkldnn_matmul(mat1, mat2, result, beta, alpha): result = beta * result + alpha * mat1 @ mat2.
+using MkldnnMatmul = void (*)(const at::Tensor&, const at::Tensor&, const at::Tensor&, float, float);
+constexpr const char* kMkldnnMatmulSymbol = "_ZN2at6native13mkldnn_matmulERKNS_6TensorES3_S3_ff";
+
+MkldnnMatmul find_mkldnn_matmul() {
+  for (const char* library : {"libtorch_cpu.so", "libtorch_cpu.dylib"}) {
+    void* handle = dlopen(library, RTLD_NOLOAD | RTLD_LAZY);
+    if (handle == nullptr) continue;
+    void* symbol = dlsym(handle, kMkldnnMatmulSymbol);
+    dlclose(handle);
+    if (symbol != nullptr) return reinterpret_cast<MkldnnMatmul>(symbol);
+  }
+  return nullptr;
+}
+
+// The function when torch has it and it computes a float32 product on this CPU (it refuses CPUs without AVX-512 or
+// AVX-NE-CONVERT, and torch builds without oneDNN), checked once against at::mm.
+MkldnnMatmul available_mkldnn_matmul() {
+  static const MkldnnMatmul fn = []() -> MkldnnMatmul {
+    const MkldnnMatmul candidate = find_mkldnn_matmul();
+    if (candidate == nullptr) return nullptr;
+    try {
+      const auto a = at::arange(24, at::kFloat).reshape({4, 6}).div(7);
+      const auto b = at::arange(30, at::kFloat).reshape({6, 5}).div(11);
+      auto out = at::empty({4, 5}, at::kFloat);
+      candidate(a, b, out, 0.f, 1.f);
+      return at::allclose(out, at::mm(a, b), 1e-5, 1e-6) ? candidate : nullptr;
+    } catch (const std::exception&) {
+      return nullptr;
+    }
+  }();
+  return fn;
+}
+
+enum Mode : int { kAuto = 0, kOneDnn = 1, kAten = 2, kFromEnvironment = -1 };
+std::atomic<int> g_mode{kFromEnvironment};
+
+Mode parse_mode(const std::string& mode, const char* where) {
+  if (mode == "auto") return kAuto;
+  if (mode == "onednn") return kOneDnn;
+  if (mode == "aten") return kAten;
+  TORCH_MOE_CHECK(false, "torch_moe.{}: must be 'auto', 'onednn' or 'aten', got '{}'", where, mode);
+  return kAuto;
+}
+
+Mode current_mode() {
+  const int mode = g_mode.load(std::memory_order_relaxed);
+  if (mode != kFromEnvironment) return static_cast<Mode>(mode);
+  static const Mode from_env = [] {
+    const char* v = std::getenv("TORCH_MOE_CPU_GEMM");
+    return v == nullptr || *v == '\0' ? kAuto : parse_mode(v, "TORCH_MOE_CPU_GEMM (environment)");
+  }();
+  return from_env;
+}
+
+bool use_onednn() {
+  const Mode mode = current_mode();
+  return mode != kAten && available_mkldnn_matmul() != nullptr;
+}
+
+}  // namespace
+
+std::string cpu_gemm_library() { return use_onednn() ? "onednn" : "aten"; }
+
+void set_cpu_gemm_library(const std::string& mode) {
+  const Mode parsed = parse_mode(mode, "set_cpu_gemm_library: argument 'library'");
+  TORCH_MOE_CHECK(parsed != kOneDnn || available_mkldnn_matmul() != nullptr,
+                  "torch_moe.set_cpu_gemm_library: oneDNN's float32 GEMM is not available with this torch build or "
+                  "CPU (at::native::mkldnn_matmul missing or refusing float32); use 'auto' or 'aten'");
+  g_mode.store(parsed, std::memory_order_relaxed);
+}
+
+bool onednn_gemm_wanted(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  return out.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat &&
+         out.numel() > 0 && a.size(1) > 0 && use_onednn();
+}
+
+void onednn_gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  available_mkldnn_matmul()(a, b, out, accumulate ? 1.f : 0.f, 1.f);
+}
+
+}  // namespace torch_moe::cpu

@@ -1,0 +1,31 @@
+// Which library computes the CPU kernels' float32 GEMM blocks: oneDNN (bundled in torch) or ATen's at::mm (MKL in
+// torch's x86 wheels).
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string>
+
+namespace torch_moe::cpu {
+
+// Why a second library: torch's float32 at::mm calls MKL, and MKL runs its AVX2 kernels on AMD CPUs, where the
+// oneDNN inside torch runs AVX-512 ones (2.2x the GEMM throughput on the 2-core Zen VM of benchmarks/NOTES.md
+// section 19). torch exposes no float32 oneDNN GEMM on dense tensors except the exported
+// at::native::mkldnn_matmul, which is found at run time (a torch without it, or a CPU it refuses, falls back to
+// at::mm) rather than linked, so that no torch build fails to load this extension.
+
+// "onednn" or "aten": the library float32 blocks use now.
+std::string cpu_gemm_library();
+// mode: "auto" (oneDNN where torch has it and this CPU runs it; the default, or what TORCH_MOE_CPU_GEMM says),
+// "onednn" (an error if it is not available) or "aten".
+void set_cpu_gemm_library(const std::string& mode);
+
+// True when out = a @ b (out += a @ b when accumulate) for these operands goes to oneDNN: float32 operands, oneDNN
+// chosen and available.
+bool onednn_gemm_wanted(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b);
+
+// out = a @ b (out += a @ b when accumulate) through oneDNN, on the calling thread's OpenMP team (one thread inside
+// a parallel region). Only after onednn_gemm_wanted said yes.
+void onednn_gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate);
+
+}  // namespace torch_moe::cpu

@@ -1,0 +1,121 @@
+"""The library of the CPU kernels' float32 GEMM blocks (ops.set_cpu_gemm_library): the switch, and the grouped ops
+on each library against the same op in float64, for GEMMs that are one block, blocks of rows and blocks of columns.
+test_thread_count.py checks that each library's results do not depend on the thread count."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import reference as ref
+from torch_moe import ops
+
+# (T, K, M, E, k): one block per GEMM; > 2^26 multiply-adds in blocks of rows; few rows and wide weights (the
+# forward in blocks of columns, the weight gradient in blocks of rows).
+SHAPES = {"small": (30, 8, 12, 4, 2), "row blocks": (1100, 256, 512, 2, 1), "few rows": (64, 1024, 2048, 2, 1)}
+
+
+def _onednn_available() -> bool:
+    before = ops.cpu_gemm_library()
+    try:
+        ops.set_cpu_gemm_library("onednn")
+        return True
+    except RuntimeError:
+        return False
+    finally:
+        ops.set_cpu_gemm_library(None)
+        assert ops.cpu_gemm_library() == before
+
+
+@pytest.fixture
+def library(request):
+    if request.param == "onednn" and not _onednn_available():
+        pytest.skip("oneDNN's float32 GEMM is not available with this torch build or CPU")
+    ops.set_cpu_gemm_library(request.param)
+    yield request.param
+    ops.set_cpu_gemm_library(None)
+
+
+def test_switch_names_the_library_and_refuses_unknown_ones():
+    assert ops.cpu_gemm_library() in ("onednn", "aten")
+    ops.set_cpu_gemm_library("aten")
+    try:
+        assert ops.cpu_gemm_library() == "aten"
+        with pytest.raises(RuntimeError, match="must be 'auto', 'onednn' or 'aten', got 'mkl'"):
+            ops.set_cpu_gemm_library("mkl")
+        assert ops.cpu_gemm_library() == "aten"  # a refused call changes nothing
+        with pytest.raises(TypeError, match="must be a str or None"):
+            ops.set_cpu_gemm_library(1)
+        ops.set_cpu_gemm_library("auto")
+        assert ops.cpu_gemm_library() == ("onednn" if _onednn_available() else "aten")
+    finally:
+        ops.set_cpu_gemm_library(None)
+
+
+def _ops_of(x, b, b2, down, weights, offsets, row_index):
+    """Outputs and input/weight gradients of the dropless ops, the row plan fixed."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in (x, b, b2, down, weights)]
+    lx, lb, lb2, ldown, lw = leaves
+    h = ops.gather_grouped_glu(lx, lb, lb2, offsets, row_index, "silu")
+    gate = ops.gather_grouped_mm(lx, lb, offsets, row_index)
+    y = ops.grouped_mm_unpermute(h + gate, ldown, offsets, lw, row_index)
+    generator = torch.Generator().manual_seed(3)
+    y.backward(torch.randn(y.shape, generator=generator, dtype=torch.float64).to(y.dtype))
+    return [y.detach()] + [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("library", ["onednn", "aten"], indirect=True)
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_float32_ops_match_float64_on_each_library(library, shape, gen):
+    T, K, M, E, k = SHAPES[shape]
+    _, _, row_index, offsets = ref.random_row_plan(T, E, k, False, gen)
+    x = torch.randn(T, K, generator=gen, dtype=torch.float64)
+    b, b2 = (torch.randn(E, K, M, generator=gen, dtype=torch.float64) / K**0.5 for _ in range(2))
+    down = torch.randn(E, M, K, generator=gen, dtype=torch.float64) / M**0.5
+    weights = torch.rand(T, k, generator=gen, dtype=torch.float64)
+    expected = _ops_of(x, b, b2, down, weights, offsets, row_index)
+    got = _ops_of(*(t.float() for t in (x, b, b2, down, weights)), offsets, row_index)
+    for name, g, e in zip(["y", "grad x", "grad b", "grad b2", "grad down", "grad weights"], got, expected):
+        assert g.dtype == torch.float32, name
+        scale = e.abs().max().item()
+        torch.testing.assert_close(g.double(), e, rtol=2e-5, atol=2e-5 * scale, msg=f"{library} {shape}: {name}")
+
+
+@pytest.mark.parametrize("shape", ["small", "row blocks"])
+def test_other_dtypes_do_not_depend_on_the_switch(shape, gen):
+    if not _onednn_available():
+        pytest.skip("oneDNN's float32 GEMM is not available with this torch build or CPU")
+    T, K, M, E, k = SHAPES[shape]
+    _, _, row_index, offsets = ref.random_row_plan(T, E, k, False, gen)
+    tensors = [torch.randn(T, K, generator=gen), torch.randn(E, K, M, generator=gen) / K**0.5,
+               torch.randn(E, K, M, generator=gen) / K**0.5, torch.randn(E, M, K, generator=gen) / M**0.5,
+               torch.rand(T, k, generator=gen)]
+    for dtype in (torch.float64, torch.bfloat16):
+        results = {}
+        for library in ("onednn", "aten"):
+            ops.set_cpu_gemm_library(library)
+            try:
+                results[library] = _ops_of(*(t.to(dtype) for t in tensors), offsets, row_index)
+            finally:
+                ops.set_cpu_gemm_library(None)
+        for a, b in zip(results["onednn"], results["aten"]):
+            assert torch.equal(a, b), dtype
+
+
+def test_switch_changes_which_library_computes_float32(gen):
+    # The two libraries round differently, so identical bits on every output would mean one library ran both times.
+    if not _onednn_available():
+        pytest.skip("oneDNN's float32 GEMM is not available with this torch build or CPU")
+    T, K, M, E, k = SHAPES["row blocks"]
+    _, _, row_index, offsets = ref.random_row_plan(T, E, k, False, gen)
+    tensors = [torch.randn(T, K, generator=gen), torch.randn(E, K, M, generator=gen) / K**0.5,
+               torch.randn(E, K, M, generator=gen) / K**0.5, torch.randn(E, M, K, generator=gen) / M**0.5,
+               torch.rand(T, k, generator=gen)]
+    results = {}
+    for library in ("onednn", "aten"):
+        ops.set_cpu_gemm_library(library)
+        try:
+            results[library] = _ops_of(*tensors, offsets, row_index)
+        finally:
+            ops.set_cpu_gemm_library(None)
+    assert not all(torch.equal(a, b) for a, b in zip(results["onednn"], results["aten"]))
