@@ -11,6 +11,9 @@ and decode sizes T = 1 and 32 (what ``generate`` runs).
 Contenders, all in this process on the same input x [1, T, d]:
   - torch_moe dropless, ``torch_moe.MoE(d, d_ff, E, k, capacity_factor=None)``;
   - torch_moe capacity 1.25, the same weights, ``capacity_factor=1.25`` (default "position" drop policy);
+  - torch_moe dropless with its float32 GEMM blocks on ATen's at::mm (MKL), as HF and the dense FFN run theirs
+    (``ops.set_cpu_gemm_library("aten")`` around each timed call; only where the default is oneDNN): the speed-up
+    with the GEMM library held equal;
   - transformers' ``MixtralSparseMoeBlock`` built from a ``MixtralConfig``, the torch_moe weights copied in, once per
     experts implementation: ``"eager"`` (the per-expert Python loop), ``"grouped_mm"`` (transformers' default) and
     ``"batched_mm"`` (skipped where its per-assignment weight gather [T·k, 3·d·d_ff] would pass 4 GiB); before any
@@ -132,6 +135,9 @@ TIMING = {"full": (2.0, 7, 45.0), "quick": (0.05, 3, None)}
 BANDWIDTH_TIMING = {"full": (0.5, 5, None), "quick": (0.02, 3, None)}
 
 DROPLESS, CAPACITY, DENSE = "torch_moe dropless", f"torch_moe capacity {CAPACITY_FACTOR}", "dense SwiGLU k·d_ff"
+# torch_moe dropless with its float32 GEMM blocks on ATen's at::mm (MKL), the library the HF blocks and the dense FFN
+# use: what torch_moe's kernels gain with the GEMM library held equal (ops.set_cpu_gemm_library).
+DROPLESS_ATEN = "torch_moe dropless, aten GEMMs"
 HF_EAGER = "HF MixtralSparseMoeBlock (eager)"
 
 
@@ -149,6 +155,7 @@ class Contender:
     module: nn.Module
     call: Callable[[Tensor], Tensor]
     aux_loss: Optional[Callable[[], Tensor]] = None
+    gemm_library: Optional[str] = None  # ops.set_cpu_gemm_library for the whole timed call (forward and backward)
 
 
 @dataclass
@@ -217,6 +224,8 @@ def make_contenders(case: Case, seed: int = 0):
         Contender(DROPLESS, dropless, dropless, lambda: dropless.aux_loss),
         Contender(CAPACITY, capacity, capacity, lambda: capacity.aux_loss),
     ]
+    if ops.cpu_gemm_library() != "aten":
+        contenders.append(Contender(DROPLESS_ATEN, dropless, dropless, lambda: dropless.aux_loss, "aten"))
     hf_impls, skipped = {}, {}
     for implementation in HF_IMPLEMENTATIONS:
         gathered = case.tokens * case.top_k * 3 * case.d_model * case.d_ff * 4
@@ -227,6 +236,21 @@ def make_contenders(case: Case, seed: int = 0):
         contenders.append(Contender(hf_name(implementation), hf, hf))
     contenders.append(Contender(DENSE, dense, dense))
     return contenders, hf_impls, skipped
+
+
+def on_library(fn: Callable[[], None], library: Optional[str]) -> Callable[[], None]:
+    """fn with the CPU GEMM library switched to ``library`` for its whole run (None: as it is)."""
+    if library is None:
+        return fn
+
+    def run():
+        ops.set_cpu_gemm_library(library)
+        try:
+            fn()
+        finally:
+            ops.set_cpu_gemm_library(None)
+
+    return run
 
 
 def bench_case(key: str, case: Case, threads: int, mode: str, progress) -> dict:
@@ -244,15 +268,17 @@ def bench_case(key: str, case: Case, threads: int, mode: str, progress) -> dict:
     dropped = capacity.stats.dropped_fraction.item()
 
     timing = TIMING[mode]
-    fwd_fns = {c.name: forward_fn(c.call, x) for c in contenders}
-    fwd_bwd_fns = {c.name: forward_backward_fn(c.call, x, grad_out, [x, *c.module.parameters()], c.aux_loss)
+    fwd_fns = {c.name: on_library(forward_fn(c.call, x), c.gemm_library) for c in contenders}
+    fwd_bwd_fns = {c.name: on_library(forward_backward_fn(c.call, x, grad_out, [x, *c.module.parameters()],
+                                                          c.aux_loss), c.gemm_library)
                    for c in contenders}
     fwd = measure_interleaved(fwd_fns, threads, *timing)
     fwd_bwd = measure_interleaved(fwd_bwd_fns, threads, *timing)
     results = {}
     for c in contenders:
         peak = peak_memory_bytes(fwd_bwd_fns[c.name])
-        peak_x = peak_memory_bytes(forward_backward_fn(c.call, x, grad_out, [x], c.aux_loss))
+        peak_x = peak_memory_bytes(on_library(forward_backward_fn(c.call, x, grad_out, [x], c.aux_loss),
+                                              c.gemm_library))
         results[c.name] = Result(fwd[c.name], fwd_bwd[c.name], peak, peak_x)
         _say(progress, f"  {key:<13} {c.name:<33} fwd {fwd[c.name].median * 1e3:9.2f} ms  "
                        f"fwd+bwd {fwd_bwd[c.name].median * 1e3:9.2f} ms  "
@@ -376,6 +402,11 @@ def render(rows: list[dict], args, mode: str, revision: str, load_at_start, load
         f"- machine: {machine_line(args.threads)}",
         f"- versions: torch {torch.__version__}, transformers {transformers.__version__}, torch_moe "
         f"{torch_moe.__version__} (git {revision}, read at the start), Python {platform.python_version()}",
+        f"- GEMM libraries: torch_moe's float32 expert GEMM blocks on {ops.cpu_gemm_library()} "
+        "(torch_moe.ops.cpu_gemm_library()); the HF blocks and the dense FFN run torch.matmul / torch._grouped_mm, "
+        "i.e. ATen's at::mm (MKL in this wheel); "
+        f"'{DROPLESS_ATEN}' is torch_moe dropless with its blocks on at::mm too, the comparison with the GEMM "
+        "library held equal.",
         f"- command: `{' '.join(['python benchmarks/bench_cpu.py', *sys.argv[1:]])}`",
         "- HF blocks: transformers MixtralSparseMoeBlock, "
         + "; ".join(rows[0]["hf_impls"].values() if rows else ()) + "; weights copied from "
@@ -460,18 +491,22 @@ def goal_lines(rows: list[dict]) -> list[str]:
             continue
         r = row["results"]
         best_name, best = best_hf(r, "fwd_bwd")
-        speedups = {n: best.median / r[n].fwd_bwd.median for n in (DROPLESS, CAPACITY)}
+        speedups = {n: best.median / r[n].fwd_bwd.median for n in (DROPLESS, CAPACITY, DROPLESS_ATEN) if n in r}
+        same_library = (f"; with the GEMM library held equal (aten) dropless {speedups[DROPLESS_ATEN]:.2f}× "
+                        f"({mark(speedups[DROPLESS_ATEN] >= target)})" if DROPLESS_ATEN in speedups else "")
         lines.append(f"- fwd+bwd speed-up over the fastest HF ({best_name}) ≥ {target}× on {row['case'].shape()}: "
                      f"dropless {speedups[DROPLESS]:.2f}× ({mark(speedups[DROPLESS] >= target)}), capacity "
-                     f"{speedups[CAPACITY]:.2f}× ({mark(speedups[CAPACITY] >= target)})")
+                     f"{speedups[CAPACITY]:.2f}× ({mark(speedups[CAPACITY] >= target)}){same_library}")
     for key in ("mixtral-1", "mixtral-32", "olmoe-1", "olmoe-32"):
         row = by_name.get(key)
         if row is None:
             continue
         r = row["results"]
         grouped = r[hf_name("grouped_mm")].fwd.median / r[DROPLESS].fwd.median
+        same = (f"; aten GEMMs {r[hf_name('grouped_mm')].fwd.median / r[DROPLESS_ATEN].fwd.median:.2f}×"
+                if DROPLESS_ATEN in r else "")
         lines.append(f"- decode forward not slower than HF grouped_mm on {row['case'].shape()}: dropless "
-                     f"{grouped:.2f}× of grouped_mm's speed ({mark(grouped >= 1.0)})")
+                     f"{grouped:.2f}× of grouped_mm's speed ({mark(grouped >= 1.0)}){same}")
     for key in ("mixtral-2048", "olmoe-2048"):
         row = by_name.get(key)
         if row is None:
@@ -531,7 +566,7 @@ def main() -> None:
 
     started = time.perf_counter()
     check_peak_memory_method()
-    progress = tqdm(total=(3 + len(HF_IMPLEMENTATIONS)) * len(keys), desc="bench_cpu", unit="contender", file=sys.stderr,
+    progress = tqdm(total=(4 + len(HF_IMPLEMENTATIONS)) * len(keys), desc="bench_cpu", unit="contender", file=sys.stderr,
                                 disable=None) if tqdm else None
     rows = []
     for key in keys:

@@ -25,7 +25,11 @@ from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 from transformers.models.olmoe.modeling_olmoe import OlmoeExperts
 
 HF_CONTENDERS = ("eager", "grouped_mm", "batched_mm")
-CONTENDERS = HF_CONTENDERS + ("torch_moe",)
+# "torch_moe" with its float32 GEMM blocks on ATen's at::mm (MKL), the library HF's implementations use: the
+# speed-up with the GEMM library held equal (ops.set_cpu_gemm_library; only where the default is oneDNN).
+ATEN = "torch_moe, aten GEMMs"
+IMPLEMENTATION_OF = {ATEN: "torch_moe"}
+CONTENDERS = HF_CONTENDERS + ("torch_moe",) + ((ATEN,) if torch_moe.ops.cpu_gemm_library() != "aten" else ())
 # batched_mm gathers a [d_in, d_out] weight per (token, choice): skip it when those copies would pass this size.
 BATCHED_MM_LIMIT_BYTES = 2 << 30
 
@@ -61,7 +65,16 @@ def run_case(module, x, ids, w, backward: bool, rounds: int, budget_s: float, co
     grad_out = torch.randn_like(x)
 
     def call(name):
-        module.config._experts_implementation = name
+        module.config._experts_implementation = IMPLEMENTATION_OF.get(name, name)
+        if name in IMPLEMENTATION_OF:
+            torch_moe.ops.set_cpu_gemm_library("aten")
+        try:
+            run(backward)
+        finally:
+            if name in IMPLEMENTATION_OF:
+                torch_moe.ops.set_cpu_gemm_library(None)
+
+    def run(backward):
         if backward:
             xr = x.detach().requires_grad_(True)
             wr = w.detach().requires_grad_(True)
@@ -75,7 +88,7 @@ def run_case(module, x, ids, w, backward: bool, rounds: int, budget_s: float, co
     with torch.no_grad():
         outs = {}
         for name in contenders:
-            module.config._experts_implementation = name
+            module.config._experts_implementation = IMPLEMENTATION_OF.get(name, name)
             outs[name] = module(x, ids, w)
     ref = outs["eager"]
     err = max(float((o - ref).abs().max() / ref.abs().max()) for o in outs.values())
@@ -163,13 +176,20 @@ def main():
         f"- batched_mm left out where its per-assignment weight copies would exceed {BATCHED_MM_LIMIT_BYTES >> 30} GiB.",
         "- ratio = torch_moe time / best HF implementation's time (below 1: torch_moe faster).",
         "",
-        "| case | pass | eager ms | grouped_mm ms | batched_mm ms | torch_moe ms | best HF | torch_moe ÷ best HF | max rel. diff | rounds |",
-        "|---|---|---:|---:|---:|---:|---|---:|---:|---:|",
+        f"- GEMM libraries: torch_moe's float32 expert GEMM blocks on {torch_moe.ops.cpu_gemm_library()} "
+        "(torch_moe.ops.cpu_gemm_library()); HF's implementations run ATen's at::mm / torch._grouped_mm (MKL in this "
+        f"wheel); '{ATEN}' is torch_moe with its blocks on at::mm too (the GEMM library held equal).",
+        "",
+        "| case | pass | eager ms | grouped_mm ms | batched_mm ms | torch_moe ms | torch_moe, aten GEMMs ms | best HF "
+        "| torch_moe ÷ best HF | aten GEMMs ÷ best HF | max rel. diff | rounds |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|",
     ]
     for label, kind, ms, best_hf, err, n, contenders in rows:
         cell = lambda c: f"{ms[c]:.2f}" if c in ms else "—"  # noqa: E731
+        aten_ratio = f"{ms[ATEN] / ms[best_hf]:.2f}" if ATEN in ms else "—"
         lines.append(f"| {label} | {kind} | {cell('eager')} | {cell('grouped_mm')} | {cell('batched_mm')} | "
-                     f"{cell('torch_moe')} | {best_hf} | {ms['torch_moe'] / ms[best_hf]:.2f} | {err:.1e} | {n} |")
+                     f"{cell('torch_moe')} | {cell(ATEN)} | {best_hf} | {ms['torch_moe'] / ms[best_hf]:.2f} "
+                     f"| {aten_ratio} | {err:.1e} | {n} |")
     if skipped:
         lines += ["", f"Not run (the {args.deadline:g}-minute deadline had passed): {', '.join(skipped)}."]
     Path(args.out).write_text("\n".join(lines) + "\n")
