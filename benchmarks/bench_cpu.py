@@ -403,7 +403,7 @@ def render(rows: list[dict], args, mode: str, revision: str, load_at_start, load
         f"- versions: torch {torch.__version__}, transformers {transformers.__version__}, torch_moe "
         f"{torch_moe.__version__} (git {revision}, read at the start), Python {platform.python_version()}",
         f"- GEMM libraries: torch_moe's float32 expert GEMM blocks on {ops.cpu_gemm_library()} "
-        "(torch_moe.ops.cpu_gemm_library()); the HF blocks and the dense FFN run torch.matmul / torch._grouped_mm, "
+        f"(torch_moe.ops.cpu_gemm_library(); its probe, one thread, 256 x 512 x 256: {_probe_line()}); the HF blocks and the dense FFN run torch.matmul / torch._grouped_mm, "
         "i.e. ATen's at::mm (MKL in this wheel); "
         f"'{DROPLESS_ATEN}' is torch_moe dropless with its blocks on at::mm too, the comparison with the GEMM "
         "library held equal.",
@@ -476,6 +476,11 @@ def render(rows: list[dict], args, mode: str, revision: str, load_at_start, load
     lines += ["", "## Goals (issue 7 against dense and copy_, issue 19 against the fastest HF implementation)", ""]
     lines += goal_lines(rows)
     return "\n".join(lines) + "\n"
+
+
+def _probe_line() -> str:
+    probe = ops.cpu_gemm_probe()
+    return f"oneDNN {probe['onednn_gflops']:.0f} GFLOP/s, at::mm {probe['aten_gflops']:.0f} GFLOP/s"
 
 
 def goal_lines(rows: list[dict]) -> list[str]:

@@ -177,7 +177,9 @@ def main():
         "- ratio = torch_moe time / best HF implementation's time (below 1: torch_moe faster).",
         "",
         f"- GEMM libraries: torch_moe's float32 expert GEMM blocks on {torch_moe.ops.cpu_gemm_library()} "
-        "(torch_moe.ops.cpu_gemm_library()); HF's implementations run ATen's at::mm / torch._grouped_mm (MKL in this "
+        "(torch_moe.ops.cpu_gemm_library(); its probe, one thread, 256 x 512 x 256: oneDNN "
+        f"{torch_moe.ops.cpu_gemm_probe()['onednn_gflops']:.0f} GFLOP/s, at::mm "
+        f"{torch_moe.ops.cpu_gemm_probe()['aten_gflops']:.0f} GFLOP/s); HF's implementations run ATen's at::mm / torch._grouped_mm (MKL in this "
         f"wheel); '{ATEN}' is torch_moe with its blocks on at::mm too (the GEMM library held equal).",
         "",
         "| case | pass | eager ms | grouped_mm ms | batched_mm ms | torch_moe ms | torch_moe, aten GEMMs ms | best HF "

@@ -56,6 +56,11 @@ PYBIND11_MODULE(_C, m) {
         "The library of the CPU kernels' float32 GEMM blocks now: onednn or aten (common/cpu_gemm.h).");
   m.def("set_cpu_gemm_library", &torch_moe::cpu::set_cpu_gemm_library,
         "Choose the library of the CPU kernels' float32 GEMM blocks: auto, onednn or aten.");
+  m.def("cpu_gemm_probe", [] {
+    const auto probe = torch_moe::cpu::cpu_gemm_probe();
+    return std::map<std::string, double>{{"onednn_gflops", probe.onednn_gflops}, {"aten_gflops", probe.aten_gflops},
+                                         {"onednn_faster", probe.onednn_faster ? 1.0 : 0.0}};
+  }, "What set_cpu_gemm_library('auto') measured: single-threaded GFLOP/s of oneDNN and at::mm on one GEMM.");
   m.def("cpu_cache_stats", [] {
     const auto s = torch_moe::cpu::cache_stats();
     return std::map<std::string, int64_t>{{"in_use_bytes", s.in_use_bytes}, {"cached_bytes", s.cached_bytes},

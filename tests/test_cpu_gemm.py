@@ -47,7 +47,10 @@ def test_switch_names_the_library_and_refuses_unknown_ones():
         with pytest.raises(TypeError, match="must be a str or None"):
             ops.set_cpu_gemm_library(1)
         ops.set_cpu_gemm_library("auto")
-        assert ops.cpu_gemm_library() == ("onednn" if _onednn_available() else "aten")
+        probe = ops.cpu_gemm_probe()
+        assert probe["aten_gflops"] > 0 and (probe["onednn_gflops"] > 0) == _onednn_available()
+        assert probe["onednn_faster"] == float(probe["onednn_gflops"] > 1.25 * probe["aten_gflops"])
+        assert ops.cpu_gemm_library() == ("onednn" if probe["onednn_faster"] else "aten")
     finally:
         ops.set_cpu_gemm_library(None)
 

@@ -534,6 +534,11 @@ def case_mismatched_configuration_fails_fast(rank, world_size):
                 "capacity_factor", "None (dropless)")
     raises_fast(forward_with(top_k=1 + (rank == 0)), RuntimeError, "top_k")
     raises_fast(forward_with(expert="mlp" if rank == 1 else "swiglu"), RuntimeError, "expert", "'mlp'")
+    # GPT-OSS's options (from_hf_moe): the clamp of swiglu_oss and the router's bias.
+    raises_fast(forward_with(expert="swiglu_oss", swiglu_limit=7.0 if rank == 0 else 5.0), RuntimeError,
+                "swiglu_limit", "7.0", "5.0")
+    raises_fast(forward_with(expert="swiglu_oss", swiglu_alpha=1.5 + rank), RuntimeError, "swiglu_alpha", "1.5")
+    raises_fast(forward_with(router_bias=rank == 0), RuntimeError, "router_bias")
 
     layer = torch_moe.MoE(**make_config(), expert_parallel_group=group,
                           dtype=torch.float32 if rank == 0 else torch.float64)

@@ -113,7 +113,7 @@ _CHILD = textwrap.dedent("""
 
 
 # The library of float32 GEMM blocks (torch_moe.ops.set_cpu_gemm_library): each must be thread-count invariant.
-LIBRARIES = ("auto", "aten")
+LIBRARIES = ("onednn", "aten")
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -133,8 +133,9 @@ def runs(request, tmp_path_factory):
                               timeout=600, env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
         out[threads] = torch.load(path)
-    if request.param == "aten":
-        assert out[1]["library"] == "aten"
+    if out[1]["library"] != request.param:
+        assert request.param == "onednn", out[1]["library"]  # aten is always there
+        pytest.skip("oneDNN's float32 GEMM is not available with this torch build or CPU")
     return out
 
 

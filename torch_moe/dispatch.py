@@ -174,13 +174,15 @@ class DroplessDispatch:
 # expert parallelism
 
 _CHOICES = {"expert": EXPERT_TYPES, "activation": tuple(ACTIVATIONS), "drop_policy": DROP_POLICIES}
-_FLAGS = ("bias", "normalize_weights", "global_load_balancing", "up_bias")
+_FLAGS = ("bias", "normalize_weights", "global_load_balancing", "up_bias", "router_bias")
+# Float options, None when the layer has no such option (swiglu_* outside expert="swiglu_oss"; None: dropless).
+_FLOATS = {"capacity_factor": "None (dropless)", "swiglu_alpha": "None", "swiglu_limit": "None"}
 
 
 def _encode(name: str, value) -> int:
     if name in _CHOICES:
         return distributed.code_of(value, _CHOICES[name])
-    if name == "capacity_factor":
+    if name in _FLOATS:
         return -1 if value is None else distributed.encode_float(value)
     return int(value)
 
@@ -189,8 +191,8 @@ def _describe(name: str, code: int) -> str:
     choices = _CHOICES.get(name)
     if choices is not None:
         return repr(choices[code]) if 0 <= code < len(choices) else f"#{code}"
-    if name == "capacity_factor":
-        return "None (dropless)" if code == -1 else repr(distributed.decode_float(code))
+    if name in _FLOATS:
+        return _FLOATS[name] if code == -1 else repr(distributed.decode_float(code))
     if name in _FLAGS:
         return str(bool(code))
     return distributed.describe_code(name, code)

@@ -314,7 +314,10 @@ class MoE(nn.Module):
                 "d_ff": self.d_ff, "top_k": self.top_k, "expert": expert, "activation": activation, "bias": bias,
                 "capacity_factor": self.capacity_factor, "min_capacity": self.min_capacity,
                 "drop_policy": self.drop_policy, "normalize_weights": self.normalize_weights,
-                "global_load_balancing": self.global_load_balancing, "up_bias": up_bias})
+                "global_load_balancing": self.global_load_balancing, "up_bias": up_bias,
+                "router_bias": getattr(self.router, "bias", None) is not None,
+                "swiglu_alpha": getattr(self.experts, "swiglu_alpha", None),
+                "swiglu_limit": getattr(self.experts, "swiglu_limit", None)})
             if self._capacity is None:
                 return ExpertParallelDroplessDispatch(self.num_experts, group)
             return ExpertParallelCapacityDispatch(self.num_experts, self._capacity, self.drop_policy, group)

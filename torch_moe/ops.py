@@ -41,6 +41,7 @@ __all__ = [
     "cuda_value_checks",
     "set_cpu_gemm_library",
     "cpu_gemm_library",
+    "cpu_gemm_probe",
 ]
 
 
@@ -301,15 +302,18 @@ def set_cuda_value_checks(enabled: Optional[bool]) -> None:
 
 def set_cpu_gemm_library(library: Optional[str]) -> None:
     """Choose the library of the CPU kernels' float32 expert GEMMs: ``"onednn"`` (the oneDNN inside torch),
-    ``"aten"`` (``torch.mm``: MKL in torch's x86 wheels) or ``"auto"`` (oneDNN where this torch build and CPU run
-    it). ``None`` goes back to what ``TORCH_MOE_CPU_GEMM`` says (``auto`` when unset).
+    ``"aten"`` (``torch.mm``: MKL in torch's x86 wheels) or ``"auto"``: oneDNN where this torch build and CPU run it
+    and a one-time probe (:func:`cpu_gemm_probe`) measures it at least 1.25x faster than ``torch.mm`` on one
+    expert-sized GEMM, single-threaded. ``None`` goes back to what ``TORCH_MOE_CPU_GEMM`` says (``auto`` when unset;
+    ``onednn`` there falls back to ``aten`` where oneDNN is not available).
 
-    Why: torch's float32 matmul calls MKL, which runs its AVX2 kernels on AMD CPUs; oneDNN runs AVX-512 ones there
-    (2.2x the GEMM throughput on the Zen CPU of benchmarks/NOTES.md section 19; on Intel CPUs both are at peak).
-    Results agree to float32 rounding, not bit for bit; either way they do not depend on the thread count. Other
-    dtypes are unaffected (bfloat16/float16 ``torch.mm`` already uses oneDNN). ``"onednn"`` raises where it is not
-    available. The first GEMM of each new shape builds a oneDNN kernel (a few hundred microseconds; oneDNN caches
-    1024 of them, ``ONEDNN_PRIMITIVE_CACHE_CAPACITY``).
+    Why: torch's float32 matmul calls MKL, whose kernels can leave half of a CPU's AVX-512 throughput unused (on the
+    AMD CPU of benchmarks/NOTES.md section 19, oneDNN reached 2.2x MKL's GEMM throughput; on the VM of section 14,
+    0.83x, hence the probe). Results of the two libraries agree to float32 rounding, not bit for bit; with either,
+    they do not depend on the thread count. Pin the library (this function or the environment variable) where runs
+    on one machine must give the same bits, since "auto" measures. Other dtypes are unaffected (bfloat16 and float16
+    ``torch.mm`` already use oneDNN). ``"onednn"`` raises where it is not available. On oneDNN, the first GEMM of
+    each new shape builds a kernel (a few hundred microseconds; oneDNN caches 1024, ``ONEDNN_PRIMITIVE_CACHE_CAPACITY``).
     """
     from . import _C
 
@@ -328,6 +332,15 @@ def cpu_gemm_library() -> str:
     from . import _C
 
     return str(_C.cpu_gemm_library())
+
+
+def cpu_gemm_probe() -> Dict[str, float]:
+    """What ``set_cpu_gemm_library("auto")`` measured, once per process: ``onednn_gflops`` and ``aten_gflops``
+    (single-threaded float32 GFLOP/s on a 256 x 512 x 256 GEMM; 0 for oneDNN where it is not available) and
+    ``onednn_faster`` (1.0 when oneDNN was at least 1.25x faster). Runs the probe if it has not run yet."""
+    from . import _C
+
+    return {str(key): float(value) for key, value in _C.cpu_gemm_probe().items()}
 
 
 def cuda_value_checks() -> bool:

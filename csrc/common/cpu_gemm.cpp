@@ -3,11 +3,14 @@
 
 #include <dlfcn.h>
 
+#include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 
 #include "common/checks.h"
+#include "common/fixed_tasks_cpu.h"
 
 namespace torch_moe::cpu {
 namespace {
@@ -46,6 +49,47 @@ MkldnnMatmul available_mkldnn_matmul() {
   return fn;
 }
 
+// "auto" takes oneDNN only where it is clearly faster than at::mm: a GEMM of one expert's size (256 x 512 x 256,
+// float32), single-threaded as the kernels run their blocks, best of five calls each after a warm-up. The VMs this
+// was built on differ: on one, oneDNN reached 2.2x MKL's throughput (MKL's AVX2 kernels on a CPU with full-width
+// AVX-512), on an earlier one 0.83x (benchmarks/NOTES.md sections 14 and 19). The 1.25x margin keeps a noisy
+// measurement from flipping the choice (and with it the last bits of every result) between runs on one machine.
+constexpr double kOneDnnMargin = 1.25;
+
+GemmProbe run_probe() {
+  GemmProbe probe;
+  const MkldnnMatmul onednn = available_mkldnn_matmul();
+  if (onednn == nullptr) return probe;
+  const int64_t m = 256, k = 512, n = 256;
+  const auto a = at::rand({m, k}, at::kFloat);
+  const auto b = at::rand({k, n}, at::kFloat);
+  auto out = at::empty({m, n}, at::kFloat);
+  double best_onednn = 1e30, best_aten = 1e30;
+  // One task in a real parallel region (or inline at one thread): both libraries run single-threaded.
+  run_fixed_tasks(1, [&](int64_t) {
+    for (int rep = 0; rep < 6; ++rep) {
+      auto t0 = std::chrono::steady_clock::now();
+      onednn(a, b, out, 0.f, 1.f);
+      auto t1 = std::chrono::steady_clock::now();
+      at::mm_out(out, a, b);
+      auto t2 = std::chrono::steady_clock::now();
+      if (rep == 0) continue;  // warm-up (oneDNN builds its kernel for the shape)
+      best_onednn = std::min(best_onednn, std::chrono::duration<double>(t1 - t0).count());
+      best_aten = std::min(best_aten, std::chrono::duration<double>(t2 - t1).count());
+    }
+  });
+  const double flop = 2.0 * m * k * n;
+  probe.onednn_gflops = flop / best_onednn / 1e9;
+  probe.aten_gflops = flop / best_aten / 1e9;
+  probe.onednn_faster = best_onednn * kOneDnnMargin < best_aten;
+  return probe;
+}
+
+const GemmProbe& probe_once() {
+  static const GemmProbe probe = run_probe();
+  return probe;
+}
+
 enum Mode : int { kAuto = 0, kOneDnn = 1, kAten = 2, kFromEnvironment = -1 };
 std::atomic<int> g_mode{kFromEnvironment};
 
@@ -68,11 +112,19 @@ Mode current_mode() {
 }
 
 bool use_onednn() {
-  const Mode mode = current_mode();
-  return mode != kAten && available_mkldnn_matmul() != nullptr;
+  switch (current_mode()) {
+    case kAten:
+      return false;
+    case kOneDnn:
+      return available_mkldnn_matmul() != nullptr;
+    default:
+      return available_mkldnn_matmul() != nullptr && probe_once().onednn_faster;
+  }
 }
 
 }  // namespace
+
+GemmProbe cpu_gemm_probe() { return probe_once(); }
 
 std::string cpu_gemm_library() { return use_onednn() ? "onednn" : "aten"; }
 

@@ -16,9 +16,18 @@ namespace torch_moe::cpu {
 
 // "onednn" or "aten": the library float32 blocks use now.
 std::string cpu_gemm_library();
-// mode: "auto" (oneDNN where torch has it and this CPU runs it; the default, or what TORCH_MOE_CPU_GEMM says),
-// "onednn" (an error if it is not available) or "aten".
+// mode: "auto" (oneDNN where torch has it, this CPU runs it and a one-time probe finds it clearly faster than
+// at::mm; the default, or what TORCH_MOE_CPU_GEMM says), "onednn" (an error if it is not available) or "aten".
 void set_cpu_gemm_library(const std::string& mode);
+
+// What "auto" measured (run once, at the first float32 GEMM block or the first call of this): single-threaded
+// GFLOP/s of both libraries on one expert-sized GEMM (0 for oneDNN where it is not available).
+struct GemmProbe {
+  double onednn_gflops = 0;
+  double aten_gflops = 0;
+  bool onednn_faster = false;
+};
+GemmProbe cpu_gemm_probe();
 
 // True when out = a @ b (out += a @ b when accumulate) for these operands goes to oneDNN: float32 operands, oneDNN
 // chosen and available.
