@@ -32,6 +32,19 @@ def _gelu_tanh(h: Tensor) -> Tensor:
 ACTIVATIONS = {"gelu": _gelu, "gelu_tanh": _gelu_tanh, "relu": F.relu, "silu": F.silu}
 
 
+def _batched_mm(buffer: Tensor, weight: Tensor) -> Tensor:
+    """torch.bmm(buffer [E, C, K], weight [E, K, M]) -> [E, C, M]. On the CPU through ops.grouped_mm with C rows
+    per expert: its GEMMs are cut into blocks fixed by the shapes (results independent of the thread count by
+    construction, where torch.bmm's depend on MKL's behaviour) and run on ops.cpu_gemm_library(), as dropless
+    mode's."""
+    if buffer.device.type != "cpu":
+        return torch.bmm(buffer, weight)
+    num_experts, capacity = buffer.shape[0], buffer.shape[1]
+    offsets = torch.arange(num_experts + 1, device=buffer.device) * capacity
+    rows = ops.grouped_mm(buffer.reshape(num_experts * capacity, buffer.shape[2]), weight, offsets)
+    return rows.view(num_experts, capacity, weight.shape[2])
+
+
 def _grouped_path(x: Tensor) -> str:
     """Which path the last grouped GEMMs took: "grouped_mm" or "per_expert_loop" on CUDA, "cpu" on the CPU."""
     if x.device.type != "cuda":
@@ -150,17 +163,17 @@ class Experts(nn.Module):
     def forward_batched(self, buffer: Tensor) -> Tensor:
         """Capacity mode: buffer [E, C, d_model] -> [E, C, d_model], one batched GEMM per projection."""
         self.last_path = "bmm"
-        h = torch.bmm(buffer, self.w1)
+        h = _batched_mm(buffer, self.w1)
         if self.b1 is not None:
             h = h + self.b1.unsqueeze(1)
         if self.gated:
-            up = torch.bmm(buffer, self.w3)
+            up = _batched_mm(buffer, self.w3)
             h = self._gated(h, up if self.b3 is None else up + self.b3.unsqueeze(1))
         else:
             h = self._act(h)
         if self.dropout is not None:
             h = self.dropout(h)
-        out = torch.bmm(h, self.w2)
+        out = _batched_mm(h, self.w2)
         if self.b2 is not None:
             out = out + self.b2.unsqueeze(1)
         return out

@@ -25,18 +25,17 @@
 namespace torch_moe::cpu {
 namespace {
 
-// out [N, M]: each segment of a (contiguous) times its expert's b[e] (any strides); other rows zero.
+// out [N, M]: each segment of a (contiguous) times its expert's b[e] (any strides); other rows zero. Small segments
+// run side by side on the schedule, large ones one after the other with their blocks threaded (as the fused ops).
 at::Tensor segment_mm(const at::Tensor& a, const at::Tensor& b, const std::vector<int64_t>& bounds, GemmSite site) {
   record_gemm_path(site, kPathCpuLoop);
-  const int64_t E = b.size(0);
   auto out = empty_cached({a.size(0), b.size(2)}, a.options());
   zero_rows_past_segments(out, bounds);
-  for (int64_t e = 0; e < E; ++e) {
+  run_segments(schedule_segments(bounds, a.size(1) * b.size(2)), bounds, [&](int64_t e, int64_t) {
     const int64_t n = bounds[e + 1] - bounds[e];
-    if (n == 0) continue;
     auto out_e = out.narrow(0, bounds[e], n);
     fixed_mm_out(out_e, a.narrow(0, bounds[e], n), b.select(0, e));
-  }
+  });
   return out;
 }
 
@@ -46,15 +45,12 @@ at::Tensor segment_weight_grad(const at::Tensor& a, const at::Tensor& g, const s
   record_gemm_path(site, kPathCpuLoop);
   const int64_t E = static_cast<int64_t>(bounds.size()) - 1;
   auto grad = empty_cached({E, a.size(1), g.size(1)}, a.options());
-  for (int64_t e = 0; e < E; ++e) {
+  zero_empty_experts(grad, bounds);
+  run_segments(schedule_segments(bounds, a.size(1) * g.size(1)), bounds, [&](int64_t e, int64_t) {
     const int64_t n = bounds[e + 1] - bounds[e];
     auto grad_e = grad.select(0, e);
-    if (n == 0) {
-      grad_e.zero_();
-    } else {
-      fixed_mm_out(grad_e, a.narrow(0, bounds[e], n).t(), g.narrow(0, bounds[e], n));
-    }
-  }
+    fixed_mm_out(grad_e, a.narrow(0, bounds[e], n).t(), g.narrow(0, bounds[e], n));
+  });
   return grad;
 }
 

@@ -60,6 +60,9 @@ namespace {
 constexpr int64_t kBlockMacs = int64_t{1} << 26;
 constexpr int64_t kMaxBlocks = 16;
 constexpr int64_t kMinBlockSide = 128;
+// Below 4 rows MKL's matrix-vector kernels beat oneDNN's per-call cost (1 x 512 x 256: 5 us against 15; 1 x 1024 x
+// 3584: 143 us against 185, single-threaded), from 4 rows on oneDNN is faster (benchmarks/NOTES.md section 19).
+constexpr int64_t kMinOneDnnRows = 4;
 
 // [0, size) cut into `parts` ranges of whole multiples of 16 (so that vector loops see the same alignment).
 int64_t block_bound(int64_t size, int64_t parts, int64_t i) {
@@ -78,11 +81,11 @@ void fixed_mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, boo
                           kMaxBlocks);
   // Rows first (a block of rows re-reads all of b, a block of columns all of a), at least kMinBlockSide a side.
   const int64_t row_parts = std::clamp<int64_t>(std::min(blocks, m / kMinBlockSide), 1, blocks);
-  // oneDNN (float32, common/cpu_gemm.h) takes blocks of whole rows only: a block of b's columns is a strided
-  // operand it would copy first. So it takes a GEMM that is one block, or that splits into at least two row blocks;
+  // oneDNN (float32, at least kMinOneDnnRows rows; common/cpu_gemm.h) takes blocks of whole rows only: a block of
+  // b's columns is a strided operand it would copy first. So it takes a GEMM that is one block, or that splits into at least two row blocks;
   // a large GEMM of few rows (decode-sized) keeps at::mm's column blocks, so that both threads work on it. Which
   // library a block uses depends on the shapes and the library switch only, never on the thread count.
-  const bool by_onednn = onednn_gemm_wanted(out, a, b) && (blocks == 1 || row_parts >= 2);
+  const bool by_onednn = m >= kMinOneDnnRows && onednn_gemm_wanted(out, a, b) && (blocks == 1 || row_parts >= 2);
   const int64_t col_parts =
       by_onednn ? 1
                 : std::clamp<int64_t>(std::min((blocks + row_parts - 1) / row_parts, n / kMinBlockSide), 1, kMaxBlocks);
