@@ -308,8 +308,8 @@ def set_cpu_gemm_library(library: Optional[str]) -> None:
     ``onednn`` there falls back to ``aten`` where oneDNN is not available).
 
     Why: torch's float32 matmul calls MKL, whose kernels can leave half of a CPU's AVX-512 throughput unused (on the
-    AMD CPU of benchmarks/NOTES.md section 19, oneDNN reached 2.2x MKL's GEMM throughput; on the VM of section 14,
-    0.83x, hence the probe). Results of the two libraries agree to float32 rounding, not bit for bit; with either,
+    AMD CPU of benchmarks/NOTES.md section 19, oneDNN reached 2.2x MKL's GEMM throughput; on the Xeon of section
+    14, 0.83x, hence the probe). Results of the two libraries agree to float32 rounding, not bit for bit; with either,
     they do not depend on the thread count. Pin the library (this function or the environment variable) where runs
     on one machine must give the same bits, since "auto" measures. Other dtypes are unaffected (bfloat16 and float16
     ``torch.mm`` already use oneDNN). ``"onednn"`` raises where it is not available. On oneDNN, the first GEMM of

@@ -51,9 +51,9 @@ MkldnnMatmul available_mkldnn_matmul() {
 
 // "auto" takes oneDNN only where it is clearly faster than at::mm: a GEMM of one expert's size (256 x 512 x 256,
 // float32), single-threaded as the kernels run their blocks, best of five calls each after a warm-up. The VMs this
-// was built on differ: on one, oneDNN reached 2.2x MKL's throughput (MKL's AVX2 kernels on a CPU with full-width
-// AVX-512), on an earlier one 0.83x (benchmarks/NOTES.md sections 14 and 19). The 1.25x margin keeps a noisy
-// measurement from flipping the choice (and with it the last bits of every result) between runs on one machine.
+// was built on differ: on an AMD one with full-width AVX-512, oneDNN reached 2.2x MKL's throughput; on an earlier
+// Xeon, 0.83x (benchmarks/NOTES.md sections 14 and 19). The 1.25x margin keeps a noisy measurement from flipping
+// the choice (and with it the last bits of every result) between runs on one machine.
 constexpr double kOneDnnMargin = 1.25;
 
 GemmProbe run_probe() {
