@@ -164,6 +164,9 @@ at::Tensor gather_grouped_mm(const at::Tensor& x, const at::Tensor& b, const at:
   check_gather_operands<CudaRows>(op, x, b, row_index);
   const int64_t N = row_index.numel();
   check_offsets(op, offsets, b.size(0), "x", x, N);
+  // The sizes the CPU kernel checks, plus the gathered rows [N, K] this path builds.
+  check_gathered_outputs(op, row_index, "b", b, 1);
+  check_alloc_bytes(op, "x", "the gathered rows [N, K]", checked_mul(op, "x", "N * K", N, x.size(1)), x.element_size());
   const c10::cuda::CUDAGuard guard(x.device());
   return segment_mm(scatter_rows(x, row_index, std::nullopt, N), b, offsets, GemmSite{op, "forward"});
 }
@@ -257,6 +260,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_grouped_glu(const at::Tens
   check_glu_weights(op, w_gate, w_up);
   const int64_t N = row_index.numel();
   check_offsets(op, offsets, w_gate.size(0), "x", x, N);
+  check_gathered_outputs(op, row_index, "w_gate", w_gate, 3);
+  check_alloc_bytes(op, "x", "the gathered rows [N, K]", checked_mul(op, "x", "N * K", N, x.size(1)), x.element_size());
   const c10::cuda::CUDAGuard guard(x.device());
   const auto rows = scatter_rows(x, row_index, std::nullopt, N);
   auto gate = segment_mm(rows, w_gate, offsets, GemmSite{op, "forward"});
