@@ -4,6 +4,10 @@ test_thread_count.py checks that each library's results do not depend on the thr
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -122,3 +126,20 @@ def test_switch_changes_which_library_computes_float32(gen):
         finally:
             ops.set_cpu_gemm_library(None)
     assert not all(torch.equal(a, b) for a, b in zip(results["onednn"], results["aten"]))
+
+
+@pytest.mark.parametrize("value, expected", [("aten", "aten"), ("", None), ("bogus", "error")])
+def test_environment_variable_sets_the_default(value, expected):
+    code = ("from torch_moe import ops\n"
+            "try:\n    print(ops.cpu_gemm_library())\n"
+            "except RuntimeError as err:\n    print('error:', err)\n")
+    env = dict(os.environ, TORCH_MOE_CPU_GEMM=value)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    line = out.stdout.strip().splitlines()[0]  # the library, or the error's first line
+    if expected == "error":
+        assert "TORCH_MOE_CPU_GEMM" in line and "must be 'auto', 'onednn' or 'aten', got 'bogus'" in line, line
+    elif expected is None:  # unset or empty: auto
+        assert line in ("onednn", "aten"), line
+    else:
+        assert line == expected, line
