@@ -81,6 +81,12 @@ CUDA_CASES = {
                                       ["'num_experts'", "overflows int64"]),
     "expert_choice_capacity_overflow_cuda": ("ops.expert_choice(logits.cuda(), 2**62)", "RuntimeError",
                                              ["'capacity'", "overflows int64"]),
+    "gather_grouped_mm_too_large_cuda": ("ops.gather_grouped_mm(x.cuda(), torch.zeros(1, 1, 1, device='cuda')"
+                                         ".expand(4, 8, 2**44), *[t.cuda() for t in ops.permute_plan(ids, 4)[::-1]])",
+                                         "RuntimeError", ["'b'", "output [N, M]", "bytes"]),
+    "gather_grouped_glu_too_large_cuda": ("ops.gather_grouped_glu(x.cuda(), *[torch.zeros(1, 1, 1, device='cuda')"
+                                          ".expand(4, 8, 2**44)] * 2, *[t.cuda() for t in ops.permute_plan(ids, 4)[::-1]])",
+                                          "RuntimeError", ["'w_gate'", "output [N, M]", "bytes"]),
 }
 if torch.cuda.is_available():
     CASES.update(CUDA_CASES)
