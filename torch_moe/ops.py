@@ -323,7 +323,12 @@ def set_cpu_gemm_library(library: Optional[str]) -> None:
         library = os.environ.get("TORCH_MOE_CPU_GEMM") or "auto"
     if not isinstance(library, str):
         raise TypeError(f"set_cpu_gemm_library: library must be a str or None, got {type(library).__name__}")
-    _C.set_cpu_gemm_library(library)
+    if library not in ("auto", "onednn", "aten"):
+        raise ValueError(f"set_cpu_gemm_library: library must be 'auto', 'onednn' or 'aten', got {library!r}")
+    try:
+        _C.set_cpu_gemm_library(library)
+    except RuntimeError as err:  # oneDNN asked for where it is not available: the message without C++ frames
+        raise RuntimeError(str(err).split("\nException raised from")[0]) from None
 
 
 def cpu_gemm_library() -> str:
