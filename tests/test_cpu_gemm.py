@@ -143,3 +143,18 @@ def test_environment_variable_sets_the_default(value, expected):
         assert line in ("onednn", "aten"), line
     else:
         assert line == expected, line
+
+
+def test_the_probe_does_not_draw_from_the_global_generator():
+    # A fresh process: the probe runs at the first float32 GEMM, inside the layer's first forward.
+    code = ("import torch, torch_moe\n"
+            "torch.manual_seed(0)\n"
+            "layer = torch_moe.MoE(16, 32, 4, 2)\n"
+            "x = torch.randn(64, 16)\n"
+            "state = torch.get_rng_state()\n"
+            "with torch.no_grad():\n    layer.eval()(x)\n"
+            "print(torch.equal(state, torch.get_rng_state()), torch_moe.ops.cpu_gemm_probe()['aten_gflops'] > 0)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                         env=dict(os.environ, TORCH_MOE_CPU_GEMM="auto"))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["True", "True"], out.stdout

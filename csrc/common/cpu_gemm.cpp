@@ -61,8 +61,9 @@ GemmProbe run_probe() {
   const MkldnnMatmul onednn = available_mkldnn_matmul();
   if (onednn == nullptr) return probe;
   const int64_t m = 256, k = 512, n = 256;
-  const auto a = at::rand({m, k}, at::kFloat);
-  const auto b = at::rand({k, n}, at::kFloat);
+  // Values from arange, not from a generator: the probe must not move the user's random stream.
+  const auto a = at::arange(m * k, at::kFloat).remainder(17).sub(8).div(8).reshape({m, k});
+  const auto b = at::arange(k * n, at::kFloat).remainder(13).sub(6).div(16).reshape({k, n});
   auto out = at::empty({m, n}, at::kFloat);
   double best_onednn = 1e30, best_aten = 1e30;
   // One task in a real parallel region (or inline at one thread): both libraries run single-threaded.
