@@ -23,6 +23,34 @@ from torch.utils import benchmark
 REPO = Path(__file__).resolve().parent.parent
 
 
+@contextlib.contextmanager
+def cpu_gemm_library(library: Optional[str]):
+    """torch_moe's CPU GEMM library switched to ``library`` inside the block, back to the default after (None: as it
+    is): the contenders that hold the GEMM library equal to HF's."""
+    from torch_moe import ops
+
+    if library is None:
+        yield
+        return
+    ops.set_cpu_gemm_library(library)
+    try:
+        yield
+    finally:
+        ops.set_cpu_gemm_library(None)
+
+
+def gemm_library_line(aten_name: str, others: str) -> str:
+    """The report line naming torch_moe's GEMM library, its probe, and the contender ``aten_name`` on at::mm."""
+    from torch_moe import ops
+
+    probe = ops.cpu_gemm_probe()
+    return (f"- GEMM libraries: torch_moe's float32 expert GEMM blocks on {ops.cpu_gemm_library()} "
+            f"(torch_moe.ops.cpu_gemm_library(); its probe, one thread, 256 x 512 x 256: oneDNN "
+            f"{probe['onednn_gflops']:.0f} GFLOP/s, at::mm {probe['aten_gflops']:.0f} GFLOP/s); {others} run ATen's "
+            f"at::mm / torch._grouped_mm (MKL in this wheel); '{aten_name}' is torch_moe with its blocks on at::mm "
+            "too (the GEMM library held equal).")
+
+
 class DenseSwiGLU(nn.Module):
     """(silu(x·w1) · (x·w3)) · w2 with hidden width top_k · d_ff: the active FLOPs of one MoE token."""
 

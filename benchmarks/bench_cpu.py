@@ -73,8 +73,9 @@ from torch.profiler import ProfilerActivity, profile
 
 import torch_moe
 from torch_moe import ops
-from _common import (publish, DenseSwiGLU, check_peak_memory_method, forward_backward_fn, forward_fn, git_revision,
-                     load_average_check, machine_line, measure_interleaved, peak_memory_bytes, quiet_profiler_log)
+from _common import (publish, DenseSwiGLU, check_peak_memory_method, cpu_gemm_library, forward_backward_fn, forward_fn,
+                     gemm_library_line, git_revision, load_average_check, machine_line, measure_interleaved,
+                     peak_memory_bytes, quiet_profiler_log)
 
 try:
     import transformers
@@ -244,11 +245,8 @@ def on_library(fn: Callable[[], None], library: Optional[str]) -> Callable[[], N
         return fn
 
     def run():
-        ops.set_cpu_gemm_library(library)
-        try:
+        with cpu_gemm_library(library):
             fn()
-        finally:
-            ops.set_cpu_gemm_library(None)
 
     return run
 
@@ -402,11 +400,7 @@ def render(rows: list[dict], args, mode: str, revision: str, load_at_start, load
         f"- machine: {machine_line(args.threads)}",
         f"- versions: torch {torch.__version__}, transformers {transformers.__version__}, torch_moe "
         f"{torch_moe.__version__} (git {revision}, read at the start), Python {platform.python_version()}",
-        f"- GEMM libraries: torch_moe's float32 expert GEMM blocks on {ops.cpu_gemm_library()} "
-        f"(torch_moe.ops.cpu_gemm_library(); its probe, one thread, 256 x 512 x 256: {_probe_line()}); the HF blocks and the dense FFN run torch.matmul / torch._grouped_mm, "
-        "i.e. ATen's at::mm (MKL in this wheel); "
-        f"'{DROPLESS_ATEN}' is torch_moe dropless with its blocks on at::mm too, the comparison with the GEMM "
-        "library held equal.",
+        gemm_library_line(DROPLESS_ATEN, "the HF blocks and the dense FFN"),
         f"- command: `{' '.join(['python benchmarks/bench_cpu.py', *sys.argv[1:]])}`",
         "- HF blocks: transformers MixtralSparseMoeBlock, "
         + "; ".join(rows[0]["hf_impls"].values() if rows else ()) + "; weights copied from "
@@ -476,11 +470,6 @@ def render(rows: list[dict], args, mode: str, revision: str, load_at_start, load
     lines += ["", "## Goals (issue 7 against dense and copy_, issue 19 against the fastest HF implementation)", ""]
     lines += goal_lines(rows)
     return "\n".join(lines) + "\n"
-
-
-def _probe_line() -> str:
-    probe = ops.cpu_gemm_probe()
-    return f"oneDNN {probe['onednn_gflops']:.0f} GFLOP/s, at::mm {probe['aten_gflops']:.0f} GFLOP/s"
 
 
 def goal_lines(rows: list[dict]) -> list[str]:

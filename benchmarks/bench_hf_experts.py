@@ -21,6 +21,7 @@ import torch
 import torch_moe
 import torch_moe.integrations.hf_experts  # noqa: F401  (registers "torch_moe")
 import transformers
+from _common import cpu_gemm_library, gemm_library_line
 from transformers.models.mixtral.modeling_mixtral import MixtralExperts
 from transformers.models.olmoe.modeling_olmoe import OlmoeExperts
 
@@ -66,13 +67,8 @@ def run_case(module, x, ids, w, backward: bool, rounds: int, budget_s: float, co
 
     def call(name):
         module.config._experts_implementation = IMPLEMENTATION_OF.get(name, name)
-        if name in IMPLEMENTATION_OF:
-            torch_moe.ops.set_cpu_gemm_library("aten")
-        try:
+        with cpu_gemm_library("aten" if name in IMPLEMENTATION_OF else None):
             run(backward)
-        finally:
-            if name in IMPLEMENTATION_OF:
-                torch_moe.ops.set_cpu_gemm_library(None)
 
     def run(backward):
         if backward:
@@ -176,11 +172,7 @@ def main():
         f"- batched_mm left out where its per-assignment weight copies would exceed {BATCHED_MM_LIMIT_BYTES >> 30} GiB.",
         "- ratio = torch_moe time / best HF implementation's time (below 1: torch_moe faster).",
         "",
-        f"- GEMM libraries: torch_moe's float32 expert GEMM blocks on {torch_moe.ops.cpu_gemm_library()} "
-        "(torch_moe.ops.cpu_gemm_library(); its probe, one thread, 256 x 512 x 256: oneDNN "
-        f"{torch_moe.ops.cpu_gemm_probe()['onednn_gflops']:.0f} GFLOP/s, at::mm "
-        f"{torch_moe.ops.cpu_gemm_probe()['aten_gflops']:.0f} GFLOP/s); HF's implementations run ATen's at::mm / torch._grouped_mm (MKL in this "
-        f"wheel); '{ATEN}' is torch_moe with its blocks on at::mm too (the GEMM library held equal).",
+        gemm_library_line(ATEN, "HF's implementations"),
         "",
         "| case | pass | eager ms | grouped_mm ms | batched_mm ms | torch_moe ms | torch_moe, aten GEMMs ms | best HF "
         "| torch_moe ÷ best HF | aten GEMMs ÷ best HF | max rel. diff | rounds |",
