@@ -71,6 +71,28 @@ def _ops_of(x, b, b2, down, weights, offsets, row_index):
     return [y.detach()] + [t.grad for t in leaves]
 
 
+def _inputs(shape, gen):
+    """float32 (x, w_gate, w_up, w_down, routing weights), offsets and row_index of a random plan of SHAPES[shape]."""
+    T, K, M, E, k = SHAPES[shape]
+    _, _, row_index, offsets = ref.random_row_plan(T, E, k, False, gen)
+    tensors = [torch.randn(T, K, generator=gen), torch.randn(E, K, M, generator=gen) / K**0.5,
+               torch.randn(E, K, M, generator=gen) / K**0.5, torch.randn(E, M, K, generator=gen) / M**0.5,
+               torch.rand(T, k, generator=gen)]
+    return tensors, offsets, row_index
+
+
+def _on_each_library(tensors, offsets, row_index):
+    """library -> _ops_of on these inputs with the float32 GEMMs on that library."""
+    results = {}
+    for library in ("onednn", "aten"):
+        ops.set_cpu_gemm_library(library)
+        try:
+            results[library] = _ops_of(*tensors, offsets, row_index)
+        finally:
+            ops.set_cpu_gemm_library(None)
+    return results
+
+
 @pytest.mark.parametrize("library", ["onednn", "aten"], indirect=True)
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_float32_ops_match_float64_on_each_library(library, shape, gen):
@@ -92,19 +114,9 @@ def test_float32_ops_match_float64_on_each_library(library, shape, gen):
 def test_other_dtypes_do_not_depend_on_the_switch(shape, gen):
     if not _onednn_available():
         pytest.skip("oneDNN's float32 GEMM is not available with this torch build or CPU")
-    T, K, M, E, k = SHAPES[shape]
-    _, _, row_index, offsets = ref.random_row_plan(T, E, k, False, gen)
-    tensors = [torch.randn(T, K, generator=gen), torch.randn(E, K, M, generator=gen) / K**0.5,
-               torch.randn(E, K, M, generator=gen) / K**0.5, torch.randn(E, M, K, generator=gen) / M**0.5,
-               torch.rand(T, k, generator=gen)]
+    tensors, offsets, row_index = _inputs(shape, gen)
     for dtype in (torch.float64, torch.bfloat16):
-        results = {}
-        for library in ("onednn", "aten"):
-            ops.set_cpu_gemm_library(library)
-            try:
-                results[library] = _ops_of(*(t.to(dtype) for t in tensors), offsets, row_index)
-            finally:
-                ops.set_cpu_gemm_library(None)
+        results = _on_each_library([t.to(dtype) for t in tensors], offsets, row_index)
         for a, b in zip(results["onednn"], results["aten"]):
             assert torch.equal(a, b), dtype
 
@@ -113,18 +125,7 @@ def test_switch_changes_which_library_computes_float32(gen):
     # The two libraries round differently, so identical bits on every output would mean one library ran both times.
     if not _onednn_available():
         pytest.skip("oneDNN's float32 GEMM is not available with this torch build or CPU")
-    T, K, M, E, k = SHAPES["row blocks"]
-    _, _, row_index, offsets = ref.random_row_plan(T, E, k, False, gen)
-    tensors = [torch.randn(T, K, generator=gen), torch.randn(E, K, M, generator=gen) / K**0.5,
-               torch.randn(E, K, M, generator=gen) / K**0.5, torch.randn(E, M, K, generator=gen) / M**0.5,
-               torch.rand(T, k, generator=gen)]
-    results = {}
-    for library in ("onednn", "aten"):
-        ops.set_cpu_gemm_library(library)
-        try:
-            results[library] = _ops_of(*tensors, offsets, row_index)
-        finally:
-            ops.set_cpu_gemm_library(None)
+    results = _on_each_library(*_inputs("row blocks", gen))
     assert not all(torch.equal(a, b) for a, b in zip(results["onednn"], results["aten"]))
 
 
