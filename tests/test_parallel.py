@@ -679,10 +679,8 @@ def _job(world_size: int) -> dict:
     return _JOBS[world_size]
 
 
-@pytest.mark.parametrize("case", list(CASES))
-@pytest.mark.parametrize("world_size", [2, 4])
-def test_expert_parallel(world_size, case):
-    job = _job(world_size)
+def _case_problems(job: dict, case: str) -> list[str]:
+    """What went wrong with ``case`` on any rank of a job from _run_job (empty when it passed everywhere)."""
     problems = []
     for rank, results in job["ranks"].items():
         verdict = results.get(case)
@@ -692,6 +690,13 @@ def test_expert_parallel(world_size, case):
             problems.append(f"rank {rank}:\n{verdict['error']}")
     if job["failure"] and not problems:
         problems.append(job["failure"])
+    return problems
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_expert_parallel(world_size, case):
+    problems = _case_problems(_job(world_size), case)
     assert not problems, "\n".join(problems)
 
 

@@ -118,12 +118,5 @@ def _job() -> dict:
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_routing_part2_expert_parallel(case):
-    job = _job()
-    problems = []
-    for rank, results in job["ranks"].items():
-        verdict = results.get(case)
-        if verdict is None:
-            problems.append(f"rank {rank}: the case did not run ({job['failure'] or 'no result'})")
-        elif not verdict["ok"]:
-            problems.append(f"rank {rank}:\n{verdict['error']}")
+    problems = harness._case_problems(_job(), case)
     assert not problems, "\n".join(problems)
