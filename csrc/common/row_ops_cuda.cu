@@ -194,20 +194,30 @@ at::Tensor weights_as(const std::optional<at::Tensor>& weights, at::ScalarType d
   return weights->to(dtype).contiguous();
 }
 
+// What both range kernels read: the index tensor contiguous, its values per row, and the rows to check (mask).
+struct RangeOperands {
+  at::Tensor t;
+  int64_t per_row;
+  at::Tensor mask;
+  RangeOperands(const at::Tensor& t_in, const at::Tensor* rows_to_check) : t(t_in.contiguous()) {
+    const int64_t rows = t.dim() > 0 ? t.size(0) : 1;
+    per_row = rows > 0 ? t.numel() / rows : 1;
+    if (rows_to_check != nullptr && rows_to_check->defined()) mask = rows_to_check->contiguous();
+  }
+  const bool* mask_ptr() const { return mask.defined() ? mask.data_ptr<bool>() : nullptr; }
+};
+
 }  // namespace
 
 void check_index_range(const char* op, const char* name, const at::Tensor& t_in, int64_t low, int64_t high,
                        const at::Tensor* rows_to_check) {
   if (t_in.numel() == 0 || !t_in.is_cuda() || !value_checks_enabled()) return;
   const c10::cuda::CUDAGuard guard(t_in.device());
-  const auto t = t_in.contiguous();
-  const int64_t rows = t.dim() > 0 ? t.size(0) : 1;
-  const int64_t per_row = rows > 0 ? t.numel() / rows : 1;
-  at::Tensor mask;
-  if (rows_to_check != nullptr && rows_to_check->defined()) mask = rows_to_check->contiguous();
+  const RangeOperands in(t_in, rows_to_check);
+  const auto& t = in.t;
   auto first_bad = at::full({1}, -1, t.options());
   find_out_of_range_kernel<<<blocks_for(t.numel()), kBlockThreads, 0, current_stream()>>>(
-      t.data_ptr<int64_t>(), t.numel(), per_row, mask.defined() ? mask.data_ptr<bool>() : nullptr, low, high,
+      t.data_ptr<int64_t>(), t.numel(), in.per_row, in.mask_ptr(), low, high,
       reinterpret_cast<unsigned long long*>(first_bad.data_ptr<int64_t>()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const int64_t bad = first_bad.item<int64_t>();  // -1 (all bits set) when every value is in range
@@ -226,13 +236,10 @@ void assert_index_range(const char* op, const char* name, const at::Tensor& t_in
     return;
   }
   const c10::cuda::CUDAGuard guard(t_in.device());
-  const auto t = t_in.contiguous();
-  const int64_t rows = t.dim() > 0 ? t.size(0) : 1;
-  const int64_t per_row = rows > 0 ? t.numel() / rows : 1;
-  at::Tensor mask;
-  if (rows_to_check != nullptr && rows_to_check->defined()) mask = rows_to_check->contiguous();
+  const RangeOperands in(t_in, rows_to_check);
+  const auto& t = in.t;
   assert_in_range_kernel<<<blocks_for(t.numel()), kBlockThreads, 0, current_stream()>>>(
-      t.data_ptr<int64_t>(), t.numel(), per_row, mask.defined() ? mask.data_ptr<bool>() : nullptr, low, high,
+      t.data_ptr<int64_t>(), t.numel(), in.per_row, in.mask_ptr(), low, high,
       make_label(op, name));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
