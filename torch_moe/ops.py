@@ -313,7 +313,8 @@ def set_cpu_gemm_library(library: Optional[str]) -> None:
     they do not depend on the thread count. Pin the library (this function or the environment variable) where runs
     on one machine must give the same bits, since "auto" measures. Other dtypes are unaffected (bfloat16 and float16
     ``torch.mm`` already use oneDNN). ``"onednn"`` raises where it is not available. On oneDNN, the first GEMM of
-    each new shape builds a kernel (a few hundred microseconds; oneDNN caches 1024, ``ONEDNN_PRIMITIVE_CACHE_CAPACITY``).
+    each new shape builds a kernel (a few hundred microseconds; oneDNN caches 1024,
+    ``ONEDNN_PRIMITIVE_CACHE_CAPACITY``).
     """
     from . import _C
 

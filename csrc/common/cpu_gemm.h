@@ -10,9 +10,10 @@ namespace torch_moe::cpu {
 
 // Why a second library: torch's float32 at::mm calls MKL, which on some CPUs reaches half the throughput of the
 // oneDNN inside torch (on the 2-core AMD VM of benchmarks/NOTES.md section 19: 112 against 240 GFLOP/s on one core,
-// consistent with MKL running 256-bit kernels on a CPU with full-width AVX-512). torch exposes no float32 oneDNN GEMM on dense tensors except the exported
-// at::native::mkldnn_matmul, which is found at run time (a torch without it, or a CPU it refuses, falls back to
-// at::mm) rather than linked, so that no torch build fails to load this extension.
+// consistent with MKL running 256-bit kernels on a CPU with full-width AVX-512). torch exposes no float32 oneDNN
+// GEMM on dense tensors except the exported at::native::mkldnn_matmul, which is found at run time (a torch without
+// it, or a CPU it refuses, falls back to at::mm) rather than linked, so that no torch build fails to load this
+// extension.
 
 // "onednn" or "aten": the library float32 blocks use now.
 std::string cpu_gemm_library();

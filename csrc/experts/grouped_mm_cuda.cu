@@ -158,15 +158,22 @@ at::Tensor grouped_mm(const at::Tensor& a_in, const at::Tensor& b, const at::Ten
 // The fused dropless ops below gather the token rows into [T * k, K] (scatter_rows) and run the grouped GEMMs on
 // them: the same checks, in the same order, as the CPU kernels (grouped_mm.h), then device kernels.
 
+// The token rows [N, K] a gathered op builds on this path (the CPU kernels gather a segment at a time): an
+// allocation that can be had, else a user error naming x.
+static void check_gathered_rows(const char* op, const at::Tensor& x, int64_t N) {
+  check_alloc_bytes(op, "x", "the gathered rows [N, K]", checked_mul(op, "x", "N * K", N, x.size(1)),
+                    x.element_size());
+}
+
 at::Tensor gather_grouped_mm(const at::Tensor& x, const at::Tensor& b, const at::Tensor& offsets,
                              const at::Tensor& row_index) {
   constexpr const char* op = "gather_grouped_mm";
   check_gather_operands<CudaRows>(op, x, b, row_index);
   const int64_t N = row_index.numel();
   check_offsets(op, offsets, b.size(0), "x", x, N);
-  // The sizes the CPU kernel checks, plus the gathered rows [N, K] this path builds.
+  // The sizes the CPU kernel checks, plus the gathered rows.
   check_gathered_outputs(op, row_index, "b", b, 1);
-  check_alloc_bytes(op, "x", "the gathered rows [N, K]", checked_mul(op, "x", "N * K", N, x.size(1)), x.element_size());
+  check_gathered_rows(op, x, N);
   const c10::cuda::CUDAGuard guard(x.device());
   return segment_mm(scatter_rows(x, row_index, std::nullopt, N), b, offsets, GemmSite{op, "forward"});
 }
@@ -261,7 +268,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> gather_grouped_glu(const at::Tens
   const int64_t N = row_index.numel();
   check_offsets(op, offsets, w_gate.size(0), "x", x, N);
   check_gathered_outputs(op, row_index, "w_gate", w_gate, 3);
-  check_alloc_bytes(op, "x", "the gathered rows [N, K]", checked_mul(op, "x", "N * K", N, x.size(1)), x.element_size());
+  check_gathered_rows(op, x, N);
   const c10::cuda::CUDAGuard guard(x.device());
   const auto rows = scatter_rows(x, row_index, std::nullopt, N);
   auto gate = segment_mm(rows, w_gate, offsets, GemmSite{op, "forward"});

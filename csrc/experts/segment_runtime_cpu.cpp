@@ -82,9 +82,10 @@ void fixed_mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, boo
   // Rows first (a block of rows re-reads all of b, a block of columns all of a), at least kMinBlockSide a side.
   const int64_t row_parts = std::clamp<int64_t>(std::min(blocks, m / kMinBlockSide), 1, blocks);
   // oneDNN (float32, at least kMinOneDnnRows rows; common/cpu_gemm.h) takes blocks of whole rows only: a block of
-  // b's columns is a strided operand it would copy first. So it takes a GEMM that is one block, or that splits into at least two row blocks;
-  // a large GEMM of few rows (decode-sized) keeps at::mm's column blocks, so that both threads work on it. Which
-  // library a block uses depends on the shapes and the library switch only, never on the thread count.
+  // b's columns is a strided operand it would copy first. So it takes a GEMM that is one block, or that splits
+  // into at least two row blocks; a large GEMM of few rows (decode-sized) keeps at::mm's column blocks, so that
+  // both threads work on it. Which library a block uses depends on the shapes and the library switch only, never
+  // on the thread count.
   const bool by_onednn = m >= kMinOneDnnRows && onednn_gemm_wanted(out, a, b) && (blocks == 1 || row_parts >= 2);
   const int64_t col_parts =
       by_onednn ? 1
