@@ -53,14 +53,18 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_value_checks_requested", &torch_moe::cuda_value_checks_requested,
         "Whether host-side CUDA value checks are asked for.");
   m.def("cpu_gemm_library", &torch_moe::cpu::cpu_gemm_library,
-        "The library of the CPU kernels' float32 GEMM blocks now: onednn or aten (common/cpu_gemm.h).");
+        "The library of the CPU kernels' float32 GEMM blocks now (common/cpu_gemm.h).");
   m.def("set_cpu_gemm_library", &torch_moe::cpu::set_cpu_gemm_library,
-        "Choose the library of the CPU kernels' float32 GEMM blocks: auto, onednn or aten.");
+        "Choose the library of the CPU kernels' float32 GEMM blocks: auto, onednn, aten or torch_moe.");
   m.def("cpu_gemm_probe", [] {
     const auto probe = torch_moe::cpu::cpu_gemm_probe();
-    return std::map<std::string, double>{{"onednn_gflops", probe.onednn_gflops}, {"aten_gflops", probe.aten_gflops},
-                                         {"onednn_faster", probe.onednn_faster ? 1.0 : 0.0}};
-  }, "What set_cpu_gemm_library('auto') measured: single-threaded GFLOP/s of oneDNN and at::mm on one GEMM.");
+    return std::map<std::string, double>{{"onednn_gflops", probe.onednn_gflops},
+                                         {"aten_gflops", probe.aten_gflops},
+                                         {"onednn_faster", probe.onednn_faster ? 1.0 : 0.0},
+                                         {"few_rows_torch_moe_gflops", probe.few_rows_torch_moe_gflops},
+                                         {"few_rows_library_gflops", probe.few_rows_library_gflops},
+                                         {"torch_moe_faster", probe.torch_moe_faster ? 1.0 : 0.0}};
+  }, "What set_cpu_gemm_library('auto') measured: single-threaded GFLOP/s of oneDNN, at::mm and torch_moe's kernel.");
   m.def("cpu_cache_stats", [] {
     const auto s = torch_moe::cpu::cache_stats();
     return std::map<std::string, int64_t>{{"in_use_bytes", s.in_use_bytes}, {"cached_bytes", s.cached_bytes},

@@ -1,9 +1,11 @@
 """The library of the CPU kernels' float32 GEMM blocks (ops.set_cpu_gemm_library): the switch, and the grouped ops
-on each library against the same op in float64, for GEMMs that are one block, blocks of rows and blocks of columns.
-test_thread_count.py checks that each library's results do not depend on the thread count."""
+on each library against the same op in float64, for GEMMs that are one block, blocks of rows and blocks of columns,
+and few-row GEMMs of sizes off every tile edge of torch_moe's kernel (tests/cpp/test_small_gemm.cpp tests the kernel
+alone). test_thread_count.py checks that each library's results do not depend on the thread count."""
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import sys
@@ -16,45 +18,64 @@ from torch_moe import ops
 
 # (T, K, M, E, k): one block per GEMM; > 2^26 multiply-adds in blocks of rows; few rows and wide weights (the
 # forward in blocks of columns, the weight gradient in blocks of rows).
-SHAPES = {"small": (30, 8, 12, 4, 2), "row blocks": (1100, 256, 512, 2, 1), "few rows": (64, 1024, 2048, 2, 1)}
+SHAPES = {"small": (30, 8, 12, 4, 2), "row blocks": (1100, 256, 512, 2, 1), "few rows": (64, 1024, 2048, 2, 1),
+          "odd sizes": (37, 45, 19, 3, 2)}
+LIBRARIES = ("onednn", "aten", "torch_moe")
+NAMES = ("onednn", "aten", "torch_moe", "torch_moe+onednn", "torch_moe+aten")
 
 
-def _onednn_available() -> bool:
-    before = ops.cpu_gemm_library()
+@functools.lru_cache(maxsize=None)
+def _available(library: str) -> bool:
+    """Whether the switch accepts ``library`` here; leaves the switch at its default."""
     try:
-        ops.set_cpu_gemm_library("onednn")
+        ops.set_cpu_gemm_library(library)
         return True
     except RuntimeError:
         return False
     finally:
         ops.set_cpu_gemm_library(None)
-        assert ops.cpu_gemm_library() == before
+
+
+def _skip_unless_available(library: str) -> None:
+    if not _available(library):
+        pytest.skip(f"{library}'s float32 GEMM is not available with this torch build or CPU")
 
 
 @pytest.fixture
 def library(request):
-    if request.param == "onednn" and not _onednn_available():
-        pytest.skip("oneDNN's float32 GEMM is not available with this torch build or CPU")
+    _skip_unless_available(request.param)
     ops.set_cpu_gemm_library(request.param)
     yield request.param
     ops.set_cpu_gemm_library(None)
 
 
 def test_switch_names_the_library_and_refuses_unknown_ones():
-    assert ops.cpu_gemm_library() in ("onednn", "aten")
+    assert ops.cpu_gemm_library() in NAMES
+    available = {library: _available(library) for library in LIBRARIES}
+    assert available["aten"]
     ops.set_cpu_gemm_library("aten")
     try:
         assert ops.cpu_gemm_library() == "aten"
-        with pytest.raises(ValueError, match="must be 'auto', 'onednn' or 'aten', got 'mkl'"):
+        with pytest.raises(ValueError, match="must be one of 'auto', 'onednn', 'aten', 'torch_moe', got 'mkl'"):
             ops.set_cpu_gemm_library("mkl")
         assert ops.cpu_gemm_library() == "aten"  # a refused call changes nothing
         with pytest.raises(TypeError, match="must be a str or None"):
             ops.set_cpu_gemm_library(1)
+        if available["torch_moe"]:
+            ops.set_cpu_gemm_library("torch_moe")
+            assert ops.cpu_gemm_library() == "torch_moe"
+        else:
+            with pytest.raises(RuntimeError, match="needs an x86-64 CPU with AVX-512F"):
+                ops.set_cpu_gemm_library("torch_moe")
         ops.set_cpu_gemm_library("auto")
         probe = ops.cpu_gemm_probe()
-        assert probe["aten_gflops"] > 0 and (probe["onednn_gflops"] > 0) == _onednn_available()
+        assert probe["aten_gflops"] > 0 and (probe["onednn_gflops"] > 0) == available["onednn"]
         assert probe["onednn_faster"] == float(probe["onednn_gflops"] > 1.25 * probe["aten_gflops"])
-        assert ops.cpu_gemm_library() == ("onednn" if probe["onednn_faster"] else "aten")
+        assert (probe["few_rows_torch_moe_gflops"] > 0) == available["torch_moe"]
+        assert probe["torch_moe_faster"] == float(
+            probe["few_rows_torch_moe_gflops"] > 1.1 * probe["few_rows_library_gflops"])
+        many_rows = "onednn" if probe["onednn_faster"] else "aten"
+        assert ops.cpu_gemm_library() == ("torch_moe+" if probe["torch_moe_faster"] else "") + many_rows
     finally:
         ops.set_cpu_gemm_library(None)
 
@@ -82,9 +103,9 @@ def _inputs(shape, gen):
 
 
 def _on_each_library(tensors, offsets, row_index):
-    """library -> _ops_of on these inputs with the float32 GEMMs on that library."""
+    """library -> _ops_of on these inputs with the float32 GEMMs on that library, for each available library."""
     results = {}
-    for library in ("onednn", "aten"):
+    for library in filter(_available, LIBRARIES):
         ops.set_cpu_gemm_library(library)
         try:
             results[library] = _ops_of(*tensors, offsets, row_index)
@@ -93,7 +114,7 @@ def _on_each_library(tensors, offsets, row_index):
     return results
 
 
-@pytest.mark.parametrize("library", ["onednn", "aten"], indirect=True)
+@pytest.mark.parametrize("library", LIBRARIES + ("auto",), indirect=True)
 @pytest.mark.parametrize("shape", list(SHAPES))
 def test_float32_ops_match_float64_on_each_library(library, shape, gen):
     T, K, M, E, k = SHAPES[shape]
@@ -112,21 +133,28 @@ def test_float32_ops_match_float64_on_each_library(library, shape, gen):
 
 @pytest.mark.parametrize("shape", ["small", "row blocks"])
 def test_other_dtypes_do_not_depend_on_the_switch(shape, gen):
-    if not _onednn_available():
-        pytest.skip("oneDNN's float32 GEMM is not available with this torch build or CPU")
     tensors, offsets, row_index = _inputs(shape, gen)
     for dtype in (torch.float64, torch.bfloat16):
         results = _on_each_library([t.to(dtype) for t in tensors], offsets, row_index)
-        for a, b in zip(results["onednn"], results["aten"]):
-            assert torch.equal(a, b), dtype
+        if len(results) < 2:
+            pytest.skip("only at::mm is available with this torch build and CPU")
+        first, *others = results.values()
+        for other in others:
+            for a, b in zip(first, other):
+                assert torch.equal(a, b), dtype
 
 
-def test_switch_changes_which_library_computes_float32(gen):
-    # The two libraries round differently, so identical bits on every output would mean one library ran both times.
-    if not _onednn_available():
-        pytest.skip("oneDNN's float32 GEMM is not available with this torch build or CPU")
-    results = _on_each_library(*_inputs("row blocks", gen))
-    assert not all(torch.equal(a, b) for a, b in zip(results["onednn"], results["aten"]))
+# (library, library, shape): shapes where the two round differently (oneDNN and at::mm agree on short sums).
+DIFFERING = [("onednn", "aten", "row blocks"), ("torch_moe", "aten", "odd sizes"), ("torch_moe", "onednn", "odd sizes")]
+
+
+@pytest.mark.parametrize("one, other, shape", DIFFERING)
+def test_switch_changes_which_library_computes_float32(one, other, shape, gen):
+    # Identical bits on every output would mean one library ran both times.
+    _skip_unless_available(one)
+    _skip_unless_available(other)
+    results = _on_each_library(*_inputs(shape, gen))
+    assert not all(torch.equal(a, b) for a, b in zip(results[one], results[other]))
 
 
 @pytest.mark.parametrize("value, expected", [("aten", "aten"), ("", None), ("bogus", "error")])
@@ -139,9 +167,9 @@ def test_environment_variable_sets_the_default(value, expected):
     assert out.returncode == 0, out.stderr[-2000:]
     line = out.stdout.strip().splitlines()[0]  # the library, or the error's first line
     if expected == "error":
-        assert "TORCH_MOE_CPU_GEMM" in line and "must be 'auto', 'onednn' or 'aten', got 'bogus'" in line, line
+        assert "TORCH_MOE_CPU_GEMM" in line and "must be 'auto', 'onednn', 'aten' or 'torch_moe', got 'bogus'" in line, line
     elif expected is None:  # unset or empty: auto
-        assert line in ("onednn", "aten"), line
+        assert line in NAMES, line
     else:
         assert line == expected, line
 

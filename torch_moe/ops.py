@@ -302,19 +302,23 @@ def set_cuda_value_checks(enabled: Optional[bool]) -> None:
 
 def set_cpu_gemm_library(library: Optional[str]) -> None:
     """Choose the library of the CPU kernels' float32 expert GEMMs: ``"onednn"`` (the oneDNN inside torch),
-    ``"aten"`` (``torch.mm``: MKL in torch's x86 wheels) or ``"auto"``: oneDNN where this torch build and CPU run it
-    and a one-time probe (:func:`cpu_gemm_probe`) measures it at least 1.25x faster than ``torch.mm`` on one
-    expert-sized GEMM, single-threaded. ``None`` goes back to what ``TORCH_MOE_CPU_GEMM`` says (``auto`` when unset;
+    ``"aten"`` (``torch.mm``: MKL in torch's x86 wheels), ``"torch_moe"`` (torch_moe's own AVX-512 kernel) or
+    ``"auto"``. ``"auto"`` takes oneDNN where this torch build and CPU run it and a one-time probe
+    (:func:`cpu_gemm_probe`) measures it at least 1.25x faster than ``torch.mm`` on one expert-sized GEMM,
+    single-threaded, else ``torch.mm``; and for few-row GEMMs (an expert's rows, or the rows a weight gradient sums
+    over, at most 128) torch_moe's kernel, where the CPU has AVX-512 and the probe measures it at least 1.1x faster
+    than that library on a 16-row GEMM. ``None`` goes back to what ``TORCH_MOE_CPU_GEMM`` says (``auto`` when unset;
     ``onednn`` there falls back to ``aten`` where oneDNN is not available).
 
     Why: torch's float32 matmul calls MKL, whose kernels can leave half of a CPU's AVX-512 throughput unused (on the
     AMD CPU of benchmarks/NOTES.md section 19, oneDNN reached 2.2x MKL's GEMM throughput; on the Xeon of section
-    14, 0.83x, hence the probe). Results of the two libraries agree to float32 rounding, not bit for bit; with either,
-    they do not depend on the thread count. Pin the library (this function or the environment variable) where runs
-    on one machine must give the same bits, since "auto" measures. Other dtypes are unaffected (bfloat16 and float16
-    ``torch.mm`` already use oneDNN). ``"onednn"`` raises where it is not available. On oneDNN, the first GEMM of
-    each new shape builds a kernel (a few hundred microseconds; oneDNN caches 1024,
-    ``ONEDNN_PRIMITIVE_CACHE_CAPACITY``).
+    14, 0.83x, hence the probe), and oneDNN spends ~11 us setting up each call, a third of a 16-row expert GEMM
+    (section 20), which torch_moe's kernel does not. Results of the libraries agree to float32 rounding, not bit for
+    bit; with any of them, they do not depend on the thread count. Pin the library (this function or the
+    environment variable) where runs on one machine must give the same bits, since "auto" measures. Other dtypes
+    are unaffected (bfloat16 and float16 ``torch.mm`` already use oneDNN). ``"onednn"`` and ``"torch_moe"`` raise
+    where they are not available. On oneDNN, the first GEMM of each new shape builds a kernel (a few hundred
+    microseconds; oneDNN caches 1024, ``ONEDNN_PRIMITIVE_CACHE_CAPACITY``).
     """
     from . import _C
 
@@ -324,26 +328,34 @@ def set_cpu_gemm_library(library: Optional[str]) -> None:
         library = os.environ.get("TORCH_MOE_CPU_GEMM") or "auto"
     if not isinstance(library, str):
         raise TypeError(f"set_cpu_gemm_library: library must be a str or None, got {type(library).__name__}")
-    if library not in ("auto", "onednn", "aten"):
-        raise ValueError(f"set_cpu_gemm_library: library must be 'auto', 'onednn' or 'aten', got {library!r}")
+    if library not in CPU_GEMM_LIBRARIES:
+        raise ValueError(f"set_cpu_gemm_library: library must be one of {', '.join(map(repr, CPU_GEMM_LIBRARIES))}, "
+                         f"got {library!r}")
     try:
         _C.set_cpu_gemm_library(library)
-    except RuntimeError as err:  # oneDNN asked for where it is not available: the message without C++ frames
+    except RuntimeError as err:  # a library asked for where it is not available: the message without C++ frames
         raise RuntimeError(str(err).split("\nException raised from")[0]) from None
 
 
+CPU_GEMM_LIBRARIES = ("auto", "onednn", "aten", "torch_moe")
+
+
 def cpu_gemm_library() -> str:
-    """The library the CPU kernels' float32 expert GEMMs use now: ``"onednn"`` or ``"aten"`` (see
-    :func:`set_cpu_gemm_library`)."""
+    """The library the CPU kernels' float32 expert GEMMs use now (see :func:`set_cpu_gemm_library`):
+    ``"onednn"``, ``"aten"`` or ``"torch_moe"`` when one takes them all, else ``"torch_moe+onednn"`` or
+    ``"torch_moe+aten"`` (few-row GEMMs on torch_moe's kernel, the others on the second)."""
     from . import _C
 
     return str(_C.cpu_gemm_library())
 
 
 def cpu_gemm_probe() -> Dict[str, float]:
-    """What ``set_cpu_gemm_library("auto")`` measured, once per process: ``onednn_gflops`` and ``aten_gflops``
-    (single-threaded float32 GFLOP/s on a 256 x 512 x 256 GEMM; 0 for oneDNN where it is not available) and
-    ``onednn_faster`` (1.0 when oneDNN was at least 1.25x faster). Runs the probe if it has not run yet."""
+    """What ``set_cpu_gemm_library("auto")`` measured, once per process, in single-threaded float32 GFLOP/s:
+    ``onednn_gflops`` and ``aten_gflops`` on a 256 x 512 x 256 GEMM (0 for oneDNN where it is not available) and
+    ``onednn_faster`` (1.0 when oneDNN was at least 1.25x faster); ``few_rows_torch_moe_gflops`` and
+    ``few_rows_library_gflops`` (torch_moe's kernel and the library picked above, on 16 x 512 x 256; 0 where the
+    kernel is not available) and ``torch_moe_faster`` (1.0 when the kernel was at least 1.1x faster). Runs the
+    probe if it has not run yet."""
     from . import _C
 
     return {str(key): float(value) for key, value in _C.cpu_gemm_probe().items()}

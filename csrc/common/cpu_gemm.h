@@ -1,5 +1,5 @@
-// Which library computes the CPU kernels' float32 GEMM blocks: oneDNN (bundled in torch) or ATen's at::mm (MKL in
-// torch's x86 wheels).
+// Which library computes the CPU kernels' float32 GEMM blocks: oneDNN (bundled in torch), ATen's at::mm (MKL in
+// torch's x86 wheels) or, for GEMMs of few rows, torch_moe's own kernel (common/small_gemm_cpu.h).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -15,20 +15,38 @@ namespace torch_moe::cpu {
 // it, or a CPU it refuses, falls back to at::mm) rather than linked, so that no torch build fails to load this
 // extension.
 
-// "onednn" or "aten": the library float32 blocks use now.
+// A float32 GEMM whose smallest side (an expert's rows, or the rows summed over in its weight gradient) is at most
+// this many is a few-row GEMM: per-call setup is a large share of its time. On the AMD VM of benchmarks/NOTES.md
+// section 20, torch_moe's kernel beat oneDNN on every GEMM of the grouped ops up to 128 rows (and MKL everywhere
+// below), and lost to oneDNN on a Mixtral-sized input gradient from 256 rows on.
+constexpr int64_t kFewRows = 128;
+
+// The library float32 blocks use now: "onednn", "aten" or "torch_moe" when one library takes every block, else
+// "torch_moe+onednn" or "torch_moe+aten" (few-row GEMMs on torch_moe's kernel, the others on the second).
 std::string cpu_gemm_library();
-// mode: "auto" (oneDNN where torch has it, this CPU runs it and a one-time probe finds it clearly faster than
-// at::mm; the default, or what TORCH_MOE_CPU_GEMM says), "onednn" (an error if it is not available) or "aten".
+// mode: "auto" (the default, or what TORCH_MOE_CPU_GEMM says): oneDNN where torch has it, this CPU runs it and a
+// one-time probe finds it clearly faster than at::mm, else at::mm; few-row GEMMs on torch_moe's kernel where this
+// CPU runs it and the probe finds it faster than that library on a 16-row GEMM. "onednn" / "aten": that library
+// for every block; "torch_moe": torch_moe's kernel for every block (an error where it is not available).
 void set_cpu_gemm_library(const std::string& mode);
 
-// What "auto" measured (run once, at the first float32 GEMM block or the first call of this): single-threaded
-// GFLOP/s of both libraries on one expert-sized GEMM (0 for oneDNN where it is not available).
+// What "auto" measured (run once, at the first float32 GEMM block or the first call of this), single-threaded
+// GFLOP/s: both libraries on one expert-sized GEMM (256 x 512 x 256; 0 for oneDNN where it is not available), then
+// torch_moe's kernel and the library "auto" picked on a 16-row one (16 x 512 x 256; 0 where the kernel is not
+// available).
 struct GemmProbe {
   double onednn_gflops = 0;
   double aten_gflops = 0;
   bool onednn_faster = false;
+  double few_rows_torch_moe_gflops = 0;
+  double few_rows_library_gflops = 0;
+  bool torch_moe_faster = false;
 };
 GemmProbe cpu_gemm_probe();
+
+// True when out = a @ b for these operands goes to torch_moe's kernel (small_gemm): float32 operands, a few-row
+// GEMM (or every GEMM in mode "torch_moe") and the kernel chosen.
+bool small_gemm_wanted(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b);
 
 // True when out = a @ b (out += a @ b when accumulate) for these operands goes to oneDNN: float32 operands, oneDNN
 // chosen and available.

@@ -12,6 +12,7 @@
 #include "common/cpu_cache.h"
 #include "common/cpu_gemm.h"
 #include "common/fixed_tasks_cpu.h"
+#include "common/small_gemm_cpu.h"
 #include "experts/grouped_mm.h"
 
 namespace torch_moe::cpu {
@@ -86,7 +87,11 @@ void fixed_mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, boo
   // into at least two row blocks; a large GEMM of few rows (decode-sized) keeps at::mm's column blocks, so that
   // both threads work on it. Which library a block uses depends on the shapes and the library switch only, never
   // on the thread count.
-  const bool by_onednn = m >= kMinOneDnnRows && onednn_gemm_wanted(out, a, b) && (blocks == 1 || row_parts >= 2);
+  // A few-row GEMM goes to torch_moe's kernel (common/cpu_gemm.h) when chosen: it reads any strides, so it takes
+  // row and column blocks alike, and sums every element over k in one order, whatever the blocks.
+  const bool by_small = small_gemm_wanted(out, a, b);
+  const bool by_onednn =
+      !by_small && m >= kMinOneDnnRows && onednn_gemm_wanted(out, a, b) && (blocks == 1 || row_parts >= 2);
   const int64_t col_parts =
       by_onednn ? 1
                 : std::clamp<int64_t>(std::min((blocks + row_parts - 1) / row_parts, n / kMinBlockSide), 1, kMaxBlocks);
@@ -101,7 +106,9 @@ void fixed_mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, boo
     auto out_block = whole ? out : out.narrow(0, r0, r1 - r0).narrow(1, c0, c1 - c0);
     const auto a_block = whole ? a : a.narrow(0, r0, r1 - r0);
     const auto b_block = whole ? b : b.narrow(1, c0, c1 - c0);
-    if (by_onednn) {
+    if (by_small) {
+      small_gemm(out_block, a_block, b_block, accumulate);
+    } else if (by_onednn) {
       onednn_gemm(out_block, a_block, b_block, accumulate);
     } else if (accumulate) {
       at::addmm_out(out_block, out_block, a_block, b_block);
