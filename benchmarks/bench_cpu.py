@@ -488,8 +488,12 @@ def goal_lines(rows: list[dict]) -> list[str]:
         speedups = {n: best.median / r[n].fwd_bwd.median for n in (DROPLESS, CAPACITY, DROPLESS_ATEN) if n in r}
         same_library = (f"; with the GEMM library held equal (aten) dropless {speedups[DROPLESS_ATEN]:.2f}× "
                         f"({mark(speedups[DROPLESS_ATEN] >= target)})" if DROPLESS_ATEN in speedups else "")
+        # HF's time moves by up to 2x between runs and processes (its fresh allocations, its heap's state), so the
+        # goal is also judged against its fastest timed block, not only its median.
+        fastest = min(best.times) / r[DROPLESS].fwd_bwd.median
         lines.append(f"- fwd+bwd speed-up over the fastest HF ({best_name}) ≥ {target}× on {row['case'].shape()}: "
-                     f"dropless {speedups[DROPLESS]:.2f}× ({mark(speedups[DROPLESS] >= target)}), capacity "
+                     f"dropless {speedups[DROPLESS]:.2f}× ({mark(speedups[DROPLESS] >= target)}; against HF's "
+                     f"fastest timed block {fastest:.2f}×, {mark(fastest >= target)}), capacity "
                      f"{speedups[CAPACITY]:.2f}× ({mark(speedups[CAPACITY] >= target)}){same_library}")
     for key in ("mixtral-1", "mixtral-32", "olmoe-1", "olmoe-32"):
         row = by_name.get(key)
