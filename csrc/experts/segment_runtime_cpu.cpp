@@ -64,6 +64,8 @@ constexpr int64_t kMinBlockSide = 128;
 // Below 4 rows MKL's matrix-vector kernels beat oneDNN's per-call cost (1 x 512 x 256: 5 us against 15; 1 x 1024 x
 // 3584: 143 us against 185, single-threaded), from 4 rows on oneDNN is faster (benchmarks/NOTES.md section 19).
 constexpr int64_t kMinOneDnnRows = 4;
+// torch_moe's kernel: a block per this many floats of b (or of a weight gradient's output), 1 MiB.
+constexpr double kStreamBlockFloats = double(int64_t{1} << 18);
 
 // [0, size) cut into `parts` ranges of whole multiples of 16 (so that vector loops see the same alignment).
 int64_t block_bound(int64_t size, int64_t parts, int64_t i) {
@@ -77,9 +79,17 @@ void fixed_mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, boo
   const int64_t m = out.size(0), n = out.size(1), k = a.size(1);
   // In double: the product of three sizes can pass int64 even when each operand fits in memory.
   const double macs = static_cast<double>(m) * static_cast<double>(n) * static_cast<double>(std::max<int64_t>(k, 1));
+  // A few-row GEMM goes to torch_moe's kernel (common/cpu_gemm.h) when chosen. It reads any strides, so it takes
+  // row and column blocks alike, and sums every element over k in one order whatever the blocks; so its GEMMs are
+  // also cut by the floats they stream (b, or a weight gradient's output): a decode-sized GEMM (1 x 1024 x 3584) is
+  // bound by memory bandwidth, half of which one core leaves unused.
+  const bool by_small = small_gemm_wanted(out, a, b);
+  double work = macs / kBlockMacs;
+  if (by_small) {
+    work = std::max(work, static_cast<double>(std::max(m, k)) * static_cast<double>(n) / kStreamBlockFloats);
+  }
   const int64_t blocks =
-      std::clamp<int64_t>(static_cast<int64_t>(std::min(std::ceil(macs / kBlockMacs), double(kMaxBlocks))), 1,
-                          kMaxBlocks);
+      std::clamp<int64_t>(static_cast<int64_t>(std::min(std::ceil(work), double(kMaxBlocks))), 1, kMaxBlocks);
   // Rows first (a block of rows re-reads all of b, a block of columns all of a), at least kMinBlockSide a side.
   const int64_t row_parts = std::clamp<int64_t>(std::min(blocks, m / kMinBlockSide), 1, blocks);
   // oneDNN (float32, at least kMinOneDnnRows rows; common/cpu_gemm.h) takes blocks of whole rows only: a block of
@@ -87,9 +97,6 @@ void fixed_mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, boo
   // into at least two row blocks; a large GEMM of few rows (decode-sized) keeps at::mm's column blocks, so that
   // both threads work on it. Which library a block uses depends on the shapes and the library switch only, never
   // on the thread count.
-  // A few-row GEMM goes to torch_moe's kernel (common/cpu_gemm.h) when chosen: it reads any strides, so it takes
-  // row and column blocks alike, and sums every element over k in one order, whatever the blocks.
-  const bool by_small = small_gemm_wanted(out, a, b);
   const bool by_onednn =
       !by_small && m >= kMinOneDnnRows && onednn_gemm_wanted(out, a, b) && (blocks == 1 || row_parts >= 2);
   const int64_t col_parts =

@@ -31,9 +31,11 @@ TEST_CASE("small_gemm matches a float64 product for every layout, edge size and 
     return;
   }
   at::manual_seed(0);
-  // (m, n, k): 16-row experts, sizes off every tile and vector edge, a weight gradient (k = rows), k = 0 and 1.
+  // (m, n, k): 16-row experts, sizes off every tile and vector edge, a weight gradient (k = rows), k = 0 and 1,
+  // decode rows (the row sweep: m <= 2, k not a multiple of its 4 steps, rows of b a page apart).
   const std::vector<std::tuple<int64_t, int64_t, int64_t>> shapes = {
-      {16, 256, 512}, {13, 37, 45}, {1, 70, 33}, {5, 3, 17}, {512, 256, 16}, {7, 19, 0}, {9, 64, 1}, {4, 4, 16}};
+      {16, 256, 512}, {13, 37, 45}, {1, 70, 33}, {5, 3, 17}, {512, 256, 16}, {7, 19, 0},
+      {9, 64, 1},     {4, 4, 16},   {2, 100, 41}, {1, 1024, 30}, {2, 5, 3}};
   // a, b, out layouts: forward (r r r), weight gradient (c r r), input gradient (r c r: the dot form), and the
   // transposed forms with and without a packed operand, a strided output, padded rows.
   const std::vector<std::string> layouts = {"rrr", "crr", "rcr", "ccr", "rcc", "prp", "pcr", "rrc"};
@@ -64,19 +66,29 @@ TEST_CASE("small_gemm gives the same bits whether a product runs whole or in row
   at::manual_seed(1);
   // Blocks that cut tiles and vectors where the whole product's do not (fixed_mm_out's start at multiples of 16).
   for (const auto& layout : std::vector<std::string>{"rrr", "crr", "rcr", "ccr"}) {
-    INFO("layout " << layout);
-    const int64_t m = 37, n = 90, k = 70;
-    const auto a = matrix(m, k, layout[0]);
-    const auto b = matrix(k, n, layout[1]);
-    auto whole = at::empty({m, n});
-    torch_moe::cpu::small_gemm(whole, a, b, false);
-    auto blocked = at::empty({m, n});
-    for (const auto& [r0, r1] : std::vector<std::pair<int64_t, int64_t>>{{0, 13}, {13, 30}, {30, m}}) {
-      for (const auto& [c0, c1] : std::vector<std::pair<int64_t, int64_t>>{{0, 45}, {45, n}}) {
-        auto out_block = blocked.narrow(0, r0, r1 - r0).narrow(1, c0, c1 - c0);
-        torch_moe::cpu::small_gemm(out_block, a.narrow(0, r0, r1 - r0), b.narrow(1, c0, c1 - c0), false);
+    // A product of 37 rows (tiles) and one of 2 (the row sweep when whole, one row at a time when blocked).
+    for (const int64_t m : {37, 2}) {
+      INFO("layout " << layout << " m " << m);
+      const int64_t n = 90, k = 70;
+      const auto a = matrix(m, k, layout[0]);
+      const auto b = matrix(k, n, layout[1]);
+      auto whole = at::empty({m, n});
+      torch_moe::cpu::small_gemm(whole, a, b, false);
+      auto blocked = at::empty({m, n});
+      const std::vector<std::pair<int64_t, int64_t>> row_blocks =
+          m == 2 ? std::vector<std::pair<int64_t, int64_t>>{{0, 1}, {1, 2}}
+                 : std::vector<std::pair<int64_t, int64_t>>{{0, 13}, {13, 30}, {30, m}};
+      for (const auto& [r0, r1] : row_blocks) {
+        for (const auto& [c0, c1] : std::vector<std::pair<int64_t, int64_t>>{{0, 45}, {45, n}}) {
+          auto out_block = blocked.narrow(0, r0, r1 - r0).narrow(1, c0, c1 - c0);
+          torch_moe::cpu::small_gemm(out_block, a.narrow(0, r0, r1 - r0), b.narrow(1, c0, c1 - c0), false);
+        }
       }
+      CHECK(at::equal(whole, blocked));
+      // Two rows alone (the row sweep) give the bits the tiles gave them inside the larger product.
+      auto top = at::empty({2, n});
+      torch_moe::cpu::small_gemm(top, a.narrow(0, 0, 2), b, false);
+      CHECK(at::equal(top, whole.narrow(0, 0, 2)));
     }
-    CHECK(at::equal(whole, blocked));
   }
 }
