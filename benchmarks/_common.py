@@ -44,9 +44,12 @@ def gemm_library_line(aten_name: str, others: str) -> str:
     from torch_moe import ops
 
     probe = ops.cpu_gemm_probe()
+    few_rows = (f"; few-row GEMMs, 16 x 512 x 256: torch_moe's kernel {probe['few_rows_torch_moe_gflops']:.0f}, "
+                f"the library above {probe['few_rows_library_gflops']:.0f}" if probe["few_rows_torch_moe_gflops"] else
+                "; torch_moe's few-row kernel is not available on this CPU")
     return (f"- GEMM libraries: torch_moe's float32 expert GEMM blocks on {ops.cpu_gemm_library()} "
-            f"(torch_moe.ops.cpu_gemm_library(); its probe, one thread, 256 x 512 x 256: oneDNN "
-            f"{probe['onednn_gflops']:.0f} GFLOP/s, at::mm {probe['aten_gflops']:.0f} GFLOP/s); {others} run ATen's "
+            f"(torch_moe.ops.cpu_gemm_library(); its probe, one thread, GFLOP/s, 256 x 512 x 256: oneDNN "
+            f"{probe['onednn_gflops']:.0f}, at::mm {probe['aten_gflops']:.0f}{few_rows}); {others} run ATen's "
             f"at::mm / torch._grouped_mm (MKL in this wheel); '{aten_name}' is torch_moe with its blocks on at::mm "
             "too (the GEMM library held equal).")
 
