@@ -17,8 +17,8 @@ namespace torch_moe::cpu {
 
 // A float32 GEMM whose smallest side (an expert's rows, or the rows summed over in its weight gradient) is at most
 // this many is a few-row GEMM: per-call setup is a large share of its time. On the AMD VM of benchmarks/NOTES.md
-// section 20, torch_moe's kernel beat oneDNN on every GEMM of the grouped ops up to 128 rows (and MKL everywhere
-// below), and lost to oneDNN on a Mixtral-sized input gradient from 256 rows on.
+// section 20, torch_moe's kernel beat or matched oneDNN on every GEMM of the grouped ops up to 128 rows (and MKL,
+// which takes them below 4 rows), and lost to oneDNN on a Mixtral-sized input gradient from 256 rows on.
 constexpr int64_t kFewRows = 128;
 
 // The library float32 blocks use now: "onednn", "aten" or "torch_moe" when one library takes every block, else
