@@ -2,8 +2,8 @@
 #include "common/small_gemm_cpu.h"
 
 #include <algorithm>
-#include <cstdint>
 #include <array>
+#include <cstdint>
 #include <utility>
 #include <vector>
 
@@ -29,7 +29,7 @@ constexpr std::array<int, kMaxVectors> kMaxRows = {12, 12, 8, 6};
 // once per GEMM), later passes of the same column panel from L2.
 constexpr int64_t kPrefetchRows = 8;
 
-// Products of at most kSweepRows rows with a contiguous C run as row sweeps (sweep_gemm_f32).
+// Products of at most kSweepRows rows with a contiguous C run as row sweeps (sweep_gemm).
 constexpr int64_t kSweepRows = 2;
 // Outputs of at least this many elements (256 KiB) that are written, not accumulated, skip the cache.
 constexpr int64_t kStreamElements = int64_t{1} << 16;
