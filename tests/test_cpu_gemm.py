@@ -188,3 +188,19 @@ def test_the_probe_does_not_draw_from_the_global_generator():
                          env=dict(os.environ, TORCH_MOE_CPU_GEMM="auto"))
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["True", "True"], out.stdout
+
+
+def test_auto_puts_few_row_gemms_on_torch_moe_when_the_probe_says_so(gen):
+    # "odd sizes" has only few-row GEMMs (<= 128 rows a side), so "auto" must give torch_moe's bits exactly when the
+    # probe chose the kernel, and the bits of the library it picked for large GEMMs otherwise.
+    probe = ops.cpu_gemm_probe()
+    tensors, offsets, row_index = _inputs("odd sizes", gen)
+    ops.set_cpu_gemm_library("auto")
+    try:
+        auto = _ops_of(*tensors, offsets, row_index)
+    finally:
+        ops.set_cpu_gemm_library(None)
+    results = _on_each_library(tensors, offsets, row_index)
+    expected = "torch_moe" if probe["torch_moe_faster"] else ("onednn" if probe["onednn_faster"] else "aten")
+    for a, b in zip(auto, results[expected]):
+        assert torch.equal(a, b), expected
