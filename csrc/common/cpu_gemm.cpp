@@ -169,6 +169,11 @@ bool use_small_gemm() {
   }
 }
 
+// Only float32 GEMMs change library: the others keep at::mm (bfloat16 and float16 already reach oneDNN there).
+bool float32_operands(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  return out.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat;
+}
+
 }  // namespace
 
 GemmProbe cpu_gemm_probe() { return probe_once(); }
@@ -191,12 +196,11 @@ void set_cpu_gemm_library(const std::string& mode) {
 }
 
 bool onednn_gemm_wanted(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
-  return out.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat &&
-         out.numel() > 0 && a.size(1) > 0 && use_onednn();
+  return float32_operands(out, a, b) && out.numel() > 0 && a.size(1) > 0 && use_onednn();
 }
 
 bool small_gemm_wanted(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
-  if (out.scalar_type() != at::kFloat || a.scalar_type() != at::kFloat || b.scalar_type() != at::kFloat) return false;
+  if (!float32_operands(out, a, b)) return false;
   const int64_t fewest = std::min({out.size(0), out.size(1), a.size(1)});
   return (fewest <= kFewRows || current_mode() == kTorchMoe) && use_small_gemm();
 }

@@ -42,10 +42,9 @@ struct TileArgs {
   int64_t b_row;
   float* c;
   int64_t c_row, c_col;
-  bool accumulate;  // strided C: add the tile's sums to C
-  bool seed;        // contiguous C: the sums start from C's values (accumulate)
-  bool stream;      // C written with non-temporal stores (a large output nobody reads soon: a weight gradient)
-  bool prefetch_a;  // A's rows are contiguous streams from memory (the weights, in the transposed form)
+  // Contiguous C: the sums start from C's values; strided C: the tile's sums are added to C.
+  bool accumulate;
+  bool stream;          // C written with non-temporal stores (a large output nobody reads soon: a weight gradient)
   __mmask16 last_mask;  // the columns of the tile's last vector that exist
 };
 
@@ -57,11 +56,14 @@ template <int MR, int NV>
 TORCH_MOE_AVX512 void tile(const TileArgs& t) {
   const int64_t k = t.k, a_row = t.a_row, a_col = t.a_col, b_row = t.b_row;
   const __mmask16 last_mask = t.last_mask;
+  const bool seed = t.accumulate && t.c_col == 1;
+  // A's rows are long contiguous streams from memory (the weights, in the transposed form): asked for ahead.
+  const bool prefetch_a = a_col == 1 && k >= 64;
   __m512 acc[MR][NV];
   TORCH_MOE_UNROLL for (int i = 0; i < MR; ++i) {
     TORCH_MOE_UNROLL for (int v = 0; v < NV; ++v) {
       const __mmask16 mask = v == NV - 1 ? last_mask : __mmask16(0xFFFF);
-      acc[i][v] = t.seed ? _mm512_maskz_loadu_ps(mask, t.c + i * t.c_row + 16 * v) : _mm512_setzero_ps();
+      acc[i][v] = seed ? _mm512_maskz_loadu_ps(mask, t.c + i * t.c_row + 16 * v) : _mm512_setzero_ps();
     }
   }
   const float* a = t.a;
@@ -72,7 +74,7 @@ TORCH_MOE_AVX512 void tile(const TileArgs& t) {
         _mm_prefetch(reinterpret_cast<const char*>(b + kPrefetchRows * b_row + 16 * v), _MM_HINT_T0);
       }
     }
-    if (t.prefetch_a && (p & 15) == 0) {
+    if (prefetch_a && (p & 15) == 0) {
       TORCH_MOE_UNROLL for (int i = 0; i < MR; ++i) {
         _mm_prefetch(reinterpret_cast<const char*>(a + i * a_row + 64), _MM_HINT_T0);
       }
@@ -115,24 +117,20 @@ TORCH_MOE_AVX512 void tile(const TileArgs& t) {
 
 using TileFn = void (*)(const TileArgs&);
 
+constexpr int kMostTileRows = 12;  // the largest of kMaxRows
+
+// tile<1..kMaxRows[NV - 1], NV>, the rest of the row empty.
 template <int NV, int... R>
-constexpr std::array<TileFn, sizeof...(R)> tiles_of(std::integer_sequence<int, R...>) {
+constexpr std::array<TileFn, kMostTileRows> tiles_of(std::integer_sequence<int, R...>) {
   return {&tile<R + 1, NV>...};
 }
 
 // kTiles[NV - 1][MR - 1]
-const std::array<std::array<TileFn, 12>, kMaxVectors> kTiles = [] {
-  std::array<std::array<TileFn, 12>, kMaxVectors> t{};
-  const auto v1 = tiles_of<1>(std::make_integer_sequence<int, kMaxRows[0]>{});
-  const auto v2 = tiles_of<2>(std::make_integer_sequence<int, kMaxRows[1]>{});
-  const auto v3 = tiles_of<3>(std::make_integer_sequence<int, kMaxRows[2]>{});
-  const auto v4 = tiles_of<4>(std::make_integer_sequence<int, kMaxRows[3]>{});
-  std::copy(v1.begin(), v1.end(), t[0].begin());
-  std::copy(v2.begin(), v2.end(), t[1].begin());
-  std::copy(v3.begin(), v3.end(), t[2].begin());
-  std::copy(v4.begin(), v4.end(), t[3].begin());
-  return t;
-}();
+const std::array<std::array<TileFn, kMostTileRows>, kMaxVectors> kTiles = {
+    tiles_of<1>(std::make_integer_sequence<int, kMaxRows[0]>{}),
+    tiles_of<2>(std::make_integer_sequence<int, kMaxRows[1]>{}),
+    tiles_of<3>(std::make_integer_sequence<int, kMaxRows[2]>{}),
+    tiles_of<4>(std::make_integer_sequence<int, kMaxRows[3]>{})};
 
 // The dot form, for C = A @ W^T with A's and W's rows contiguous along k (a product's input gradient, W an
 // expert's weight): both operands load as vectors along k, with no broadcasts (a tile of one broadcast per FMA
@@ -239,8 +237,8 @@ void dot_gemm_f32(int64_t m, int64_t n, int64_t k, const float* a, int64_t a_row
     const int cols = static_cast<int>(std::min<int64_t>(kDotRows, n - j0));
     t.w = w + j0 * w_row;
     for (int64_t i0 = 0; i0 < m; i0 += kDotRows) {
-      // The first tile of A's rows brings W's tile from memory; it also asks for the next one (only full tiles: a
-      // prefetch past the last row could touch an unmapped page).
+      // The first tile of A's rows brings W's tile from memory; it also asks for the next one when that is a full
+      // tile (a prefetch of all its kDotRows rows stays inside W).
       t.w_next = i0 == 0 && j0 + 2 * kDotRows <= n ? w + (j0 + kDotRows) * w_row : nullptr;
       const int rows = static_cast<int>(std::min<int64_t>(kDotRows, m - i0));
       t.a = a + i0 * a_row;
@@ -338,10 +336,8 @@ void small_gemm_f32(int64_t m, int64_t n, int64_t k, const float* a, int64_t a_r
                nullptr,
                c_row,
                c_col,
-               /*accumulate=*/accumulate && c_col != 1,
-               /*seed=*/accumulate && c_col == 1,
+               accumulate,
                /*stream=*/!accumulate && c_col == 1 && m * n >= kStreamElements,
-               /*prefetch_a=*/a_col == 1 && k >= 64,
                static_cast<__mmask16>((1u << last) - 1u)};
     const int max_rows = kMaxRows[vectors - 1];
     for (int64_t i0 = 0; i0 < m; i0 += max_rows) {
@@ -371,21 +367,21 @@ void small_gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool 
     dot_gemm_f32(m, n, k, ap, a.stride(0), bp, b.stride(1), c, out.stride(0), accumulate);
     return;
   }
-  // out^T [n, m] = b^T [n, k] @ a^T [k, m]: b^T is read by element (any strides), a^T must have contiguous rows.
-  if (a.stride(0) == 1 || m <= 1) {
-    small_gemm_f32(n, m, k, bp, b.stride(1), b.stride(0), ap, a.stride(1), c, out.stride(1), out.stride(0),
-                   accumulate);
-    return;
+  // out^T [n, m] = b^T [n, k] @ a^T [k, m]: b^T is read by element (any strides), a^T must have contiguous rows,
+  // else it is packed: [k, m], m being the few rows of an expert's segment here.
+  const float* a_t = ap;
+  int64_t a_t_row = a.stride(1);
+  if (a.stride(0) != 1 && m > 1) {
+    thread_local std::vector<float> packed;
+    packed.resize(static_cast<size_t>(k * m));
+    for (int64_t i = 0; i < m; ++i) {
+      const float* row = ap + i * a.stride(0);
+      for (int64_t p = 0; p < k; ++p) packed[p * m + i] = row[p * a.stride(1)];
+    }
+    a_t = packed.data();
+    a_t_row = m;
   }
-  // a^T packed: [k, m], m being the few rows of an expert's segment here (a is the output gradient of a dgrad).
-  thread_local std::vector<float> packed;
-  packed.resize(static_cast<size_t>(k * m));
-  for (int64_t i = 0; i < m; ++i) {
-    const float* row = ap + i * a.stride(0);
-    for (int64_t p = 0; p < k; ++p) packed[p * m + i] = row[p * a.stride(1)];
-  }
-  small_gemm_f32(n, m, k, bp, b.stride(1), b.stride(0), packed.data(), m, c, out.stride(1), out.stride(0),
-                 accumulate);
+  small_gemm_f32(n, m, k, bp, b.stride(1), b.stride(0), a_t, a_t_row, c, out.stride(1), out.stride(0), accumulate);
 }
 
 #else  // not x86-64: the kernel does not exist, and small_gemm_available() keeps every caller away from it.
